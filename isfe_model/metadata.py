@@ -1,0 +1,138 @@
+"""The self-description an exported ISFE model carries (ONNX ``metadata_props``).
+
+``export`` writes these keys; :class:`isfe_model.Encoder` reads them, so a
+model file is enough to embed images correctly.  All values are strings;
+lists and dicts are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .preprocess import PreprocessSpec
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MetadataError", "ModelMetadata", "REQUIRED_KEYS"]
+
+FORMAT = "isfe-embedding-model"
+FORMAT_VERSION = "1"
+
+#: Keys every ISFE ONNX model has.
+REQUIRED_KEYS = (
+    "isfe.format",
+    "isfe.format_version",
+    "isfe.embedding_dim",
+    "isfe.input_size",
+    "isfe.resize_size",
+    "isfe.resize_policy",
+    "isfe.interpolation",
+    "isfe.mean",
+    "isfe.std",
+    "isfe.input_name",
+    "isfe.output_name",
+    "isfe.checkpoint_sha256",
+)
+
+
+class MetadataError(ValueError):
+    """The model file lacks, or has unreadable, ISFE metadata."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Parsed ISFE model metadata.
+
+    ``fingerprint`` (the sha256 of the training checkpoint the model was
+    exported from) identifies the *weights*: an fp32 ONNX file, its INT8
+    version and a TensorRT engine of the same checkpoint share it, and a
+    gallery records it so that queries are only compared with embeddings of
+    the same model.
+    """
+
+    embedding_dim: int
+    preprocess: PreprocessSpec
+    checkpoint_sha256: str
+    input_name: str = "image"
+    output_name: str = "embedding"
+    model_name: str = "isfe"
+    model_version: str = ""
+    arch: str = ""
+    quantization: str = "none"
+    train_config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.checkpoint_sha256
+
+    def to_props(self) -> dict[str, str]:
+        """Serialise to ONNX ``metadata_props`` (all values strings)."""
+        p = self.preprocess
+        props = {
+            "isfe.format": FORMAT,
+            "isfe.format_version": FORMAT_VERSION,
+            "isfe.embedding_dim": str(self.embedding_dim),
+            "isfe.input_size": str(p.input_size),
+            "isfe.resize_size": str(p.resize_size),
+            "isfe.resize_policy": p.resize_policy,
+            "isfe.interpolation": p.interpolation,
+            "isfe.mean": json.dumps(list(p.mean)),
+            "isfe.std": json.dumps(list(p.std)),
+            "isfe.input_name": self.input_name,
+            "isfe.output_name": self.output_name,
+            "isfe.checkpoint_sha256": self.checkpoint_sha256,
+            "isfe.model_name": self.model_name,
+            "isfe.model_version": self.model_version,
+            "isfe.arch": self.arch,
+            "isfe.quantization": self.quantization,
+            "isfe.train_config": json.dumps(self.train_config, sort_keys=True, default=str),
+        }
+        props.update(self.extra)
+        return props
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str = "model") -> "ModelMetadata":
+        """Parse ONNX ``metadata_props``; raise :class:`MetadataError` naming what is missing."""
+        missing = [k for k in REQUIRED_KEYS if k not in props]
+        if missing:
+            raise MetadataError(
+                f"{source} is not an ISFE model: metadata keys missing: {', '.join(missing)}. "
+                f"Export it with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`."
+            )
+        if props["isfe.format"] != FORMAT:
+            raise MetadataError(f"{source}: metadata isfe.format is {props['isfe.format']!r}, expected {FORMAT!r}")
+        if props["isfe.format_version"] != FORMAT_VERSION:
+            raise MetadataError(
+                f"{source}: model metadata format version {props['isfe.format_version']!r} is not supported "
+                f"by this isfe_model (supports {FORMAT_VERSION!r}); upgrade isfe-model or re-export the model"
+            )
+        try:
+            spec = PreprocessSpec(
+                input_size=int(props["isfe.input_size"]),
+                resize_size=int(props["isfe.resize_size"]),
+                mean=tuple(json.loads(props["isfe.mean"])),
+                std=tuple(json.loads(props["isfe.std"])),
+                resize_policy=props["isfe.resize_policy"],
+                interpolation=props["isfe.interpolation"],
+            )
+            dim = int(props["isfe.embedding_dim"])
+            train_config = json.loads(props.get("isfe.train_config", "{}") or "{}")
+        except (ValueError, TypeError) as e:
+            raise MetadataError(f"{source}: unreadable ISFE metadata ({e}); re-export the model") from None
+        if dim < 1:
+            raise MetadataError(f"{source}: isfe.embedding_dim must be >= 1, got {dim}")
+        known = set(REQUIRED_KEYS) | {"isfe.model_name", "isfe.model_version", "isfe.arch", "isfe.quantization", "isfe.train_config"}
+        return cls(
+            embedding_dim=dim,
+            preprocess=spec,
+            checkpoint_sha256=props["isfe.checkpoint_sha256"],
+            input_name=props["isfe.input_name"],
+            output_name=props["isfe.output_name"],
+            model_name=props.get("isfe.model_name", "isfe"),
+            model_version=props.get("isfe.model_version", ""),
+            arch=props.get("isfe.arch", ""),
+            quantization=props.get("isfe.quantization", "none"),
+            train_config=train_config if isinstance(train_config, dict) else {},
+            extra={k: v for k, v in props.items() if k not in known},
+        )

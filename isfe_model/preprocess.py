@@ -1,0 +1,286 @@
+"""Image decoding and preprocessing: the one definition shared by training and inference.
+
+The training evaluation transform (``training.data``) and the ONNX inference
+path (:class:`isfe_model.Encoder`) both call these functions, so an image is
+turned into exactly the same array in both places.
+
+Pipeline for one image (``PreprocessSpec`` holds the numbers)::
+
+    bytes/path/PIL/array --load_image--> RGB PIL image
+        (first frame, EXIF orientation, any mode -> RGB, alpha on white, pixel limit)
+    --to_uint8_square--> uint8 [R, R, 3]
+        (resize the shorter side to R = resize_size, bilinear; center-crop R x R)
+    --center_crop_array--> uint8 [S, S, 3]  (S = input_size)
+    --to_chw_float--> float32 [3, S, S] in [0, 1]
+
+The model itself applies mean/std normalisation, so clients never do arithmetic.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from struct import error as struct_error
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageError",
+    "ImageInput",
+    "PreprocessSpec",
+    "center_crop_array",
+    "describe_source",
+    "load_image",
+    "preprocess",
+    "preprocess_batch",
+    "to_chw_float",
+    "to_uint8_square",
+]
+
+#: Default limit on decoded pixels (width x height) of one image: 50 megapixels.
+DEFAULT_MAX_PIXELS = 50_000_000
+#: Background that transparent pixels are composited on (white).
+BACKGROUND = (255, 255, 255)
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image. ``str()`` names the source and the reason."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes model input; stored in checkpoints and ONNX metadata.
+
+    Attributes:
+        input_size: side S of the square model input.
+        resize_size: side R the shorter image side is resized to before the
+            center crop (R >= S).
+        mean, std: per-channel RGB normalisation that the *model* applies to
+            its [0, 1] input (informational for clients).
+        resize_policy: always ``"shorter_side_center_crop"`` for now.
+        interpolation: always ``"bilinear"`` (Pillow, antialiased on downscale).
+    """
+
+    input_size: int = 32
+    resize_size: int = 32
+    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+    resize_policy: str = "shorter_side_center_crop"
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if int(self.input_size) < 1 or int(self.resize_size) < int(self.input_size):
+            raise ValueError(
+                f"need 1 <= input_size <= resize_size, got input_size={self.input_size}, "
+                f"resize_size={self.resize_size}"
+            )
+        if self.resize_policy != "shorter_side_center_crop":
+            raise ValueError(f"unknown resize_policy {self.resize_policy!r}")
+        if self.interpolation != "bilinear":
+            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "input_size", int(self.input_size))
+        object.__setattr__(self, "resize_size", int(self.resize_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        known = {k: d[k] for k in ("input_size", "resize_size", "mean", "std", "resize_policy", "interpolation") if k in d}
+        return cls(**known)
+
+
+def describe_source(src: Any, index: int | None = None) -> str:
+    """A short human name for an input, used in error messages."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    where = f"input #{index}" if index is not None else "input"
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"{where} ({len(src)} bytes)"
+    if isinstance(src, Image.Image):
+        return f"{where} (PIL image {src.mode} {src.size[0]}x{src.size[1]})"
+    if isinstance(src, np.ndarray):
+        return f"{where} (array {src.dtype} {tuple(src.shape)})"
+    return f"{where} ({type(src).__name__})"
+
+
+def _from_array(arr: np.ndarray, name: str) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise ImageError(name, f"arrays must be uint8 (got {arr.dtype}); scale to 0..255 and cast with .astype(np.uint8)")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(arr), "L")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.shape[2] == 3 else "RGBA")
+    raise ImageError(name, f"arrays must be HxW, HxWx1, HxWx3 or HxWx4 uint8, got shape {tuple(arr.shape)}")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparency is composited on white."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        if mode == "F":
+            # float images: [0, 1] if they look normalised, else 0..255
+            arr = arr * 255.0 if arr.size and np.nanmax(arr) <= 1.0 else arr
+        elif mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr = arr / 257.0  # 16-bit -> 8-bit
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "P" or mode == "PA":
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "1":
+        return im.convert("L").convert("RGB")
+    return im.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV, RGBX, ...
+
+
+def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Decode any supported input into an 8-bit RGB Pillow image.
+
+    Args:
+        src: a file path, encoded bytes, a PIL image or a uint8 array
+            (HxW, HxWx1, HxWx3 RGB, HxWx4 RGBA).
+        max_pixels: refuse images whose width x height exceeds this
+            (decompression bombs); ``None`` disables the check.
+        name: how to call the input in error messages.
+
+    Raises:
+        ImageError: naming the source and the reason (missing, empty,
+            not an image, truncated, too large, ...).
+    """
+    name = name or describe_source(src)
+    if isinstance(src, np.ndarray):
+        im = _from_array(src, name)
+        _check_pixels(im, max_pixels, name)
+        return _to_rgb(im)
+    if isinstance(src, Image.Image):
+        im = src
+    else:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            data = bytes(src)
+        elif isinstance(src, (str, os.PathLike)):
+            path = Path(src)
+            if not path.exists():
+                raise ImageError(name, "no such file")
+            if path.is_dir():
+                raise ImageError(name, "is a directory, not an image file")
+            try:
+                data = path.read_bytes()  # no file handle stays open
+            except OSError as e:
+                raise ImageError(name, f"cannot read file ({e.strerror or e})") from None
+        else:
+            raise ImageError(name, f"unsupported input type {type(src).__name__}; give a path, bytes, a PIL image or a uint8 array")
+        if not data:
+            raise ImageError(name, "empty file (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError(name, "not a recognised image format (supported: JPEG, PNG, GIF, BMP, TIFF, WebP, ...)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(name, f"image too large: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(name, f"cannot read image: {e}") from None
+    _check_pixels(im, max_pixels, name)
+    try:
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)  # first frame of animations
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+        return _to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(name, f"image too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as e:
+        raise ImageError(name, f"corrupt or truncated image data ({e})") from None
+
+
+def _check_pixels(im: Image.Image, max_pixels: int | None, name: str) -> None:
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ImageError(name, f"image has no pixels ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(
+            name,
+            f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+            f"(a decompression bomb, or raise max_pixels if the image is genuine)",
+        )
+
+
+def to_uint8_square(im: Image.Image, resize_size: int) -> np.ndarray:
+    """Resize the shorter side to ``resize_size`` (bilinear) and center-crop a square.
+
+    Returns uint8 [R, R, 3]. This is the form the training data cache stores.
+    """
+    if im.mode != "RGB":
+        im = _to_rgb(im)
+    w, h = im.size
+    r = int(resize_size)
+    if (w, h) != (r, r):
+        if w <= h:
+            new_w, new_h = r, max(r, int(r * h / w))
+        else:
+            new_w, new_h = max(r, int(r * w / h)), r
+        if (new_w, new_h) != (w, h):
+            im = im.resize((new_w, new_h), Image.BILINEAR)
+    return center_crop_array(np.asarray(im, dtype=np.uint8), r)
+
+
+def center_crop_array(arr: np.ndarray, size: int) -> np.ndarray:
+    """Center crop of an [H, W, C] (or [..., H, W, C]) array, torchvision's rounding."""
+    h, w = arr.shape[-3], arr.shape[-2]
+    if h < size or w < size:
+        raise ValueError(f"cannot center-crop {size}x{size} from {h}x{w}")
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return arr[..., top : top + size, left : left + size, :]
+
+
+def to_chw_float(arr: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [0, 1]."""
+    x = np.asarray(arr, dtype=np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess(src: ImageInput, spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
+    """One image -> float32 [3, S, S] in [0, 1], the model's input contract."""
+    im = load_image(src, max_pixels=max_pixels, name=name)
+    sq = to_uint8_square(im, spec.resize_size)
+    return to_chw_float(center_crop_array(sq, spec.input_size))
+
+
+def preprocess_batch(srcs: list[ImageInput], spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Several images -> float32 [B, 3, S, S]. Raises ImageError naming the first bad input."""
+    out = np.empty((len(srcs), 3, spec.input_size, spec.input_size), dtype=np.float32)
+    for i, src in enumerate(srcs):
+        out[i] = preprocess(src, spec, max_pixels=max_pixels, name=describe_source(src, i))
+    return out
