@@ -1,0 +1,75 @@
+"""End-to-end training runs (short) and the command line's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.model import load_encoder
+from training.train import main
+
+
+def test_short_run_writes_config_metrics_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["--epochs", "2", "--eval-every", "1", "--batch-size", "64", "--input-size", "8", "--resize-size", "8",
+               "--embedding-dim", "32", "--out", str(out), "--seed", "1"])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["epochs"] == 2 and cfg["loss"] == "reference" and cfg["model"]["preprocess"]["input_size"] == 8
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(0 <= r["knn_top1"] <= 100 for r in rows) and "loss" in rows[-1]
+    raw = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert raw["epoch"] == 2 and raw["config"]["batch_size"] == 64
+    model = load_encoder(out / "checkpoint.pt")
+    with torch.no_grad():
+        z = model(torch.rand(2, 3, 8, 8))
+    assert z.shape == (2, 32)
+    assert "kNN top-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch-size", "1"], "--batch-size must be >= 2"),
+        (["--temperature", "-0.1"], "--temperature must be > 0"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--arch", "vgg"], "--arch must be one of"),
+        (["--data", "/nonexistent/folder"], "no such file or folder"),
+        (["--batch-size", "5000"], "larger than the"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+    ],
+)
+def test_bad_options_fail_cleanly_and_write_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    rc = main(args + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_corrupt_image_is_named(tmp_path, capsys):
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "data" / "train" / "b" / "2.png").write_bytes(b"GIF89a-but-not-really")
+    rc = main(["--data", str(tmp_path / "data"), "--batch-size", "2", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2.png" in err and "Remove or replace" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"x")
+    assert main(["--out", str(out)]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err

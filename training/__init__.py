@@ -1,0 +1,1 @@
+"""ISFE training application (runs from the checkout: ``python -m training``)."""
