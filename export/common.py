@@ -1,0 +1,89 @@
+"""Small helpers shared by the export steps: the error type and atomic file writes.
+
+Every artifact is written under a temporary name in its final folder and only
+renamed (``os.replace``, atomic on one file system) once it has been verified,
+so a final name never holds a half-written or unverified file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ExportError", "default_dir_mode", "check_output_path", "publish", "remove_quietly", "temp_path_for", "write_json_atomic"]
+
+
+class ExportError(RuntimeError):
+    """A user-facing export failure: the message names the problem and the fix."""
+
+
+def check_output_path(path: str | os.PathLike, flag: str) -> Path:
+    """Validate an output file path given on the command line.
+
+    Raises:
+        ExportError: when its folder does not exist, or the path is a folder.
+    """
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        raise ExportError(f"{flag} {p}: output directory {parent} does not exist; create it (mkdir -p {parent}) or pick another path")
+    if not parent.is_dir():
+        raise ExportError(f"{flag} {p}: {parent} is not a directory")
+    if p.is_dir():
+        raise ExportError(f"{flag} {p} is a directory; give a file name such as {p / 'model.onnx'}")
+    return p
+
+
+def temp_path_for(final: str | os.PathLike, suffix: str = "") -> Path:
+    """A fresh, unused temporary path next to ``final`` (same folder => atomic rename)."""
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent if str(final.parent) else ".")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a verified temporary file to its final name (atomic replace).
+
+    Temporary files are created private (0600); the published file gets the
+    usual permissions (0666 minus the umask).
+    """
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, final)
+    return Path(final)
+
+
+def default_dir_mode() -> int:
+    """Permissions of a new folder under the current umask (0777 minus the umask)."""
+    return 0o777 & ~_umask()
+
+
+def remove_quietly(*paths: str | os.PathLike | None) -> None:
+    """Delete temporary files, ignoring those already gone."""
+    for p in paths:
+        if p is not None:
+            try:
+                Path(p).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON via a temporary file and a rename."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+        return publish(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
