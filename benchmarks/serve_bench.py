@@ -1,0 +1,371 @@
+"""Load test of the HTTP API on loopback: micro-batching on vs off, in one run.
+
+    python benchmarks/serve_bench.py [--model M.onnx --gallery G] [--clients 32] [--moderate 4]
+        [--requests 600] [--max-batch-size 32] [--max-wait-ms 2]
+
+Without --model/--gallery it builds the reference setup first: a randomly
+initialised 32x32 ResNet18 (128-d) exported to ONNX and a gallery of 96
+generated images (weights do not matter for speed).
+
+It starts two ``python -m serving`` processes on 127.0.0.1 -- batched
+(``--max-batch-size N``) and batch-1 (``--max-batch-size 1``) -- warms them
+up, then, for --rounds rounds, alternates between them: a fixed number of
+POST /v1/search requests from C concurrent keep-alive clients (C = --clients,
+then C = --moderate).  Per mode and load the medians over the rounds are
+reported (robust against other work on a shared machine).  It then stops.
+Reported per run: requests/s, latency p50/p90/p99/max (ms), errors, and the
+mean micro-batch size read from the server's /metrics.  Before the servers
+start, ONNX Runtime alone is timed in-process at batch 1 and at the max batch
+size: that ratio is the ceiling of what batching can gain for this model on
+this machine, and the summary says which share of it the server captures.  The ratios
+batched/batch-1 throughput at C clients and p99/p50 at moderate load are
+computed in the same run.  JSON goes to
+benchmarks/results/serve_bench-<device>.json.
+
+The load generator is a minimal HTTP/1.1 client over asyncio streams (one
+connection per client, prebuilt request bytes) so that it steals as little
+CPU as possible from the server on small machines.  It only ever connects to
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+HOST = "127.0.0.1"  # never anything else
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def multipart_request(path: str, port: int, field: str, filename: str, data: bytes, fields: dict[str, str]) -> bytes:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for k, v in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    body = b"".join(parts)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("server closed the connection")
+    status = int(status_line.split()[1])
+    length = 0
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    body = await reader.readexactly(length) if length else b""
+    return status, body
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    out = await read_response(reader)
+    writer.close()
+    return out
+
+
+async def run_load(port: int, requests: list[bytes], clients: int, total: int) -> dict[str, Any]:
+    """``total`` requests from ``clients`` concurrent connections; returns latency stats."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    counter = {"next": 0}
+
+    async def client(cid: int) -> None:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            while True:
+                i = counter["next"]
+                if i >= total:
+                    return
+                counter["next"] = i + 1
+                t0 = time.perf_counter()
+                writer.write(requests[i % len(requests)])
+                await writer.drain()
+                status, body = await read_response(reader)
+                latencies.append(time.perf_counter() - t0)
+                if status != 200:
+                    errors[str(status)] = errors.get(str(status), 0) + 1
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000.0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(wall, 3),
+        "requests_per_s": round(len(latencies) / wall, 2),
+        "latency_ms": {
+            "p50": round(float(np.percentile(lat, 50)), 2),
+            "p90": round(float(np.percentile(lat, 90)), 2),
+            "p99": round(float(np.percentile(lat, 99)), 2),
+            "max": round(float(lat.max()), 2),
+            "mean": round(float(lat.mean()), 2),
+        },
+    }
+
+
+def batch_stats(metrics_text: str) -> tuple[float, float]:
+    """(sum, count) of the isfe_batch_size histogram."""
+    s = re.search(r"^isfe_batch_size_sum (\S+)$", metrics_text, re.M)
+    c = re.search(r"^isfe_batch_size_count (\S+)$", metrics_text, re.M)
+    return (float(s.group(1)) if s else 0.0, float(c.group(1)) if c else 0.0)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, gallery: str, max_batch_size: int, max_wait_ms: float, threads: int | None, log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving", "--model", model, "--gallery", gallery, "--host", HOST, "--port", str(port),
+           "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            status, _ = asyncio.run(http_get(port, "/readyz"))
+            if status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready in 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def build_reference(workdir: Path) -> tuple[str, str, list[Path]]:
+    """32x32 ResNet18 (random init) -> ONNX; 96 generated images -> gallery."""
+    from isfe_model import Encoder, Gallery
+    from serving.sample import build_model, make_images
+
+    model = build_model(workdir / "model.onnx", arch="resnet18", embedding_dim=128, input_size=32, max_batch=64)
+    images = make_images(workdir / "images", per_class=32, size=48)
+    enc = Encoder(str(model))
+    Gallery.build(enc, str(workdir / "images")).save(workdir / "gallery")
+    return str(model), str(workdir / "gallery"), images
+
+
+def ort_ceiling(model: str, batch: int, threads: int | None, rounds: int, seconds: float = 2.0) -> dict[str, Any]:
+    """In-process ONNX Runtime throughput at batch 1 and at ``batch`` (images/s, medians over
+    alternating rounds): the most micro-batching can gain for this model on this machine."""
+    from isfe_model import Encoder
+
+    enc = Encoder(model, threads=threads)
+    s = enc.spec.input_size
+    x = np.random.default_rng(0).random((batch, 3, s, s), dtype=np.float32)
+    out: dict[int, list[float]] = {1: [], batch: []}
+    for b in out:
+        enc.embed_arrays(x[:b])  # warm-up
+    for _ in range(rounds):
+        for b in out:
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                enc.embed_arrays(x[:b])
+                n += b
+            out[b].append(n / (time.perf_counter() - t0))
+    r1, rb = float(np.median(out[1])), float(np.median(out[batch]))
+    return {"batch": batch, "images_per_s_batch1": round(r1, 1), f"images_per_s_batch{batch}": round(rb, 1), "ratio": round(rb / r1, 2)}
+
+
+def device_name(info: dict[str, Any]) -> str:
+    providers = info.get("providers") or []
+    if any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
+        try:
+            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout
+            return re.sub(r"[^A-Za-z0-9]+", "-", name.strip().splitlines()[0]).strip("-").lower() or "gpu"
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "gpu"
+    return f"cpu{os.cpu_count()}"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="ONNX model (default: build a random-init 32x32 ResNet18)")
+    p.add_argument("--gallery", help="gallery folder for --model")
+    p.add_argument("--query-dir", help="images to query with (default: the generated images)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients for the throughput comparison (default 32)")
+    p.add_argument("--moderate", type=int, default=4, help="concurrent clients for the 'moderate load' latency check (default 4)")
+    p.add_argument("--requests", type=int, default=600, help="requests per load run (default 600)")
+    p.add_argument("--warmup", type=int, default=64, help="warm-up requests per server (default 64)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="batched mode's --max-batch-size (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="batched mode's --max-wait-ms (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="server --threads (ONNX Runtime intra-op threads)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per mode and load; medians are reported (default 3)")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/serve_bench-<device>.json)")
+    args = p.parse_args(argv)
+    if (args.model is None) != (args.gallery is None):
+        p.error("give both --model and --gallery, or neither")
+    if min(args.clients, args.moderate, args.requests, args.rounds) < 1:
+        p.error("--clients, --moderate, --requests and --rounds must be >= 1")
+
+    with tempfile.TemporaryDirectory(prefix="isfe-serve-bench-") as tmp:
+        tmpdir = Path(tmp)
+        if args.model:
+            model, gallery = args.model, args.gallery
+            queries = sorted(Path(args.query_dir).rglob("*.*")) if args.query_dir else []
+            setup = "given"
+        else:
+            t0 = time.perf_counter()
+            model, gallery, queries = build_reference(tmpdir)
+            setup = f"random-init resnet18 32x32 128-d, 96 generated 48x48 images ({time.perf_counter() - t0:.0f} s to build)"
+        if not queries:
+            from serving.sample import make_images
+            queries = make_images(tmpdir / "queries", per_class=8, size=48, seed=1)
+        payloads = [(q.name, q.read_bytes()) for q in queries[:64]]
+
+        ceiling = ort_ceiling(model, args.max_batch_size, args.threads, args.rounds)
+        print(f"onnxruntime alone: {ceiling}", flush=True)
+        modes = [("batched", args.max_batch_size), ("batch1", 1)]
+        servers: dict[str, tuple[subprocess.Popen, int]] = {}
+        samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        info: dict[str, Any] = {}
+        try:
+            # Both servers run side by side (an idle one costs no CPU); the load runs
+            # alternate between them round by round so that drifting background load
+            # on a shared machine hits both modes alike.
+            for mode, mbs in modes:
+                servers[mode] = start_server(model, gallery, mbs, args.max_wait_ms, args.threads, tmpdir / f"server-{mode}.log")
+            reqs = {mode: [multipart_request("/v1/search", port, "file", n, d, {"k": str(args.k)}) for n, d in payloads]
+                    for mode, (_, port) in servers.items()}
+            info = json.loads(asyncio.run(http_get(servers["batched"][1], "/v1/info"))[1])
+            for mode, (_, port) in servers.items():
+                asyncio.run(run_load(port, reqs[mode], args.clients, args.warmup))
+            for rnd in range(args.rounds):
+                for clients in (args.clients, args.moderate):
+                    for mode, (_, port) in servers.items():
+                        s0, c0 = batch_stats(asyncio.run(http_get(port, "/metrics"))[1].decode())
+                        res = asyncio.run(run_load(port, reqs[mode], clients, args.requests))
+                        s1, c1 = batch_stats(asyncio.run(http_get(port, "/metrics"))[1].decode())
+                        res["mean_batch_size"] = round((s1 - s0) / max(1.0, c1 - c0), 2)
+                        samples.setdefault((mode, clients), []).append(res)
+                        print(f"round {rnd + 1}/{args.rounds} {mode:8s} clients={clients:3d}  {res['requests_per_s']:8.1f} req/s  "
+                              f"p50 {res['latency_ms']['p50']:7.1f} ms  p99 {res['latency_ms']['p99']:7.1f} ms  "
+                              f"mean batch {res['mean_batch_size']:5.1f}  errors {res['errors'] or 0}", flush=True)
+        finally:
+            for proc, _ in servers.values():
+                stop_server(proc)
+
+        runs: dict[str, Any] = {}
+        for mode, mbs in modes:
+            runs[mode] = {"max_batch_size": mbs, "max_wait_ms": args.max_wait_ms if mbs > 1 else 0.0, "loads": {}}
+            for clients in (args.clients, args.moderate):
+                rs = samples[(mode, clients)]
+                runs[mode]["loads"][str(clients)] = {
+                    "clients": clients,
+                    # medians over rounds (robust to background load on a shared machine)
+                    "requests_per_s": round(float(np.median([r["requests_per_s"] for r in rs])), 2),
+                    "latency_ms": {q: round(float(np.median([r["latency_ms"][q] for r in rs])), 2) for q in ("p50", "p90", "p99", "max", "mean")},
+                    "mean_batch_size": round(float(np.median([r["mean_batch_size"] for r in rs])), 2),
+                    "errors": sum(sum(r["errors"].values()) for r in rs),
+                    "rounds": rs,
+                }
+
+    c, m = str(args.clients), str(args.moderate)
+    b, u = runs["batched"]["loads"], runs["batch1"]["loads"]
+    summary = {
+        f"throughput_ratio_batched_vs_batch1_at_{c}_clients": round(b[c]["requests_per_s"] / u[c]["requests_per_s"], 2),
+        f"p99_over_p50_batched_at_{m}_clients": round(b[m]["latency_ms"]["p99"] / b[m]["latency_ms"]["p50"], 2),
+        f"p99_over_p50_batched_at_{c}_clients": round(b[c]["latency_ms"]["p99"] / b[c]["latency_ms"]["p50"], 2),
+        f"throughput_ratio_batched_vs_batch1_at_{m}_clients": round(b[m]["requests_per_s"] / u[m]["requests_per_s"], 2),
+    }
+    summary["onnxruntime_batching_ceiling_ratio"] = ceiling["ratio"]
+    summary["share_of_ceiling_captured_at_%s_clients" % c] = round(
+        (summary[f"throughput_ratio_batched_vs_batch1_at_{c}_clients"] - 1) / max(1e-9, ceiling["ratio"] - 1), 2)
+    device = device_name(info)
+    result = {
+        "benchmark": "serve_bench",
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "providers": info.get("providers"),
+        "model": {k: info.get("model", {}).get(k) for k in ("dim", "input_size")} | {"setup": setup},
+        "gallery_count": info.get("gallery", {}).get("count"),
+        "endpoint": "POST /v1/search (multipart file, k=%d)" % args.k,
+        "requests_per_run": args.requests,
+        "rounds": args.rounds,
+        "server_threads": args.threads,
+        "load_average_at_end": os.getloadavg(),
+        "onnxruntime_in_process": ceiling,
+        "runs": runs,
+        "summary": summary,
+        "goals": {"throughput_ratio_min": 2.0, "p99_over_p50_max_at_moderate_load": 2.0},
+    }
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"serve_bench-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp_out, out)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ISFE Gradio demo: image search over a gallery (`python -m demo --model ... --gallery ...`)."""

@@ -1,0 +1,29 @@
+"""The API's error type: every refusal is a JSON body that names the problem.
+
+Body of every error response::
+
+    {"error": "<machine-readable code>", "detail": "<one sentence for humans>"}
+
+Status codes used for client errors: 400 (malformed request, empty upload),
+404/405 (no such endpoint/method), 413 (too large: body, image count,
+decoded pixels), 415 (not an image / unsupported content type), 422
+(undecodable image, bad parameter such as k); 503 when the server is
+overloaded or shutting down.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ApiError"]
+
+
+class ApiError(Exception):
+    """An HTTP error with a stable ``code`` and a human ``detail``."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status = int(status)
+        self.code = code
+        self.detail = detail
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.code, "detail": self.detail}

@@ -1,0 +1,660 @@
+"""Tests for the HTTP API (serving/): metrics, micro-batcher, upload decoding, and
+the real server process (``python -m serving``) spoken to over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import math
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.batcher import BatcherClosed, BatcherFull, MicroBatcher
+from serving.errors import ApiError
+from serving.inputs import Upload, decode_image, parse_k
+from serving.metrics import Counter, Histogram, Registry, ServingMetrics, format_value
+from isfe_model.preprocess import PreprocessSpec, preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# --------------------------------------------------------------------------- metrics
+
+
+def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
+    """A minimal Prometheus text-format parser: {(name, labels): value}; checks TYPE lines."""
+    out: dict[tuple[str, frozenset], float] = {}
+    typed: set[str] = set()
+    line_re = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+            continue
+        if line.startswith("#"):
+            continue
+        m = line_re.match(line)
+        assert m, f"bad exposition line: {line!r}"
+        name, _, labels, value = m.groups()
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in typed or base in typed, f"sample {name} has no TYPE line"
+        lab = frozenset(label_re.findall(labels or ""))
+        v = {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}.get(value)
+        out[(name, lab)] = float(value) if v is None else v
+    return out
+
+
+def test_format_value():
+    assert format_value(3) == "3"
+    assert format_value(0.25) == "0.25"
+    assert format_value(math.inf) == "+Inf"
+    assert format_value(-math.inf) == "-Inf"
+    assert format_value(math.nan) == "NaN"
+
+
+def test_histogram_matches_naive_count():
+    rng = np.random.default_rng(0)
+    values = rng.exponential(0.05, size=500).tolist() + [0.01, 0.0, 100.0]
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    h = Histogram("x_seconds", "help", ("endpoint",), buckets)
+    for v in values:
+        h.observe(v, ("/a",))
+    h.observe(1.0, ("/b",))
+    reg = Registry()
+    reg.register(h)
+    parsed = parse_exposition(reg.render())
+    for b in buckets:
+        le = format_value(b)
+        naive = sum(1 for v in values if v <= b)
+        assert parsed[("x_seconds_bucket", frozenset({("endpoint", "/a"), ("le", le)}))] == naive
+    assert parsed[("x_seconds_bucket", frozenset({("endpoint", "/a"), ("le", "+Inf")}))] == len(values)
+    assert parsed[("x_seconds_count", frozenset({("endpoint", "/a")}))] == len(values)
+    assert parsed[("x_seconds_sum", frozenset({("endpoint", "/a")}))] == pytest.approx(sum(values))
+    assert parsed[("x_seconds_count", frozenset({("endpoint", "/b")}))] == 1
+
+
+def test_counter_labels_escaped_and_thread_safe():
+    c = Counter("reqs_total", "requests", ("path",))
+    weird = 'a"b\\c\nd'
+
+    def work():
+        for _ in range(1000):
+            c.inc((weird,))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reg = Registry()
+    reg.register(c)
+    text = reg.render()
+    assert 'path="a\\"b\\\\c\\nd"' in text
+    parsed = parse_exposition(text)
+    assert parsed[("reqs_total", frozenset({("path", 'a\\"b\\\\c\\nd')}))] == 4000
+    with pytest.raises(ValueError):
+        c.inc(("x", "y"))
+    with pytest.raises(ValueError):
+        c.inc(("x",), -1)
+
+
+def test_serving_metrics_render_parses():
+    m = ServingMetrics(queue_depth=lambda: 7)
+    m.requests.inc(("/v1/embed", "POST", "200"))
+    m.record_batch(5, 0.004)
+    parsed = parse_exposition(m.render())
+    assert parsed[("isfe_queue_depth", frozenset())] == 7
+    assert parsed[("isfe_images_embedded_total", frozenset())] == 5
+    assert parsed[("isfe_batch_size_bucket", frozenset({("le", "4")}))] == 0
+    assert parsed[("isfe_batch_size_bucket", frozenset({("le", "8")}))] == 1
+
+
+# --------------------------------------------------------------------------- batcher
+
+
+def _rowfn(x: np.ndarray) -> np.ndarray:
+    """A per-row function: batched output row i depends on input i only."""
+    flat = x.reshape(len(x), -1)
+    return np.stack([flat.sum(1), flat.max(1)], axis=1)
+
+
+def test_batcher_results_equal_unbatched_under_concurrency():
+    sizes: list[int] = []
+    rng = np.random.default_rng(1)
+    xs = rng.random((200, 3, 4, 4), dtype=np.float32)
+
+    def fn(x):
+        time.sleep(0.002)  # inference takes time, so requests pile up
+        return _rowfn(x)
+
+    with MicroBatcher(fn, max_batch_size=16, max_wait_ms=5, on_batch=lambda n, s: sizes.append(n)) as b:
+        with concurrent.futures.ThreadPoolExecutor(32) as ex:
+            futs = list(ex.map(lambda i: b.submit(xs[i]), range(len(xs))))
+            got = np.stack([f.result(timeout=10) for f in futs])
+    np.testing.assert_array_equal(got, _rowfn(xs))
+    assert sum(sizes) == len(xs)
+    assert max(sizes) <= 16
+    assert max(sizes) > 1, "concurrent submissions were never batched"
+    assert len(sizes) < len(xs)
+
+
+def test_batcher_batch_size_one_and_async_run():
+    sizes: list[int] = []
+    xs = np.arange(24, dtype=np.float32).reshape(6, 4)
+
+    async def go(b):
+        return await asyncio.gather(b.run(xs[:3]), b.run(xs[3:]))
+
+    with MicroBatcher(_rowfn, max_batch_size=1, max_wait_ms=50, on_batch=lambda n, s: sizes.append(n)) as b:
+        r1, r2 = asyncio.run(go(b))
+    np.testing.assert_array_equal(np.concatenate([r1, r2]), _rowfn(xs))
+    assert sizes == [1] * 6
+
+
+def test_batcher_waits_for_company_up_to_max_wait():
+    sizes: list[int] = []
+    with MicroBatcher(_rowfn, max_batch_size=4, max_wait_ms=300, on_batch=lambda n, s: sizes.append(n)) as b:
+        f1 = b.submit(np.ones(3, np.float32))
+        time.sleep(0.05)
+        f2 = b.submit(np.zeros(3, np.float32))
+        f1.result(5), f2.result(5)
+        t0 = time.monotonic()
+        b.submit(np.ones(3, np.float32)).result(5)  # alone: leaves after max_wait
+        waited = time.monotonic() - t0
+    assert sizes == [2, 1]
+    assert 0.25 <= waited < 3
+
+
+def test_batcher_error_reaches_every_waiter_and_worker_survives():
+    calls = {"n": 0}
+
+    def fn(x):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return _rowfn(x)
+
+    with MicroBatcher(fn, max_batch_size=8, max_wait_ms=100) as b:
+        futs = b.submit_many([np.ones(2, np.float32)] * 3)
+        for f in futs:
+            with pytest.raises(RuntimeError, match="boom"):
+                f.result(5)
+        assert b.alive
+        np.testing.assert_array_equal(b.submit(np.ones(2, np.float32)).result(5), [2.0, 1.0])
+
+
+def test_batcher_backpressure_stop_and_cancel():
+    gate = threading.Event()
+
+    def fn(x):
+        gate.wait(5)
+        return _rowfn(x)
+
+    b = MicroBatcher(fn, max_batch_size=1, max_wait_ms=0, max_queue=2).start()
+    first = b.submit(np.ones(2, np.float32))
+    time.sleep(0.1)  # the worker holds `first`; the queue is empty again
+    q1 = b.submit(np.ones(2, np.float32))
+    q2 = b.submit(np.zeros(2, np.float32))
+    with pytest.raises(BatcherFull):
+        b.submit(np.ones(2, np.float32))
+    with pytest.raises(BatcherFull):
+        b.submit_many([np.ones(2, np.float32)])
+    assert q1.cancel()  # a cancelled request is skipped, not computed
+    gate.set()
+    assert first.result(5).tolist() == [2.0, 1.0]
+    assert q2.result(5).tolist() == [0.0, 0.0]
+    b.stop()
+    assert not b.alive
+    with pytest.raises(BatcherClosed):
+        b.submit(np.ones(2, np.float32))
+    assert b.batches == 2
+
+
+def test_batcher_rejects_bad_settings():
+    for kw in ({"max_batch_size": 0}, {"max_wait_ms": -1}, {"max_queue": 0}):
+        with pytest.raises(ValueError):
+            MicroBatcher(_rowfn, **kw)
+
+
+# --------------------------------------------------------------------------- upload decoding
+
+SPEC = PreprocessSpec(input_size=16, resize_size=16)
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose IHDR claims w x h pixels, with no pixel data (a would-be bomb)."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def unusual_images() -> dict[str, bytes]:
+    """Valid but unusual images the server must embed."""
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8), "RGB")
+    out = {
+        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
+        "gray16.png": _encode(Image.fromarray(rng.integers(0, 65535, (18, 18), dtype=np.uint16)), "PNG"),
+        "palette.png": _encode(rgb.convert("P"), "PNG"),
+        "rgba.png": _encode(rgb.convert("RGBA"), "PNG"),
+        "tiny.png": _encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+        "image.webp": _encode(rgb, "WEBP"),
+        "image.bmp": _encode(rgb, "BMP"),
+        "image.tiff": _encode(rgb, "TIFF"),
+        "gray.jpg": _encode(rgb.convert("L"), "JPEG"),
+    }
+    frames = [Image.new("P", (12, 12), i * 40) for i in range(3)]
+    out["animated.gif"] = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    out["exif_rotated.jpg"] = _encode(rgb, "JPEG", exif=exif.tobytes())
+    la = Image.fromarray(rng.integers(0, 256, (10, 14, 2), dtype=np.uint8), "LA")
+    out["gray_alpha.png"] = _encode(la, "PNG")
+    return out
+
+
+def bad_uploads() -> dict[str, tuple[bytes, int]]:
+    """name -> (bytes, expected status)."""
+    good = _encode(Image.new("RGB", (32, 32), (1, 2, 3)), "PNG")
+    jpg = _encode(Image.new("RGB", (64, 64), (9, 99, 199)), "JPEG")
+    return {
+        "empty.png": (b"", 400),
+        "notes.txt": (b"this is not an image at all\n" * 10, 415),
+        "random.bin": (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), 415),
+        "truncated.png": (good[: len(good) // 2], 422),
+        "truncated.jpg": (jpg[:40], 422),
+        "bomb.png": (_png_header_only(30000, 30000), 413),
+    }
+
+
+def test_decode_unusual_images_match_reference_preprocess():
+    for name, data in unusual_images().items():
+        x = decode_image(Upload(name, data), SPEC, max_pixels=10**8)
+        assert x.shape == (3, 16, 16) and x.dtype == np.float32, name
+        np.testing.assert_array_equal(x, preprocess(data, SPEC), err_msg=name)
+
+
+def test_decode_bad_uploads_get_the_right_status():
+    for name, (data, status) in bad_uploads().items():
+        with pytest.raises(ApiError) as ei:
+            decode_image(Upload(name, data), SPEC, max_pixels=10**8)
+        assert ei.value.status == status, (name, ei.value.detail)
+        assert name in ei.value.detail
+    big = _encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ApiError) as ei:
+        decode_image(Upload("big.png", big), SPEC, max_pixels=9999)
+    assert ei.value.status == 413 and "10,000 pixels" in ei.value.detail
+
+
+def test_parse_k():
+    assert parse_k({}, {}, 10, 100) == 10
+    assert parse_k({"k": "5"}, {}, 10, 100) == 5
+    assert parse_k({}, {"k": "7"}, 10, 100) == 7
+    assert parse_k({"k": 3}, {}, 10, 100) == 3
+    for bad in ("0", "101", "-1", "abc", "2.5", 1.5, True, None, [1]):
+        with pytest.raises(ApiError) as ei:
+            parse_k({"k": bad}, {}, 10, 100)
+        assert ei.value.status == 422
+
+
+# --------------------------------------------------------------------------- the real server
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import httpx  # noqa: E402
+
+SERVER_LIMITS = {"max_body_mb": 0.25, "max_images": 4, "max_pixels": 1_000_000, "max_k": 20}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A tiny exported model (ResNet18, 16x16 input, 32-d), 24 images, their gallery."""
+    from isfe_model import Encoder, Gallery
+    from serving.sample import build_model, make_images
+
+    root = tmp_path_factory.mktemp("serving")
+    model = build_model(root / "model.onnx", arch="resnet18", embedding_dim=32, input_size=16)
+    make_images(root / "images", per_class=8, size=24)
+    enc = Encoder(str(model))
+    gallery = Gallery.build(enc, str(root / "images"))
+    gallery.save(root / "gallery")
+    # the same gallery, marked as built by another model (as Gallery.load sees a foreign gallery)
+    shutil.copytree(root / "gallery", root / "foreign")
+    manifest = json.loads((root / "foreign" / "manifest.json").read_text())
+    manifest["fingerprint"] = "0" * 64
+    (root / "foreign" / "manifest.json").write_text(json.dumps(manifest))
+    return {"root": root, "model": str(model), "gallery": str(root / "gallery"), "images": root / "images", "encoder": enc,
+            "gallery_obj": Gallery.load(root / "gallery", encoder=enc)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def start_server(model: str, gallery: str, log: Path, *extra: str, timeout: float = 60.0) -> Server:
+    port = free_port()
+    cmd = [PY, "-m", "serving", "--model", model, "--gallery", gallery, "--port", str(port), "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    server = Server(proc, port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/healthz", timeout=1.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    stop_server(server)
+    raise AssertionError(f"server not healthy after {timeout} s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    extra = []
+    for k, v in SERVER_LIMITS.items():
+        extra += [f"--{k.replace('_', '-')}", str(v)]
+    srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "server.log",
+                       "--max-batch-size", "8", "--max-wait-ms", "20", *extra)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal
+    assert srv.proc.returncode in (0, -signal.SIGTERM), srv.log_tail()
+    assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
+
+
+def _files(paths: list[Path], field: str = "files") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def _sample(artifacts, n: int) -> list[Path]:
+    return sorted(artifacts["images"].rglob("*.*"))[:n]
+
+
+def test_health_ready_info_metrics(server, artifacts):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["ready"] is True and r.json()["gallery_count"] == 24
+        info = c.get("/v1/info").json()
+        enc = artifacts["encoder"]
+        assert info["model"]["fingerprint"] == enc.fingerprint
+        assert info["model"]["dim"] == 32 and info["model"]["input_size"] == 16
+        assert info["providers"] == ["CPUExecutionProvider"]
+        assert info["gallery"]["count"] == 24 and info["gallery"]["fingerprint"] == enc.fingerprint
+        assert info["batching"]["max_batch_size"] == 8
+        assert info["limits"]["max_images"] == 4 and info["limits"]["max_body_bytes"] == 262144
+        before = parse_exposition(c.get("/metrics").text)
+        c.get("/healthz")
+        m = c.get("/metrics")
+        assert m.headers["content-type"].startswith("text/plain; version=0.0.4")
+        after = parse_exposition(m.text)
+    key = ("isfe_requests_total", frozenset({("endpoint", "/healthz"), ("method", "GET"), ("status", "200")}))
+    assert after[key] == before[key] + 1
+    lat = ("isfe_request_duration_seconds_count", frozenset({("endpoint", "/healthz")}))
+    assert after[lat] == before[lat] + 1
+
+
+def test_embed_multipart_and_json_equal_local_encoder(server, artifacts):
+    paths = _sample(artifacts, 4)
+    ref = artifacts["encoder"].embed([str(p) for p in paths])
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        one = c.post("/v1/embed", files=_files(paths[:1], "file"))
+        many = c.post("/v1/embed", files=_files(paths))
+        b64 = c.post("/v1/embed", json={"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+        data_url = c.post("/v1/embed", json={"image": "data:image/png;base64," + base64.b64encode(paths[0].read_bytes()).decode()})
+    for r in (one, many, b64, data_url):
+        assert r.status_code == 200, r.text
+    assert one.json()["count"] == 1 and one.json()["dim"] == 32
+    assert many.json()["names"] == [p.name for p in paths]
+    np.testing.assert_allclose(np.array(one.json()["embeddings"]), ref[:1], atol=1e-5)
+    np.testing.assert_allclose(np.array(many.json()["embeddings"]), ref, atol=1e-5)
+    np.testing.assert_allclose(np.array(b64.json()["embeddings"]), ref, atol=1e-5)
+    np.testing.assert_allclose(np.array(data_url.json()["embeddings"]), ref[:1], atol=1e-5)
+    norms = np.linalg.norm(np.array(many.json()["embeddings"]), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+def test_search_equals_gallery_search(server, artifacts):
+    enc, gal = artifacts["encoder"], artifacts["gallery_obj"]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for path, k in zip(_sample(artifacts, 24)[::5], (1, 3, 5, 20, 7)):
+            ref = gal.search(enc.embed([str(path)]), k).hits(0)
+            r = c.post("/v1/search", files=_files([path], "file"), data={"k": str(k)})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["k"] == k and body["count"] == len(ref)
+            assert [h["id"] for h in body["hits"]] == [h["id"] for h in ref]
+            assert [h["label"] for h in body["hits"]] == [h["label"] for h in ref]
+            np.testing.assert_allclose([h["score"] for h in body["hits"]], [h["score"] for h in ref], atol=1e-5)
+        # k in the query string, JSON body, default k (10)
+        path = _sample(artifacts, 1)[0]
+        r1 = c.post("/v1/search?k=2", files=_files([path], "file"))
+        r2 = c.post("/v1/search", json={"image": base64.b64encode(path.read_bytes()).decode(), "k": 2})
+        r3 = c.post("/v1/search", files=_files([path], "file"))
+    assert [h["id"] for h in r1.json()["hits"]] == [h["id"] for h in r2.json()["hits"]]
+    assert r1.json()["hits"][0]["id"] == "circle/000.png"  # the query is in the gallery
+    assert r3.json()["count"] == 10
+
+
+def test_bad_requests_get_4xx_json_and_server_keeps_serving(server, artifacts):
+    good = _sample(artifacts, 1)[0]
+    big = _encode(Image.new("RGB", (1100, 1000), (5, 5, 5)), "PNG")  # 1.1 MP > --max-pixels 1M, small file
+    cases: list[tuple[str, dict, int, str]] = []
+    for name, (data, status) in bad_uploads().items():
+        cases.append((f"/v1/embed", {"files": [("file", (name, data, "image/png"))]}, status, name))
+        cases.append((f"/v1/search", {"files": [("file", (name, data, "image/png"))]}, status, name))
+    cases += [
+        ("/v1/embed", {"files": [("file", ("big.png", big, "image/png"))]}, 413, "over the server limit"),
+        ("/v1/embed", {"files": [("picture", ("a.png", good.read_bytes(), "image/png"))]}, 400, "'picture'"),
+        ("/v1/embed", {"data": {"file": "not a file"}}, 415, "content type"),
+        ("/v1/embed", {"files": [("file", ("a.png", good.read_bytes(), "image/png"))], "data": {"file": "x"}}, 400, "must be a file"),
+        ("/v1/embed", {"files": [("other", ("a.png", b"", "image/png"))], "data": {"k": "3"}}, 400, "unexpected file field"),
+        ("/v1/embed", {"files": _files([good] * 5)}, 413, "limit of 4"),
+        ("/v1/embed", {"files": _files([good] * 9)}, 413, "more than 4"),
+        ("/v1/search", {"files": _files([good] * 2)}, 413, "limit of 1"),
+        ("/v1/search", {"files": _files([good], "file"), "data": {"k": "0"}}, 422, "k=0"),
+        ("/v1/search", {"files": _files([good], "file"), "data": {"k": "21"}}, 422, "k=21"),
+        ("/v1/search", {"files": _files([good], "file"), "data": {"k": "three"}}, 422, "three"),
+        ("/v1/search", {"json": {"image": base64.b64encode(good.read_bytes()).decode(), "k": 2.5}}, 422, "2.5"),
+        ("/v1/embed", {"json": {"image": "@@not base64@@"}}, 400, "base64"),
+        ("/v1/embed", {"json": {"images": "abc"}}, 400, "list"),
+        ("/v1/embed", {"json": {}}, 400, "no image"),
+        ("/v1/embed", {"json": [1, 2]}, 400, "object"),
+        ("/v1/embed", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ("/v1/embed", {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, ""),
+        ("/v1/embed", {"content": good.read_bytes(), "headers": {"content-type": "image/png"}}, 415, "multipart"),
+        ("/v1/embed", {"json": {"image": base64.b64encode(b"hello").decode()}}, 415, "not a recognised image"),
+        ("/v1/embed", {"files": [("file", ("huge.png", b"\0" * 300_000, "image/png"))]}, 413, "over the limit"),
+    ]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for path, kwargs, status, needle in cases:
+            r = c.post(path, **kwargs)
+            assert r.status_code == status, (path, needle, r.status_code, r.text)
+            body = r.json()
+            assert set(body) == {"error", "detail"}, body
+            assert needle in body["detail"], (needle, body)
+        # a body over the limit sent chunked (no Content-Length) is cut off while streaming
+        def chunks():
+            for _ in range(40):
+                yield b"x" * 10_000
+        r = c.post("/v1/embed", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+        assert c.get("/v1/embed").status_code == 405
+        assert c.get("/v2/nothing").json()["error"] == "not_found"
+        # still serving
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/v1/search", files=_files([good], "file")).status_code == 200
+        metrics = c.get("/metrics").text
+    assert 'status="500"' not in metrics
+
+
+def test_unusual_images_are_embedded(server, artifacts):
+    enc = artifacts["encoder"]
+    images = unusual_images()
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for name, data in images.items():
+            r = c.post("/v1/embed", files=[("file", (name, data, "application/octet-stream"))])
+            assert r.status_code == 200, (name, r.text)
+            np.testing.assert_allclose(np.array(r.json()["embeddings"]), enc.embed([data]), atol=1e-5, err_msg=name)
+
+
+def test_concurrent_requests_equal_single_requests(server, artifacts):
+    paths = _sample(artifacts, 24)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        single_emb = [c.post("/v1/embed", files=_files([p], "file")).json()["embeddings"][0] for p in paths]
+        single_hits = [c.post("/v1/search", files=_files([p], "file"), data={"k": "5"}).json()["hits"] for p in paths]
+        m0 = parse_exposition(c.get("/metrics").text)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=64)) as ac:
+            embeds = [ac.post("/v1/embed", files=_files([p], "file")) for p in paths]
+            searches = [ac.post("/v1/search", files=_files([p], "file"), data={"k": "5"}) for p in paths]
+            pair = [ac.post("/v1/embed", files=_files(paths[i : i + 2])) for i in range(0, 8, 2)]
+            return await asyncio.gather(*embeds, *searches, *pair)
+
+    results = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    emb = [r.json()["embeddings"][0] for r in results[:24]]
+    hits = [r.json()["hits"] for r in results[24:48]]
+    np.testing.assert_allclose(np.array(emb), np.array(single_emb), atol=1e-5)
+    for h, s in zip(hits, single_hits):
+        assert [x["id"] for x in h] == [x["id"] for x in s]
+        np.testing.assert_allclose([x["score"] for x in h], [x["score"] for x in s], atol=1e-5)
+    for i, r in enumerate(results[48:]):
+        np.testing.assert_allclose(np.array(r.json()["embeddings"]), np.array(single_emb[2 * i : 2 * i + 2]), atol=1e-5)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        m1 = parse_exposition(c.get("/metrics").text)
+    images = m1[("isfe_images_embedded_total", frozenset())] - m0[("isfe_images_embedded_total", frozenset())]
+    calls = m1[("isfe_batch_size_count", frozenset())] - m0[("isfe_batch_size_count", frozenset())]
+    assert images == 24 + 24 + 8
+    assert calls < images, "concurrent requests were not micro-batched"
+    assert m1[("isfe_batch_size_bucket", frozenset({("le", "8")}))] == m1[("isfe_batch_size_count", frozenset())]  # <= --max-batch-size
+
+
+def test_not_ready_before_startup(artifacts):
+    """Without the lifespan startup (no inference worker) /readyz says 503 and work is refused with 503."""
+    from serving.app import ServeConfig, create_app
+
+    app = create_app(artifacts["encoder"], artifacts["gallery_obj"], ServeConfig(model=artifacts["model"], gallery=artifacts["gallery"]))
+    path = _sample(artifacts, 1)[0]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return (await c.get("/healthz"), await c.get("/readyz"), await c.post("/v1/embed", files=_files([path], "file")))
+
+    health, ready, embed = asyncio.run(go())
+    assert health.status_code == 200
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+    assert embed.status_code == 503 and embed.json()["error"] == "not_ready"
+
+
+def _run_main(argv: list[str]) -> tuple[int, str]:
+    from serving.__main__ import main
+
+    import contextlib
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def test_startup_errors_are_one_line(artifacts, tmp_path):
+    model, gallery = artifacts["model"], artifacts["gallery"]
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_bytes(b"not an onnx model")
+    cases = [
+        (["--model", str(tmp_path / "missing.onnx"), "--gallery", gallery], "no such file"),
+        (["--model", str(not_onnx), "--gallery", gallery], "not a valid ONNX model"),
+        (["--model", model, "--gallery", str(tmp_path / "nogallery")], "no such folder"),
+        (["--model", model, "--gallery", str(artifacts["images"])], "lacks"),
+        (["--model", model, "--gallery", str(artifacts["root"] / "foreign")], "built with another model"),
+    ]
+    for argv, needle in cases:
+        code, err = _run_main(argv + ["--port", str(free_port())])
+        assert code == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("serving: error: ") and needle in lines[0], err
+    # the real process: exit code and one line on stderr, no traceback
+    p = subprocess.run([PY, "-m", "serving", "--model", model, "--gallery", str(artifacts["root"] / "foreign")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and "built with another model" in p.stderr
+    p = subprocess.run([PY, "-m", "serving", "--model", model, "--gallery", gallery, "--max-batch-size", "0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--max-batch-size" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_port_in_use_exits_nonzero(artifacts, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([PY, "-m", "serving", "--model", artifacts["model"], "--gallery", artifacts["gallery"], "--port", str(port)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "address already in use" in (p.stdout + p.stderr).lower()
+
+
+def test_several_workers_serve_the_same_port(artifacts):
+    srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "workers.log", "--workers", "2")
+    try:
+        path = _sample(artifacts, 1)[0]
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            deadline = time.monotonic() + 60
+            while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            hits = [c.post("/v1/search", files=_files([path], "file"), data={"k": "3"}).json()["hits"] for _ in range(4)]
+        assert all([h["id"] for h in x] == [h["id"] for h in hits[0]] for x in hits)
+        assert hits[0][0]["id"] == "circle/000.png"
+    finally:
+        stop_server(srv)
+    assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
