@@ -1,12 +1,27 @@
-"""The encoder (ResNet + 128-d head + L2 norm) and its checkpoint format.
+"""The encoder (backbone + 128-d head + L2 norm) and its checkpoint format.
 
 Input contract (shared with the ONNX export): float32 NCHW RGB in [0, 1];
 the mean/std normalisation happens inside the module.  Output: [B, D] unit
 rows (always float32, also under autocast).
+
+Backbones by name (``ARCHS``): torchvision's ResNets and GoogLeNet
+(Inception-V1, the paper's backbone for unseen categories).  The embedding
+head sits on the global-pooled features ("pool5": 512-d ResNet18/34,
+2048-d ResNet50+, 1024-d GoogLeNet).  GoogLeNet is built with
+``aux_logits=False`` and ``transform_input=False`` (the ISFE normalisation
+is inside EmbeddingNet; torchvision's own input transform must stay off or
+the input would be normalised twice) and without its dropout, as the
+authors' pool5 -> fc128 model.
+
+ImageNet weights (``load_pretrained``) come through torchvision's weights
+API (downloaded into the torch hub cache where a network exists) or from a
+local file; ``pretrained_preprocess`` gives the input normalisation those
+weights were trained with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -28,20 +43,45 @@ __all__ = [
     "CheckpointError",
     "EmbeddingNet",
     "ModelConfig",
+    "PretrainedError",
     "build_encoder",
     "file_sha256",
     "load_checkpoint",
     "load_encoder",
+    "load_pretrained",
+    "pretrained_preprocess",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "isfe-checkpoint"
 CHECKPOINT_VERSION = 1
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ARCHS = RESNETS + ("googlenet",)
+#: Inputs up to this side get the CIFAR stem by default (CIFAR-10 32 px, STL-10 96 px as in the
+#: authors' code); larger ones the standard ImageNet stem.
+CIFAR_STEM_MAX_INPUT = 96
+#: torchvision weights enum member per architecture (``--pretrained imagenet``).
+IMAGENET_WEIGHTS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+    "resnet101": "ResNet101_Weights.IMAGENET1K_V1",
+    "resnet152": "ResNet152_Weights.IMAGENET1K_V1",
+    "googlenet": "GoogLeNet_Weights.IMAGENET1K_V1",
+}
+#: Input normalisation (mean, std) the ImageNet weights expect on [0, 1] RGB.  torchvision's
+#: GoogLeNet weights (ported from TensorFlow) expect (x - 0.5) / 0.5: its transform_input maps
+#: ImageNet-normalised input to exactly that, so with transform_input off the model applies it.
+_IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+WEIGHTS_NORMALIZATION = {a: _IMAGENET_NORM for a in RESNETS} | {"googlenet": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or not ISFE's."""
+
+
+class PretrainedError(ValueError):
+    """Pretrained weights that cannot be had (offline) or do not fit the backbone."""
 
 
 @dataclass
@@ -49,7 +89,9 @@ class ModelConfig:
     """Architecture and preprocessing of an encoder (saved in every checkpoint).
 
     ``cifar_stem=None`` picks the CIFAR stem (3x3 stride-1 conv, no max-pool)
-    for inputs of at most 64 pixels and the standard ImageNet stem otherwise.
+    for ResNets with inputs of at most ``CIFAR_STEM_MAX_INPUT`` (96) pixels
+    and the standard ImageNet stem otherwise; GoogLeNet has only its standard
+    stem.
     """
 
     arch: str = "resnet18"
@@ -64,8 +106,12 @@ class ModelConfig:
             raise ValueError(f"unknown --arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if int(self.embedding_dim) < 1:
             raise ValueError(f"--embedding-dim must be >= 1, got {self.embedding_dim}")
+        if self.arch == "googlenet":
+            if self.cifar_stem:
+                raise ValueError("googlenet has no CIFAR stem; use a resnet for small inputs or leave cifar_stem unset")
+            self.cifar_stem = False
         if self.cifar_stem is None:
-            self.cifar_stem = self.preprocess.input_size <= 64
+            self.cifar_stem = self.preprocess.input_size <= CIFAR_STEM_MAX_INPUT
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,8 +131,23 @@ class ModelConfig:
         )
 
 
+def _backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """The torchvision network without its classifier -> (module giving [B, F] pooled features, F)."""
+    if cfg.arch == "googlenet":
+        backbone = torchvision.models.googlenet(weights=None, aux_logits=False, transform_input=False, init_weights=True)
+        backbone.dropout = nn.Identity()  # the head sits directly on pool5 (no parameters change)
+    else:
+        backbone = getattr(torchvision.models, cfg.arch)(weights=None)
+        if cfg.cifar_stem:
+            backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            backbone.maxpool = nn.Identity()
+    feat_dim = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    return backbone, feat_dim
+
+
 class EmbeddingNet(nn.Module):
-    """ResNet backbone -> linear head -> L2 normalisation.
+    """Backbone (ResNet or GoogLeNet) -> linear head -> L2 normalisation.
 
     forward: x float [B, 3, S, S] in [0, 1] -> [B, D] float32 unit rows.
     """
@@ -94,12 +155,7 @@ class EmbeddingNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        backbone = getattr(torchvision.models, cfg.arch)(weights=None)
-        if cfg.cifar_stem:
-            backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            backbone.maxpool = nn.Identity()
-        feat_dim = backbone.fc.in_features
-        backbone.fc = nn.Identity()
+        backbone, feat_dim = _backbone(cfg)
         self.backbone = backbone
         self.head = nn.Linear(feat_dim, cfg.embedding_dim)
         spec = cfg.preprocess
@@ -153,7 +209,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_cfg: ModelC
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "model_config": model_cfg.to_dict(),
         "config": config,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         **extra,
     }
     buf = io.BytesIO()
@@ -219,3 +275,119 @@ def load_encoder(checkpoint_path: str | os.PathLike, map_location: str | torch.d
     model.checkpoint_sha256 = file_sha256(state["path"])  # type: ignore[attr-defined]
     model.checkpoint = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng")}  # type: ignore[attr-defined]
     return model.to(map_location).eval()
+
+
+# --------------------------------------------------------------------------- pretrained backbones
+
+
+def pretrained_preprocess(arch: str, spec: PreprocessSpec) -> PreprocessSpec:
+    """``spec`` with the input normalisation the ImageNet weights of ``arch`` were trained with."""
+    mean, std = WEIGHTS_NORMALIZATION[arch]
+    return dataclasses.replace(spec, mean=mean, std=std)
+
+
+def _imagenet_state_dict(arch: str, progress: bool = True) -> dict[str, Tensor]:
+    """torchvision's ImageNet weights for ``arch`` (torch hub cache, else download)."""
+    enum_name, member = IMAGENET_WEIGHTS[arch].split(".")
+    weights = getattr(getattr(torchvision.models, enum_name), member)
+    try:
+        return weights.get_state_dict(progress=progress, check_hash=True)
+    except Exception as e:  # URLError, socket errors, hash mismatch of a partial download
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise PretrainedError(
+            f"could not get the ImageNet weights of {arch} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"Without a network: download {weights.url} elsewhere and pass --pretrained PATH/{Path(weights.url).name} "
+            f"(or put the file into {hub}/)"
+        ) from None
+
+
+def _read_state_dict_file(path: Path) -> dict[str, Tensor]:
+    if not path.exists():
+        raise PretrainedError(f"--pretrained {path}: no such file; pass 'imagenet' or the path of a state_dict (.pth) file")
+    if path.is_dir():
+        raise PretrainedError(f"--pretrained {path} is a folder; pass the weights file itself (.pth)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/pickle errors come in many types
+        raise PretrainedError(
+            f"--pretrained {path} is not a readable PyTorch weights file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); pass a state_dict saved with torch.save, e.g. torchvision's .pth"
+        ) from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and isinstance(state.get("model"), dict):
+        state = state["model"]  # an ISFE checkpoint: start from its backbone
+    elif isinstance(state, dict):
+        for key in ("state_dict", "model"):  # common wrappers
+            if isinstance(state.get(key), dict) and not any(isinstance(v, Tensor) for v in state.values()):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise PretrainedError(f"--pretrained {path} does not hold a state_dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def _backbone_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Strip wrapper prefixes; drop classifier and auxiliary heads (and an ISFE embedding head)."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("backbone."):
+            k = k[len("backbone."):]
+        elif k.startswith("head."):
+            continue
+        if k.split(".")[0] in ("fc", "aux1", "aux2"):
+            continue
+        out[k] = v
+    return out
+
+
+def load_pretrained(model: nn.Module, source: str | os.PathLike, progress: bool = True) -> str:
+    """Load pretrained backbone weights into an EmbeddingNet (the embedding head keeps its init).
+
+    Args:
+        model: an :class:`EmbeddingNet` (or a wrapper of one).
+        source: ``"imagenet"`` (torchvision's weights API: the torch hub
+            cache, else a download) or the path of a weights file: a
+            torchvision state_dict (classifier and auxiliary heads are
+            ignored), optionally wrapped (``{"state_dict": ...}``, DDP
+            ``module.`` prefixes), or an ISFE checkpoint (its backbone).
+
+    Returns:
+        A one-line description for the log.
+
+    Raises:
+        PretrainedError: offline without a cached copy, an unreadable file,
+            or weights of another architecture / stem (names the mismatch).
+    """
+    net = unwrap(model)
+    cfg: ModelConfig = net.cfg
+    if str(source) == "imagenet":
+        state, where = _imagenet_state_dict(cfg.arch, progress), f"torchvision {IMAGENET_WEIGHTS[cfg.arch]}"
+    else:
+        state, where = _read_state_dict_file(Path(source)), str(source)
+    state = _backbone_keys(state)
+    expected = net.backbone.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    what = f"{cfg.arch}" + (" with the CIFAR stem" if cfg.cifar_stem else "")
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise PretrainedError(
+            f"the weights in {where} do not fit a {what} backbone: {', '.join(detail)} parameter names; "
+            f"pass weights of the same architecture (--arch) or 'imagenet'"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            hint = (" — ImageNet weights need the standard stem: use an input size above "
+                    f"{CIFAR_STEM_MAX_INPUT} px" if cfg.cifar_stem and k.startswith("conv1") else "")
+            raise PretrainedError(
+                f"the weights in {where} do not fit a {what} backbone: {k} has shape {tuple(v.shape)}, "
+                f"the model needs {tuple(expected[k].shape)}{hint}"
+            )
+    net.backbone.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent
+    return f"loaded pretrained {cfg.arch} backbone weights from {where} ({len(state)} tensors)"
