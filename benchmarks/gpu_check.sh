@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# GPU check (issue 3), one script, under 8 minutes on one H100/H200 (each step's timeout sums to 480 s):
+#   1. the CUDA-marked tests            (pytest -m gpu)
+#   2. the training-throughput benchmark (full configuration)
+#   3. the loss benchmark               (benchmarks/loss_bench.py, when present)
+#   4. a time-boxed cifar10-fast run    (--time-limit, on a copy of the CIFAR-10 archive)
+# Results (JSON, logs, metrics.jsonl, config.json, a summary) go to $OUT.
+#
+# Usage, from the repository root (nothing is installed or downloaded):
+#   OUT=/tmp/gpu-out bash benchmarks/gpu_check.sh
+# Settings (environment):
+#   OUT           results folder (default: benchmarks/results/gpu_check)
+#   CIFAR_ARCHIVE CIFAR-10 image-folder archive (default: .data/cifar10-jpeg.tar.gz, an ignored
+#                 folder; copy ../shared/data/cifar10-jpeg.tar.gz there before carrying the tree)
+#   EPOCHS        epochs of the cifar10-fast run (default 30: its cosine schedule completes in the box)
+#   TIME_LIMIT    seconds of cifar10-fast training, data decoding and compilation included (default 110)
+#   PYTHON        interpreter with torch + CUDA (default: python3)
+# Every step has its own timeout; a failing step is recorded and the next one still runs;
+# the exit status is non-zero when any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-benchmarks/results/gpu_check}"
+PY="${PYTHON:-python3}"
+ARCHIVE="${CIFAR_ARCHIVE:-.data/cifar10-jpeg.tar.gz}"
+TIME_LIMIT="${TIME_LIMIT:-110}"
+EPOCHS="${EPOCHS:-30}"
+WORK="$(mktemp -d /tmp/isfe-gpu-check.XXXXXX)"   # big files (dataset cache, checkpoints) stay out of $OUT
+export ISFE_CACHE="$WORK/cache"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+FAILED=0
+T_ALL=$(date +%s)
+
+run_step() {  # run_step NAME TIMEOUT_SECONDS CMD... ; log in $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  local t0 rc
+  t0=$(date +%s)
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  [ "$rc" -ne 0 ] && FAILED=$((FAILED + 1))
+  echo "$name rc=$rc seconds=$(( $(date +%s) - t0 ))" | tee -a "$SUMMARY"
+  tail -n 5 "$OUT/$name.log"
+}
+
+# 0. what machine this is
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton missing")
+EOF
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+DEV=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-') if torch.cuda.is_available() else 'no-cuda')")
+if [ "$DEV" = "no-cuda" ]; then
+  echo "no CUDA device: this script is for a GPU machine" | tee -a "$SUMMARY"
+  exit 2
+fi
+
+# 1. CUDA-marked tests (collection errors of modules whose optional packages are absent here do not stop the rest)
+run_step pytest_gpu 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+  -o addopts="" -rs tests/
+
+# 2. training throughput, full configuration (batch 512, ResNet-18 32x32)
+run_step train_throughput 150 "$PY" benchmarks/train_throughput.py --out "$OUT/train_throughput-$DEV.json"
+
+# 3. loss benchmark (written by another issue; skipped when absent)
+if [ -f benchmarks/loss_bench.py ]; then
+  run_step loss_bench 70 "$PY" benchmarks/loss_bench.py --out "$OUT/loss_bench-$DEV.json"
+else
+  echo "loss_bench skipped: benchmarks/loss_bench.py not present" | tee -a "$SUMMARY"
+fi
+
+# 4. time-boxed cifar10-fast training on the carried archive
+if [ -f "$ARCHIVE" ]; then
+  RUN="$WORK/cifar10-fast"
+  run_step cifar10_fast $((TIME_LIMIT + 60)) "$PY" -m training --preset cifar10-fast --data "$ARCHIVE" \
+    --epochs "$EPOCHS" --time-limit "$TIME_LIMIT" --eval-every 10 --log-every 50 --out "$RUN"
+  cp "$RUN/metrics.jsonl" "$RUN/config.json" "$OUT/" 2>/dev/null
+  "$PY" - "$RUN" "$OUT/cifar10_fast-$DEV.json" "$TIME_LIMIT" <<'EOF'
+import json, sys, torch
+from pathlib import Path
+run, out, limit = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+ck = torch.load(run / "checkpoint.pt", weights_only=True) if (run / "checkpoint.pt").exists() else {}
+trained = [r for r in rows if r.get("epoch", 0) > 0]
+res = {
+    "device": torch.cuda.get_device_name(),
+    "preset": "cifar10-fast", "time_limit_s": limit, "epochs_planned": json.loads((run / "config.json").read_text())["epochs"] if (run / "config.json").exists() else None,
+    "epochs_done": ck.get("epoch"), "stopped_early": ck.get("stopped_early"),
+    "final_knn_top1": rows[-1].get("knn_top1") if rows else None,
+    "best_knn_top1": max((r.get("knn_top1", 0) for r in rows), default=None),
+    "train_seconds": ck.get("train_seconds"), "compile_seconds": ck.get("compile_seconds"),
+    "steady_images_per_s": [r.get("images_per_s") for r in trained],
+    "paper_knn_top1": 83.6,
+    "metrics": rows,
+}
+out.write_text(json.dumps(res, indent=2) + "\n")
+print(json.dumps({k: v for k, v in res.items() if k != "metrics"}))
+EOF
+else
+  echo "cifar10_fast skipped: $ARCHIVE not found (copy ../shared/data/cifar10-jpeg.tar.gz to .data/ and carry .data)" | tee -a "$SUMMARY"
+  FAILED=$((FAILED + 1))
+fi
+
+echo "total seconds=$(( $(date +%s) - T_ALL )) failed_steps=$FAILED" | tee -a "$SUMMARY"
+rm -rf "$WORK"
+[ "$FAILED" -eq 0 ]
