@@ -22,7 +22,7 @@ import io
 import os
 import warnings
 from struct import error as struct_error
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -31,6 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "SUPPORTED_FORMATS",
     "ImageError",
     "ImageInput",
     "PreprocessSpec",
@@ -47,6 +48,19 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 50_000_000
 #: Background that transparent pixels are composited on (white).
 BACKGROUND = (255, 255, 255)
+#: Pillow decoders that load_image uses (by Pillow format id).  Others that
+#: Pillow knows (EPS runs Ghostscript, PSD, FITS, ...) are refused: a hostile
+#: file cannot reach them.  MPO (multi-picture JPEG from phones) opens through
+#: the JPEG decoder.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "ICO", "AVIF")
+#: Above this many pixels the resized (not yet cropped) image would occupy,
+#: to_uint8_square resamples only the crop window (Image.resize(box=...)), so a
+#: 1 x 10^7 strip needs kilobytes instead of gigabytes (values then may differ
+#: by 1/255 from the full resize: float rounding of the window coordinates).
+#: Below it (every image whose aspect ratio is under (limit / R^2) : 1, e.g.
+#: 15,000:1 at R=32, 240:1 at R=256) the full image is resized and then
+#: cropped, exactly as torchvision's Resize + CenterCrop.
+MAX_RESIZED_PIXELS = 16_000_000
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -137,9 +151,12 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparency is composited on white."""
     mode = im.mode
+    if mode in ("L", "RGB", "1") and "transparency" in im.info:
+        im = im.convert("RGBA")  # a tRNS colour key: transparent like an alpha channel
+        mode = "RGBA"
     if mode == "RGB":
         return im
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if mode.startswith("I") or mode.startswith("F"):
         arr = np.asarray(im).astype(np.float64)
         if mode == "F":
             # float images: [0, 1] if they look normalised, else 0..255
@@ -201,27 +218,56 @@ def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, nam
             raise ImageError(name, "empty file (0 bytes)")
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                im = Image.open(io.BytesIO(data))
+                # Pillow warns above Image.MAX_IMAGE_PIXELS (our own max_pixels check
+                # below is the limit that counts) and about damaged metadata.
+                warnings.simplefilter("ignore")
+                im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
         except UnidentifiedImageError:
-            raise ImageError(name, "not a recognised image format (supported: JPEG, PNG, GIF, BMP, TIFF, WebP, ...)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(name, f"image too large: {e}") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(name, f"cannot read image: {e}") from None
+            raise ImageError(name, f"{_sniff(data)} (supported: JPEG, PNG, GIF, BMP, TIFF, WebP, PPM, ICO)") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(name, f"image too large, refused before decoding ({e}; Pillow's limit PIL.Image.MAX_IMAGE_PIXELS)") from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct_error) as e:
+            raise ImageError(name, f"truncated or corrupt image header ({e})") from None
     _check_pixels(im, max_pixels, name)
     try:
-        if getattr(im, "n_frames", 1) > 1:
-            im.seek(0)  # first frame of animations
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-        return _to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(name, f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as e:
+            warnings.simplefilter("ignore")
+            if isinstance(src, Image.Image) and getattr(src, "tell", lambda: 0)() != 0:
+                frame = src.tell()  # first frame, without moving the caller's image
+                src.seek(0)
+                im = src.copy()
+                src.seek(frame)
+            im.load()  # a freshly opened file is at its first frame
+    except Image.DecompressionBombError as e:
+        raise ImageError(name, f"image too large, refused before decoding ({e}; Pillow's limit PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error, IndexError) as e:
         raise ImageError(name, f"corrupt or truncated image data ({e})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns "Corrupt EXIF data"; the pixels are fine
+            im = ImageOps.exif_transpose(im) or im
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block: keep the stored orientation
+        pass
+    try:
+        return _to_rgb(im)
+    except (ValueError, OSError) as e:
+        raise ImageError(name, f"cannot convert pixel mode {im.mode} to RGB ({e})") from None
+
+
+def _sniff(data: bytes) -> str:
+    """Why bytes that Pillow (restricted to SUPPORTED_FORMATS) could not open are not an image."""
+    head = data[:512].lstrip().lower()
+    if data[:6] == b"\x93NUMPY":
+        return "a NumPy .npy array file, not an image"
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        return "an SVG (vector) file, not a raster image; convert it to PNG first"
+    if head.startswith(b"<!doctype html") or head.startswith(b"<html") or b"<html" in head:
+        return "an HTML page, not an image"
+    if data[:4] == b"%PDF":
+        return "a PDF document, not an image"
+    if data[:4] == b"PK\x03\x04":
+        return "a ZIP archive, not an image"
+    return "not a recognised image format"
 
 
 def _check_pixels(im: Image.Image, max_pixels: int | None, name: str) -> None:
@@ -250,8 +296,15 @@ def to_uint8_square(im: Image.Image, resize_size: int) -> np.ndarray:
             new_w, new_h = r, max(r, int(r * h / w))
         else:
             new_w, new_h = max(r, int(r * w / h)), r
+        if new_w * new_h > MAX_RESIZED_PIXELS:
+            # extreme aspect ratio: resample only the crop window (bounded memory)
+            left = int(round((new_w - r) / 2.0))
+            top = int(round((new_h - r) / 2.0))
+            sx, sy = w / new_w, h / new_h
+            box = (left * sx, top * sy, (left + r) * sx, (top + r) * sy)
+            return np.asarray(im.resize((r, r), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
         if (new_w, new_h) != (w, h):
-            im = im.resize((new_w, new_h), Image.BILINEAR)
+            im = im.resize((new_w, new_h), Image.Resampling.BILINEAR)
     return center_crop_array(np.asarray(im, dtype=np.uint8), r)
 
 

@@ -37,7 +37,7 @@ from isfe_model.preprocess import ImageError, PreprocessSpec, load_image, to_uin
 __all__ = ["DataError", "ImageDataset", "IMAGE_EXTENSIONS", "default_spec", "load_split", "cache_dir"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 DIGITS_MEAN = (0.19, 0.19, 0.19)

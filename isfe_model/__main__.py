@@ -1,0 +1,8 @@
+"""``python -m isfe_model {embed,index,search,info} ...``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,509 @@
+"""Encoder: an exported ISFE ONNX model run by ONNX Runtime.
+
+The model file carries everything needed (ISFE metadata: embedding size,
+preprocessing, fingerprint), so ``Encoder("model.onnx").embed(paths)`` is the
+whole API.  Images are decoded and preprocessed by :mod:`isfe_model.preprocess`
+(the same code as the training evaluation transform) in a few threads while
+ONNX Runtime runs the previous batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from .metadata import ModelMetadata
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageInput, PreprocessSpec, describe_source, preprocess
+from .progress import Progress
+
+__all__ = [
+    "Encoder",
+    "GPU_PROVIDERS",
+    "ModelError",
+    "PREFERRED_PROVIDERS",
+    "onnxruntime_packages",
+    "resolve_providers",
+    "runtime_info",
+]
+
+logger = logging.getLogger("isfe_model")
+
+#: Order in which execution providers are picked when ``providers=None``.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider",
+                 "DmlExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider")
+#: Short names accepted for ``providers`` (and the CLI's ``--providers``).
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "gpu": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+#: Largest batch a TensorRT optimisation profile is built for (bigger inputs are split).
+TRT_MAX_BATCH = 256
+
+ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
+
+
+class ModelError(ValueError):
+    """A model file that is missing, corrupt, not an ONNX model or not an ISFE model; the message says the fix."""
+
+
+@functools.lru_cache(maxsize=1)
+def _onnxruntime_packages() -> tuple[str, ...]:
+    found = set()
+    for entry in sys.path:
+        folder = Path(entry or ".")
+        if not folder.is_dir():
+            continue
+        try:
+            infos = [d for d in folder.iterdir() if d.name.endswith(".dist-info")
+                     and d.name.lower().replace("-", "_").startswith(("onnxruntime", "ort_nightly"))]
+        except OSError:
+            continue
+        for info in infos:
+            dist = importlib.metadata.PathDistribution(info)
+            top = (dist.read_text("top_level.txt") or "").split()
+            record = dist.read_text("RECORD") or ""
+            if "onnxruntime" in top or "\nonnxruntime/__init__.py," in "\n" + record:
+                found.add(f"{dist.metadata['Name']} {dist.version}")
+    return tuple(sorted(found))
+
+
+def onnxruntime_packages() -> list[str]:
+    """Installed distributions that provide the ``onnxruntime`` module (e.g. ``['onnxruntime-gpu 1.22.0']``).
+
+    onnxruntime, onnxruntime-gpu (and -directml, -openvino, ...) all install the
+    same module; with two of them installed one silently overwrites the other.
+    """
+    return list(_onnxruntime_packages())
+
+
+def runtime_info() -> dict[str, Any]:
+    """Which ONNX Runtime build is installed and what it can run on (JSON-able)."""
+    return {
+        "onnxruntime_version": ort.__version__,
+        "onnxruntime_packages": onnxruntime_packages(),
+        "available_providers": list(ort.get_available_providers()),
+        "device": ort.get_device(),
+    }
+
+
+def _provider_name(p: ProviderSpec) -> str:
+    return p[0] if isinstance(p, tuple) else p
+
+
+def resolve_providers(providers: str | Sequence[ProviderSpec] | None, available: Sequence[str] | None = None) -> list[ProviderSpec]:
+    """Turn ``providers`` into ONNX Runtime's list (CPU always last as the fallback).
+
+    Args:
+        providers: None (TensorRT -> CUDA -> CPU, those installed), a
+            comma-separated string (``"cuda,cpu"``) or a list of names or
+            ``(name, options)`` pairs; short aliases (cpu, cuda, tensorrt, ...)
+            are accepted.
+        available: ``onnxruntime.get_available_providers()`` (for tests).
+
+    Raises:
+        ValueError: a provider that this onnxruntime build does not have,
+            with the list it does have and the install hint.
+    """
+    available = list(ort.get_available_providers() if available is None else available)
+    if providers is None:
+        chosen: list[ProviderSpec] = [p for p in PREFERRED_PROVIDERS if p in available]
+    else:
+        if isinstance(providers, str):
+            providers = [s.strip() for s in providers.split(",") if s.strip()]
+        chosen = []
+        for p in providers:
+            name = _provider_name(p)
+            full = PROVIDER_ALIASES.get(name.lower(), name)
+            if full not in available:
+                hint = ""
+                if full in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+                    hint = (" For NVIDIA GPUs install onnxruntime-gpu *instead of* onnxruntime "
+                            "(pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu).")
+                raise ValueError(f"execution provider {name!r} is not available in this onnxruntime "
+                                 f"({ort.__version__}; available: {', '.join(available)}).{hint}")
+            chosen.append((full, p[1]) if isinstance(p, tuple) else full)
+        if not chosen:
+            raise ValueError("providers is empty; name at least one, e.g. 'cpu'")
+    if "CPUExecutionProvider" in available and "CPUExecutionProvider" not in [_provider_name(p) for p in chosen]:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dim(d: Any) -> int | None:
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    """One image or a sequence of images -> list (a uint8 [N,H,W,C] array is N images)."""
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return list(images)
+        return [images]
+    if isinstance(images, Iterable):
+        return list(images)
+    return [images]
+
+
+class Encoder:
+    """Embeds images with an exported ISFE ONNX model.
+
+    Args:
+        model_path: the ``.onnx`` file written by ``python -m export``.
+        providers: ONNX Runtime execution providers; None picks TensorRT ->
+            CUDA -> CPU among those installed (see :func:`resolve_providers`).
+        threads: intra-op threads of ONNX Runtime (None: its default, all cores).
+        max_pixels: refuse images with more decoded pixels (decompression
+            bombs); None disables the check.
+        workers: threads that decode/preprocess images (None: min(4, cores)).
+
+    Attributes:
+        metadata: :class:`ModelMetadata` read from the model.
+        dim: embedding size D.  spec: :class:`PreprocessSpec` (input S x S).
+        providers: the providers ONNX Runtime actually uses (it falls back to
+            CPU silently when a GPU provider cannot start; this logs it).
+        fingerprint: the training checkpoint's sha256 (same for the fp32,
+            INT8 and TensorRT versions of one model).
+        model_sha256: sha256 of this ONNX file.  model_path: its path.
+
+    Raises:
+        ModelError: missing, empty or corrupt file, not an ONNX model, or
+            inputs/outputs that do not match the metadata.
+        MetadataError: an ONNX model without ISFE metadata.
+        ValueError: an unknown or unavailable provider, threads < 1.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, providers: str | Sequence[ProviderSpec] | None = None,
+                 threads: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None):
+        path = Path(model_path)
+        fix = "export one with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`"
+        if not path.exists():
+            raise ModelError(f"model {path}: no such file; {fix}")
+        if path.is_dir():
+            raise ModelError(f"model {path} is a folder; pass the .onnx file inside it")
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from None
+        if size == 0:
+            raise ModelError(f"model {path} is empty (0 bytes); the copy or export did not finish — {fix}")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if max_pixels is not None and int(max_pixels) < 1:
+            raise ValueError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+        self.model_path = path
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
+        self.workers = max(1, int(workers) if workers is not None else min(4, os.cpu_count() or 1))
+        try:
+            self.model_sha256 = _sha256(path)
+        except OSError as e:
+            raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from None
+
+        packages = onnxruntime_packages()
+        if len(packages) > 1:
+            logger.warning("several onnxruntime packages are installed (%s); they share the module name 'onnxruntime' "
+                           "and overwrite each other. Keep one: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                           "pip install onnxruntime-gpu (NVIDIA GPU) or onnxruntime (CPU)", ", ".join(packages))
+        requested = resolve_providers(providers)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only; the fallback is reported through logging below
+        if threads is not None:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        self.threads = threads
+        # TensorRT's optimisation profile needs the input size from the metadata: read it
+        # with a plain CPU session first, then build the TensorRT one.
+        use_trt = any(_provider_name(p) == "TensorrtExecutionProvider" for p in requested)
+        session = self._open(path, so, ["CPUExecutionProvider"] if use_trt else requested)
+        meta_props = session.get_modelmeta().custom_metadata_map
+        self.metadata: ModelMetadata = ModelMetadata.from_props(meta_props, source=f"model {path}")
+        self.dim: int = self.metadata.embedding_dim
+        self.spec: PreprocessSpec = self.metadata.preprocess
+        if use_trt:
+            requested = self._with_trt_options(requested)
+            session = self._open(path, so, requested)
+        self._session = session
+        self.fingerprint: str = self.metadata.checkpoint_sha256
+        self._check_io()
+        self.requested_providers = [_provider_name(p) for p in requested]
+        self.providers: list[str] = list(session.get_providers())
+        self._log_providers()
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _open(path: Path, so: ort.SessionOptions, providers: list[ProviderSpec]) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(
+                f"model {path} is not a valid ONNX model or cannot be loaded by onnxruntime {ort.__version__} "
+                f"({first[:300]}); re-export it with `python -m export`, or copy it again if the file is truncated"
+            ) from None
+
+    def _with_trt_options(self, providers: list[ProviderSpec]) -> list[ProviderSpec]:
+        """Default TensorRT options: engine cache and a dynamic-batch optimisation profile."""
+        s, name = self.spec.input_size, self.metadata.input_name
+        cache = Path(os.environ.get("ISFE_TRT_CACHE", Path.home() / ".cache" / "isfe" / "trt"))
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            cache = Path(os.environ.get("TMPDIR", "/tmp")) / "isfe-trt"
+            cache.mkdir(parents=True, exist_ok=True)
+        defaults = {
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True",
+            "trt_profile_min_shapes": f"{name}:1x3x{s}x{s}",
+            "trt_profile_opt_shapes": f"{name}:64x3x{s}x{s}",
+            "trt_profile_max_shapes": f"{name}:{TRT_MAX_BATCH}x3x{s}x{s}",
+        }
+        out: list[ProviderSpec] = []
+        for p in providers:
+            if _provider_name(p) == "TensorrtExecutionProvider":
+                opts = dict(defaults)
+                if isinstance(p, tuple):
+                    opts.update(p[1])
+                out.append(("TensorrtExecutionProvider", opts))
+            else:
+                out.append(p)
+        return out
+
+    def _check_io(self) -> None:
+        md, path = self.metadata, self.model_path
+        inputs = self._session.get_inputs()
+        names = [i.name for i in inputs]
+        if md.input_name not in names:
+            raise ModelError(f"model {path}: metadata names input {md.input_name!r} but the graph's inputs are {names}; re-export it")
+        if len(inputs) != 1:
+            raise ModelError(f"model {path} has {len(inputs)} inputs {names}; an ISFE model has exactly one; re-export it")
+        inp = inputs[0]
+        shape = list(inp.shape)
+        s = self.spec.input_size
+        if len(shape) != 4 or (_dim(shape[1]) not in (None, 3)) or any(_dim(v) not in (None, s) for v in shape[2:]):
+            raise ModelError(f"model {path}: input {inp.name!r} has shape {shape}, but its metadata says [B, 3, {s}, {s}]; re-export it")
+        if inp.type not in ("tensor(float)", "tensor(float16)"):
+            raise ModelError(f"model {path}: input {inp.name!r} is {inp.type}; ISFE models take tensor(float) [B, 3, {s}, {s}] in [0, 1]")
+        self._input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self._fixed_batch = _dim(shape[0])
+        outs = self._session.get_outputs()
+        onames = [o.name for o in outs]
+        if md.output_name not in onames:
+            raise ModelError(f"model {path}: metadata names output {md.output_name!r} but the graph's outputs are {onames}; re-export it")
+        out = outs[onames.index(md.output_name)]
+        oshape = list(out.shape)
+        if len(oshape) != 2 or _dim(oshape[1]) not in (None, self.dim):
+            raise ModelError(f"model {path}: output {out.name!r} has shape {oshape}, but its metadata says [B, {self.dim}]; re-export it")
+        self._max_batch = self._fixed_batch or (TRT_MAX_BATCH if "TensorrtExecutionProvider" in self._session.get_providers() else None)
+
+    def _log_providers(self) -> None:
+        wanted_gpu = [p for p in self.requested_providers if p in GPU_PROVIDERS]
+        used_gpu = [p for p in self.providers if p in GPU_PROVIDERS]
+        logger.info("model %s (dim %d, input %dx%d): onnxruntime %s uses %s", self.model_path, self.dim,
+                    self.spec.input_size, self.spec.input_size, ort.__version__, ", ".join(self.providers))
+        missing = [p for p in wanted_gpu if p not in self.providers]
+        if missing:
+            logger.warning("onnxruntime could not start %s and runs model %s on %s instead (check the CUDA/cuDNN/TensorRT "
+                           "libraries that onnxruntime-gpu %s needs)", ", ".join(missing), self.model_path,
+                           ", ".join(self.providers), ort.__version__)
+        elif not used_gpu and not wanted_gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+            logger.info("running on CPU: this onnxruntime build has no GPU providers (install onnxruntime-gpu instead of "
+                        "onnxruntime to use an NVIDIA GPU)")
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when ONNX Runtime runs the model on a GPU provider."""
+        return any(p in GPU_PROVIDERS for p in self.providers)
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able description: metadata, sizes, providers, hashes, onnxruntime build."""
+        md = self.metadata
+        return {
+            "model_path": str(self.model_path),
+            "model_sha256": self.model_sha256,
+            "fingerprint": self.fingerprint,
+            "model_name": md.model_name,
+            "model_version": md.model_version,
+            "arch": md.arch,
+            "quantization": md.quantization,
+            "dim": self.dim,
+            "input_size": self.spec.input_size,
+            "preprocess": self.spec.to_dict(),
+            "input_name": md.input_name,
+            "output_name": md.output_name,
+            "providers": list(self.providers),
+            "requested_providers": list(self.requested_providers),
+            "max_pixels": self.max_pixels,
+            **runtime_info(),
+        }
+
+    def __repr__(self) -> str:
+        return (f"Encoder({str(self.model_path)!r}, dim={self.dim}, input={self.spec.input_size}, "
+                f"providers={self.providers}, fingerprint={self.fingerprint[:12]})")
+
+    # ------------------------------------------------------------------ inference
+
+    def preprocess(self, src: ImageInput, name: str | None = None) -> np.ndarray:
+        """One image -> float32 [3, S, S] in [0, 1] (raises ImageError naming ``name``/the source)."""
+        return preprocess(src, self.spec, max_pixels=self.max_pixels, name=name)
+
+    def embed_arrays(self, x: np.ndarray) -> np.ndarray:
+        """Preprocessed float [B, 3, S, S] in [0, 1] -> float32 [B, D] unit rows (any B >= 0).
+
+        Raises:
+            ValueError: wrong type, rank, shape or non-finite values (names the expected shape).
+        """
+        s = self.spec.input_size
+        if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+            kind = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+            raise ValueError(f"embed_arrays needs a float32 array [B, 3, {s}, {s}] in [0, 1], got {kind}; "
+                             f"use embed() for images or uint8 arrays")
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
+            raise ValueError(f"embed_arrays needs shape [B, 3, {s}, {s}] for this model, got {list(x.shape)}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ValueError("embed_arrays input contains NaN or infinite values")
+        step = self._max_batch or x.shape[0]
+        outs = [self._run(x[i : i + step]) for i in range(0, x.shape[0], step)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """[b, 3, S, S] -> [b, D] float32 unit rows (b <= max batch)."""
+        b = x.shape[0]
+        feed = np.ascontiguousarray(x, dtype=self._input_dtype)
+        if self._fixed_batch is not None and b != self._fixed_batch:
+            pad = np.zeros((self._fixed_batch - b,) + feed.shape[1:], dtype=feed.dtype)
+            feed = np.concatenate([feed, pad])
+        try:
+            out = self._session.run([self.metadata.output_name], {self.metadata.input_name: feed})[0]
+        except Exception as e:  # onnxruntime's own exception types
+            raise ModelError(f"model {self.model_path}: onnxruntime failed on a batch of {b} "
+                             f"({str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__})") from None
+        out = np.asarray(out, dtype=np.float32)[:b]
+        if out.shape != (b, self.dim):
+            raise ModelError(f"model {self.model_path} returned shape {list(out.shape)}, expected [{b}, {self.dim}]; re-export it")
+        if not np.isfinite(out).all():
+            raise ModelError(f"model {self.model_path} produced NaN/inf embeddings; the model file is damaged or was exported wrongly")
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, np.float32(1e-12))
+
+    def embed(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Images -> float32 [N, D] unit rows, in input order.
+
+        Args:
+            images: one image or a sequence; each a file path, encoded bytes,
+                a PIL image or a uint8 array (HxW, HxWx3, HxWx4); a uint8
+                [N, H, W, 3] array counts as N images.
+            batch_size: images per ONNX Runtime call.
+            progress: print a progress line on stderr.
+
+        Raises:
+            ImageError: naming the first input that is not a usable image.
+        """
+        return self.embed_partial(images, batch_size=batch_size, progress=progress, skip_bad=False)[0]
+
+    def embed_partial(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 64, progress: bool = False,
+                      skip_bad: bool = True, names: Sequence[str] | None = None,
+                      label: str = "embedding") -> tuple[np.ndarray, list[int], list[ImageError]]:
+        """Like :meth:`embed` but bad images can be skipped.
+
+        Returns:
+            (embeddings float32 [M, D] of the good images in input order,
+            their indices into ``images`` (length M), the ImageErrors of the
+            skipped ones).  With ``skip_bad=False`` the first bad image raises.
+        """
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = int(batch_size)
+        items = _as_list(images)
+        if names is not None and len(names) != len(items):
+            raise ValueError(f"names has {len(names)} entries for {len(items)} images")
+        n = len(items)
+        s = self.spec.input_size
+        embs: list[np.ndarray] = []
+        kept: list[int] = []
+        errors: list[ImageError] = []
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32), kept, errors
+
+        def prep(i: int) -> np.ndarray | ImageError:
+            name = names[i] if names is not None else describe_source(items[i], i if n > 1 else None)
+            try:
+                return preprocess(items[i], self.spec, max_pixels=self.max_pixels, name=name)
+            except ImageError as e:
+                return e
+            except MemoryError:
+                return ImageError(name, "not enough memory to decode this image; lower max_pixels or free memory")
+
+        starts = list(range(0, n, batch_size))
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="isfe-preprocess") if self.workers > 1 and n > 1 else None
+
+        def submit(start: int) -> list[Future | np.ndarray | ImageError]:
+            idx = range(start, min(start + batch_size, n))
+            if pool is None:
+                return [prep(i) for i in idx]
+            return [pool.submit(prep, i) for i in idx]
+
+        bar = Progress(n, label, enabled=progress)
+        try:
+            pending = submit(starts[0])
+            for bi, start in enumerate(starts):
+                results = [r.result() if isinstance(r, Future) else r for r in pending]
+                if bi + 1 < len(starts):
+                    pending = submit(starts[bi + 1])  # decode the next batch while this one runs
+                good_idx, arrays = [], []
+                for j, r in enumerate(results):
+                    if isinstance(r, ImageError):
+                        if not skip_bad:
+                            raise r
+                        errors.append(r)
+                    else:
+                        good_idx.append(start + j)
+                        arrays.append(r)
+                if arrays:
+                    x = np.stack(arrays) if len(arrays) > 1 else arrays[0][None]
+                    assert x.shape[1:] == (3, s, s)
+                    embs.append(self.embed_arrays(x))
+                    kept.extend(good_idx)
+                bar.update(len(results))
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        emb = np.concatenate(embs) if embs else np.zeros((0, self.dim), dtype=np.float32)
+        return emb, kept, errors
+

@@ -1,0 +1,140 @@
+"""Small real ISFE models and images for the isfe_model tests.
+
+``make_model(dir)`` trains nothing: it builds a seeded EmbeddingNet, saves a
+real checkpoint (training.model.save_checkpoint) and exports it to ONNX with
+ISFE metadata through ``export.to_onnx.export_onnx`` (the project's export
+code).  Needs torch (the tests' environment has it; the isfe_model package
+itself never imports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from isfe_model.metadata import ModelMetadata
+from isfe_model.preprocess import PreprocessSpec
+
+EMBED_DIM = 32
+INPUT_SIZE = 16
+RESIZE_SIZE = 20
+
+
+@dataclass
+class ModelFiles:
+    onnx_path: Path
+    checkpoint_path: Path
+    metadata: ModelMetadata
+    via: str  # "export.to_onnx"
+
+
+def make_model(out_dir: Path, seed: int = 0, embedding_dim: int = EMBED_DIM, input_size: int = INPUT_SIZE,
+               resize_size: int = RESIZE_SIZE, arch: str = "resnet18", name: str = "model") -> ModelFiles:
+    """A seeded encoder -> checkpoint + ONNX file with ISFE metadata (a few seconds on CPU)."""
+    import torch
+
+    from training.model import ModelConfig, build_encoder, file_sha256, save_checkpoint
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    spec = PreprocessSpec(input_size=input_size, resize_size=resize_size)
+    cfg = ModelConfig(arch=arch, embedding_dim=embedding_dim, preprocess=spec)
+    model = build_encoder(cfg).eval()
+    # random but non-trivial BatchNorm statistics, so eval mode is a real test
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ckpt = save_checkpoint(out_dir / f"{name}.pt", model, cfg, config={"seed": seed, "purpose": "isfe_model tests"})
+    metadata = ModelMetadata(
+        embedding_dim=embedding_dim,
+        preprocess=spec,
+        checkpoint_sha256=file_sha256(ckpt),
+        model_name=f"test-{name}",
+        model_version="0",
+        arch=arch,
+        train_config={"seed": seed},
+    )
+    onnx_path = out_dir / f"{name}.onnx"
+    from export.to_onnx import export_onnx  # the project's export code (verified against PyTorch at batch 1, 3, 4)
+
+    export_onnx(model, onnx_path, metadata, max_batch=4)
+    via = "export.to_onnx"
+    return ModelFiles(onnx_path, ckpt, metadata, via)
+
+
+def shared_model(tmp_path_factory) -> ModelFiles:
+    """One exported model per pytest session, shared by all isfe_model test files."""
+    base = tmp_path_factory.getbasetemp() / "isfe_shared_model"
+    done = base / "ready.json"
+    if done.exists():
+        import json
+
+        info = json.loads(done.read_text())
+        md = ModelMetadata.from_props(info["props"])
+        return ModelFiles(Path(info["onnx"]), Path(info["ckpt"]), md, info["via"])
+    files = make_model(base)
+    import json
+
+    done.write_text(json.dumps({"onnx": str(files.onnx_path), "ckpt": str(files.checkpoint_path), "via": files.via,
+                                "props": files.metadata.to_props()}))
+    return files
+
+
+def with_props(src: Path, dst: Path, **changes: str | None) -> Path:
+    """Copy an ONNX file with some metadata_props changed (value None: removed)."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    props = {p.key: p.value for p in proto.metadata_props}
+    for k, v in changes.items():
+        key = k if k.startswith("isfe.") else "isfe." + k
+        if v is None:
+            props.pop(key, None)
+        else:
+            props[key] = v
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+# --------------------------------------------------------------------------- images
+
+
+def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """A smooth, photo-like uint8 [h, w, 3] image (gradients + blobs; compresses like a photo)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        a, b, f = rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(2, 8)
+        img[..., c] = 127 + 100 * np.sin(f * (a * xx / max(w, 1) + b * yy / max(h, 1)) + rng.uniform(0, 6))
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.1, 0.4) * max(w, h)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        img += blob[..., None] * rng.uniform(-80, 80, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, arr: np.ndarray, fmt: str | None = None, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt, **kw)
+    return path
+
+
+def make_image_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (24, 20), seed: int = 0) -> list[Path]:
+    """root/<class>/<n>.png|jpg with photo-like images; returns the files (sorted)."""
+    files = []
+    n = 0
+    for c, count in classes.items():
+        for i in range(count):
+            w, h = size[0] + (n % 5) * 3, size[1] + (n % 3) * 4
+            ext = "png" if i % 2 == 0 else "jpg"
+            files.append(write_image(root / c / f"{i:03d}.{ext}", photo(w, h, seed + n)))
+            n += 1
+    return sorted(files)

@@ -1,0 +1,293 @@
+"""isfe_model.Encoder on a real exported model: metadata, providers, parity with PyTorch, bad models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import isfe_model
+from isfe_model import Encoder, ImageError, MetadataError, ModelError
+from isfe_model import encoder as encoder_mod
+from isfe_model.encoder import resolve_providers
+from tests.helpers_models import EMBED_DIM, INPUT_SIZE, RESIZE_SIZE, make_image_folder, photo, shared_model, with_props, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory):
+    return shared_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def enc(model):
+    return Encoder(model.onnx_path)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("enc_images")
+    return make_image_folder(d, {"a": 4, "b": 3}, size=(30, 22))
+
+
+def test_encoder_reads_metadata_and_reports_providers(enc, model):
+    assert enc.dim == EMBED_DIM
+    assert enc.spec.input_size == INPUT_SIZE and enc.spec.resize_size == RESIZE_SIZE
+    assert enc.fingerprint == model.metadata.checkpoint_sha256
+    from training.model import file_sha256
+
+    assert enc.fingerprint == file_sha256(model.checkpoint_path)
+    assert enc.model_sha256 == file_sha256(model.onnx_path)
+    assert enc.providers == ["CPUExecutionProvider"]  # this machine has no GPU
+    assert not enc.on_gpu
+    info = enc.info()
+    assert json.loads(json.dumps(info)) == info
+    assert info["dim"] == EMBED_DIM and info["providers"] == ["CPUExecutionProvider"]
+    assert any(p.startswith("onnxruntime") for p in info["onnxruntime_packages"])
+    assert "CPUExecutionProvider" in info["available_providers"]
+
+
+def test_embed_shapes_dtype_unit_rows_and_input_kinds(enc, images):
+    z = enc.embed(images)
+    assert z.shape == (len(images), EMBED_DIM) and z.dtype == np.float32
+    assert np.allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-6)
+    one = images[0]
+    decoded = np.asarray(Image.open(one).convert("RGB"))
+    variants = [str(one), one, one.read_bytes(), Image.open(one), decoded]
+    for v in variants:
+        zi = enc.embed(v)
+        assert zi.shape == (1, EMBED_DIM)
+        assert np.allclose(zi[0], z[0], atol=1e-6), type(v)
+    batch = np.stack([decoded, decoded])  # uint8 [N, H, W, 3] = N images
+    assert enc.embed(batch).shape == (2, EMBED_DIM)
+    assert enc.embed([]).shape == (0, EMBED_DIM)
+
+
+def test_batching_and_threads_do_not_change_results(model, enc, images):
+    ref = enc.embed(images, batch_size=64)
+    for bs in (1, 2, 3):
+        assert np.allclose(enc.embed(images, batch_size=bs), ref, atol=1e-5)
+    single = Encoder(model.onnx_path, threads=1, workers=1)
+    assert single.workers == 1
+    assert np.allclose(single.embed(images, batch_size=3), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.embed(images, batch_size=0)
+
+
+def test_embed_arrays_validates_input(enc):
+    s = INPUT_SIZE
+    x = np.random.default_rng(0).random((5, 3, s, s), dtype=np.float32)
+    z = enc.embed_arrays(x)
+    assert z.shape == (5, EMBED_DIM)
+    assert np.allclose(enc.embed_arrays(x[:1]), z[:1], atol=1e-5)
+    assert np.allclose(enc.embed_arrays(x[0]), z[:1], atol=1e-5)  # [3, S, S] = one image
+    assert np.allclose(enc.embed_arrays(x.astype(np.float64)), z, atol=1e-5)
+    assert enc.embed_arrays(np.zeros((0, 3, s, s), np.float32)).shape == (0, EMBED_DIM)
+    with pytest.raises(ValueError, match=rf"\[B, 3, {s}, {s}\]"):
+        enc.embed_arrays(np.zeros((2, 3, s + 1, s), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        enc.embed_arrays((x * 255).astype(np.uint8))
+    bad = x.copy()
+    bad[1, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        enc.embed_arrays(bad)
+
+
+def test_matches_pytorch_load_encoder(model, enc, images, tmp_path):
+    """Embeddings of the same image files: ONNX Runtime vs training.model.load_encoder (cosine >= 0.99999)."""
+    torch = pytest.importorskip("torch")
+    from training.model import load_encoder
+
+    net = load_encoder(model.checkpoint_path)
+    assert net.checkpoint_sha256 == enc.fingerprint
+    extra = [write_image(tmp_path / "big.jpg", photo(97, 61, seed=3)), write_image(tmp_path / "tiny.png", photo(2, 5, seed=4))]
+    files = list(images) + extra
+    x = np.stack([enc.preprocess(f) for f in files])
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    ours = enc.embed(files)
+    cos = np.sum(ours * ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.99999, cos.min()
+
+
+def test_bad_images_name_the_first_bad_input(enc, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>nope</html>")
+    with pytest.raises(ImageError) as ei:
+        enc.embed([images[0], bad, tmp_path / "missing.png"], batch_size=2)
+    assert ei.value.source == str(bad) and "HTML" in ei.value.reason
+    with pytest.raises(ImageError, match=r"input #1 \(5 bytes\)"):
+        enc.embed([images[0].read_bytes(), b"12345"])
+    emb, kept, errors = enc.embed_partial([images[0], bad, images[1]], batch_size=2)
+    assert kept == [0, 2] and emb.shape == (2, EMBED_DIM)
+    assert [e.source for e in errors] == [str(bad)]
+    assert np.allclose(emb, enc.embed([images[0], images[1]]), atol=1e-6)
+
+
+def test_max_pixels_is_applied(model, images):
+    small = Encoder(model.onnx_path, max_pixels=100)
+    with pytest.raises(ImageError, match="over the limit of 100"):
+        small.embed(images[0])
+    with pytest.raises(ValueError, match="max_pixels"):
+        Encoder(model.onnx_path, max_pixels=0)
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def test_resolve_providers_order_aliases_and_errors():
+    avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(None, avail) == avail
+    assert resolve_providers(None, ["CUDAExecutionProvider", "CPUExecutionProvider", "AzureExecutionProvider"]) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(None, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert resolve_providers("cuda", avail) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(["trt", "cpu"], avail) == ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers([("cuda", {"device_id": "1"})], avail) == [("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="onnxruntime-gpu"):
+        resolve_providers("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="not available"):
+        resolve_providers("nosuch", avail)
+    with pytest.raises(ValueError, match="empty"):
+        resolve_providers("", avail)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
+def test_silent_cpu_fallback_is_logged(model, monkeypatch, caplog):
+    """Ask for CUDA on a build without it (as when CUDA libraries are missing): ORT runs on CPU, we say so."""
+    real = encoder_mod.ort.get_available_providers
+    monkeypatch.setattr(encoder_mod.ort, "get_available_providers", lambda: ["CUDAExecutionProvider"] + list(real()))
+    with caplog.at_level(logging.INFO, logger="isfe_model"):
+        e = Encoder(model.onnx_path)  # providers=None -> CUDA, CPU
+    assert e.requested_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert e.providers == ["CPUExecutionProvider"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("could not start CUDAExecutionProvider" in r.getMessage() for r in warnings)
+    assert e.embed_arrays(np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)).shape == (1, EMBED_DIM)
+
+
+def test_cpu_run_is_logged_with_providers(model, caplog):
+    with caplog.at_level(logging.INFO, logger="isfe_model"):
+        Encoder(model.onnx_path, providers="cpu")
+    assert any("uses CPUExecutionProvider" in r.getMessage() for r in caplog.records)
+
+
+def test_two_onnxruntime_packages_are_warned_about(model, monkeypatch, caplog):
+    monkeypatch.setattr(encoder_mod, "onnxruntime_packages", lambda: ["onnxruntime 1.20.0", "onnxruntime-gpu 1.20.0"])
+    with caplog.at_level(logging.WARNING, logger="isfe_model"):
+        Encoder(model.onnx_path)
+    assert any("several onnxruntime packages" in r.getMessage() for r in caplog.records)
+
+
+def test_onnxruntime_packages_finds_every_provider_of_the_module(tmp_path, monkeypatch):
+    """A second distribution that installs the onnxruntime module (as onnxruntime-gpu does) is detected."""
+    info = tmp_path / "onnxruntime_gpu-1.99.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.99.0\n")
+    (info / "RECORD").write_text("onnxruntime/__init__.py,sha256=x,10\n")
+    other = tmp_path / "onnxruntime_extensions-0.1.dist-info"  # a different module: not counted
+    other.mkdir()
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-extensions\nVersion: 0.1\n")
+    (other / "top_level.txt").write_text("onnxruntime_extensions\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    encoder_mod._onnxruntime_packages.cache_clear()
+    try:
+        found = encoder_mod.onnxruntime_packages()
+    finally:
+        encoder_mod._onnxruntime_packages.cache_clear()
+    assert "onnxruntime-gpu 1.99.0" in found
+    assert any(f.startswith("onnxruntime ") for f in found)
+    assert not any("extensions" in f for f in found)
+
+
+def test_fixed_batch_model_is_fed_padded_batches(model, enc, tmp_path, images):
+    """A model exported with a fixed batch (here 2) gets padded / split batches."""
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(model.onnx_path))
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        d0 = vi.type.tensor_type.shape.dim[0]
+        d0.Clear()
+        d0.dim_value = 2
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(proto, str(fixed))
+    e2 = Encoder(fixed)
+    assert e2._fixed_batch == 2
+    assert np.allclose(e2.embed(images, batch_size=5), enc.embed(images), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad model files
+
+
+def test_bad_model_files_are_refused_with_clear_messages(model, tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        Encoder(tmp_path / "nope.onnx")
+    with pytest.raises(ModelError, match="is a folder"):
+        Encoder(tmp_path)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="empty"):
+        Encoder(empty)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(os.urandom(5000))
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        Encoder(junk)
+    data = model.onnx_path.read_bytes()
+    trunc = tmp_path / "truncated.onnx"
+    trunc.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelError, match="truncated|not a valid ONNX"):
+        Encoder(trunc)
+    image = write_image(tmp_path / "image.onnx", photo(8, 8), fmt="PNG")
+    with pytest.raises(ModelError, match="not a valid ONNX"):
+        Encoder(image)
+
+
+def test_models_without_or_with_wrong_metadata_are_refused(model, tmp_path):
+    pytest.importorskip("onnx")
+    bare = with_props(model.onnx_path, tmp_path / "bare.onnx", **{k: None for k in model.metadata.to_props()})
+    with pytest.raises(MetadataError, match="not an ISFE model"):
+        Encoder(bare)
+    wrong_dim = with_props(model.onnx_path, tmp_path / "dim.onnx", embedding_dim="64")
+    with pytest.raises(ModelError, match=r"\[B, 64\]"):
+        Encoder(wrong_dim)
+    wrong_size = with_props(model.onnx_path, tmp_path / "size.onnx", input_size="12", resize_size="12")
+    with pytest.raises(ModelError, match="metadata says"):
+        Encoder(wrong_size)
+    wrong_name = with_props(model.onnx_path, tmp_path / "name.onnx", input_name="pixels")
+    with pytest.raises(ModelError, match="'pixels'"):
+        Encoder(wrong_name)
+    future = with_props(model.onnx_path, tmp_path / "future.onnx", format_version="99")
+    with pytest.raises(MetadataError, match="not supported"):
+        Encoder(future)
+
+
+# --------------------------------------------------------------------------- import hygiene
+
+
+def test_import_isfe_model_imports_no_torch_and_no_app_folder():
+    """In this environment torch *is* installed: importing the whole package must still not load it."""
+    code = (
+        "import sys, json\n"
+        "import isfe_model, isfe_model.cli, isfe_model.gallery, isfe_model.search, isfe_model.encoder\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'torchvision', 'training', 'export', 'serving', 'demo', 'onnx', 'tests', 'faiss', 'tqdm', 'sklearn'))\n"
+        "print(json.dumps(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_public_api_is_exported():
+    for name in ("Encoder", "Gallery", "GalleryError", "SearchResult", "ModelError", "ImageError", "MetadataError",
+                 "PreprocessSpec", "ModelMetadata", "load_image", "preprocess", "__version__"):
+        assert hasattr(isfe_model, name), name
+    assert (Path(isfe_model.__file__).parent / "py.typed").exists()
