@@ -25,13 +25,13 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from isfe_model.atomic import atomic_save_npy, atomic_write_bytes
 from isfe_model.preprocess import ImageError, PreprocessSpec, load_image, to_uint8_square
 
 __all__ = ["DataError", "ImageDataset", "IMAGE_EXTENSIONS", "default_spec", "load_split", "cache_dir"]
@@ -242,17 +242,6 @@ def _decode_cifar10(split: str, resize_size: int) -> tuple[np.ndarray, np.ndarra
     return x, np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_split(
     data: str | os.PathLike | None,
     split: str,
@@ -306,12 +295,10 @@ def load_split(
     if use_cache:
         try:
             cdir.mkdir(parents=True, exist_ok=True)
-            _atomic_save_npy(cdir / "images.npy", x)
-            _atomic_save_npy(cdir / "labels.npy", y)
+            atomic_save_npy(cdir / "images.npy", x)
+            atomic_save_npy(cdir / "labels.npy", y)
             meta = {"source": key_name, "split": split, "resize_size": r, "count": int(len(y)), "classes": classes}
-            tmp = cdir / "meta.json.tmp"
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, cdir / "meta.json")  # written last: marks the entry complete
+            atomic_write_bytes(cdir / "meta.json", json.dumps(meta).encode())  # written last: marks the entry complete
         except OSError:
             pass  # a read-only cache is not fatal
     return ImageDataset(x, y, classes, key_name, spec)

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from isfe_model.atomic import atomic_write
 from isfe_model.preprocess import PreprocessSpec
 
 __all__ = [
@@ -212,18 +211,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_cfg: ModelC
         "torch_version": str(torch.__version__),
         **extra,
     }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 

@@ -692,10 +692,9 @@ def load_unlabeled(data: str | os.PathLike, resize_size: int) -> np.ndarray:
     x, _, _ = d._decode_folder(str(root), "unlabeled", r)  # shard folders play the role of classes
     try:
         cdir.mkdir(parents=True, exist_ok=True)
-        d._atomic_save_npy(cdir / "images.npy", x)
-        tmp = cdir / "meta.json.tmp"
-        tmp.write_text(json.dumps({"source": str(root), "split": "unlabeled", "resize_size": r, "count": int(x.shape[0])}))
-        os.replace(tmp, cdir / "meta.json")
+        d.atomic_save_npy(cdir / "images.npy", x)
+        meta = {"source": str(root), "split": "unlabeled", "resize_size": r, "count": int(x.shape[0])}
+        d.atomic_write_bytes(cdir / "meta.json", json.dumps(meta).encode())
     except OSError:
         pass  # a read-only cache is not fatal
     return x
