@@ -10,27 +10,9 @@ import argparse
 import logging
 import sys
 
+from isfe_model.argtypes import port, positive_int
+
 __all__ = ["build_parser", "main", "start"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", required=True, help="gallery folder built with this model (isfe-index MODEL FOLDER -o GALLERY_DIR)")
     p.add_argument("--images-root", default=None, help="folder the gallery ids are relative to (default: the manifest's 'source')")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
-    p.add_argument("--max-k", type=_positive_int, default=50, help="largest k on the slider (default 50)")
-    p.add_argument("--default-k", type=_positive_int, default=8, help="initial k (default 8)")
-    p.add_argument("--concurrency", type=_positive_int, default=4, help="searches served at once (default 4, at least 2)")
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
+    p.add_argument("--max-k", type=positive_int, default=50, help="largest k on the slider (default 50)")
+    p.add_argument("--default-k", type=positive_int, default=8, help="initial k (default 8)")
+    p.add_argument("--concurrency", type=positive_int, default=4, help="searches served at once (default 4, at least 2)")
     p.add_argument("--examples", type=int, default=6, help="how many gallery images to offer as examples (default 6)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     return p
 
 

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .argtypes import positive_int
 
 __all__ = ["embed_main", "index_main", "main", "search_main"]
 
@@ -46,16 +47,6 @@ def _max_pixels(text: str) -> int | None:
     return int(v)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     from .preprocess import DEFAULT_MAX_PIXELS
 
@@ -63,8 +54,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--providers", default=None, metavar="LIST",
                    help="ONNX Runtime execution providers in order, e.g. 'cuda,cpu' or 'cpu' "
                         "(default: TensorRT, CUDA, CPU — those this onnxruntime build has)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default 64)")
+    g.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
     g.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images with more decoded pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,}; 'none' = no limit)")
     prog = g.add_mutually_exclusive_group()
@@ -274,7 +265,7 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .onnx model file the gallery was built with")
     p.add_argument("gallery", metavar="GALLERY_DIR", help="gallery folder written by isfe-index")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="query image(s)")
-    p.add_argument("-k", type=_positive_int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.add_argument("--backend", choices=("numpy", "faiss"), default="numpy",
                    help="exact search engine: numpy (default) or faiss (pip install \"isfe-model[faiss]\")")

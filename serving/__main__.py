@@ -13,39 +13,11 @@ import logging
 import os
 import sys
 
+from isfe_model.argtypes import nonneg_float, port_or_zero, positive_int
+
 from .app import CONFIG_ENV, ServeConfig, create_app, load_artifacts
 
 __all__ = ["build_parser", "main"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,24 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="ISFE ONNX model (from `python -m export`)")
     p.add_argument("--gallery", required=True, help="gallery folder built with this model (isfe-index MODEL FOLDER -o GALLERY_DIR)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=port_or_zero, default=8000, help="TCP port (default 8000)")
     b = p.add_argument_group("batching")
-    b.add_argument("--max-batch-size", type=_positive_int, default=32, help="most images per inference call; 1 disables micro-batching (default 32)")
-    b.add_argument("--max-wait-ms", type=_nonneg_float, default=2.0, help="how long a batch waits to fill after its first image (default 2 ms)")
-    b.add_argument("--max-queue", type=_positive_int, default=1024, help="images waiting for inference before requests get 503 (default 1024)")
+    b.add_argument("--max-batch-size", type=positive_int, default=32, help="most images per inference call; 1 disables micro-batching (default 32)")
+    b.add_argument("--max-wait-ms", type=nonneg_float, default=2.0, help="how long a batch waits to fill after its first image (default 2 ms)")
+    b.add_argument("--max-queue", type=positive_int, default=1024, help="images waiting for inference before requests get 503 (default 1024)")
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-body-mb", type=_nonneg_float, default=20.0, help="largest request body in MiB (default 20)")
-    lim.add_argument("--max-images", type=_positive_int, default=32, help="most images in one /v1/embed request (default 32)")
-    lim.add_argument("--max-pixels", type=_positive_int, default=50_000_000, help="most decoded pixels (width x height) per image (default 50M)")
-    lim.add_argument("--max-k", type=_positive_int, default=100, help="largest k for /v1/search (default 100)")
-    lim.add_argument("--default-k", type=_positive_int, default=10, help="k when the request gives none (default 10)")
+    lim.add_argument("--max-body-mb", type=nonneg_float, default=20.0, help="largest request body in MiB (default 20)")
+    lim.add_argument("--max-images", type=positive_int, default=32, help="most images in one /v1/embed request (default 32)")
+    lim.add_argument("--max-pixels", type=positive_int, default=50_000_000, help="most decoded pixels (width x height) per image (default 50M)")
+    lim.add_argument("--max-k", type=positive_int, default=100, help="largest k for /v1/search (default 100)")
+    lim.add_argument("--default-k", type=positive_int, default=10, help="k when the request gives none (default 10)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--decode-threads", type=_positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="threads decoding and preprocessing uploads")
-    r.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
+    r.add_argument("--decode-threads", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="threads decoding and preprocessing uploads")
+    r.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
     r.add_argument("--providers", default=None, help="comma-separated ONNX Runtime execution providers (default: TensorRT, CUDA, CPU as available)")
     r.add_argument("--backend", choices=("numpy", "faiss"), default="numpy", help="gallery search backend (default numpy, exact)")
-    r.add_argument("--workers", type=_positive_int, default=1, help="uvicorn worker processes sharing the port (default 1)")
-    r.add_argument("--limit-concurrency", type=_positive_int, default=None,
+    r.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes sharing the port (default 1)")
+    r.add_argument("--limit-concurrency", type=positive_int, default=None,
                    help="most connections+requests at once per worker; beyond it uvicorn answers 503 (default: no limit)")
     r.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     return p
