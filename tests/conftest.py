@@ -31,3 +31,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory):
+    """A small ISFE model exported with the export code (see tests/helpers_models.py), once per session."""
+    from tests.helpers_models import shared_model
+
+    return shared_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def enc(model):
+    """An isfe_model.Encoder on the session's model."""
+    from isfe_model import Encoder
+
+    return Encoder(model.onnx_path)

@@ -12,7 +12,7 @@ import pytest
 from isfe_model import Encoder, Gallery, GalleryError, ImageError
 from isfe_model import gallery as gallery_mod
 from isfe_model.search import FaissIndex, faiss_available, topk_inner_product
-from tests.helpers_models import EMBED_DIM, make_image_folder, shared_model, with_props
+from tests.helpers_models import EMBED_DIM, make_image_folder, with_props
 
 
 def brute_force(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,16 +202,6 @@ def test_concurrent_searches_and_edits():
 
 
 # --------------------------------------------------------------------------- with a real model
-
-
-@pytest.fixture(scope="session")
-def model(tmp_path_factory):
-    return shared_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def enc(model):
-    return Encoder(model.onnx_path)
 
 
 @pytest.fixture()

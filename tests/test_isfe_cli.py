@@ -11,22 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isfe_model import Encoder, Gallery
+from isfe_model import Gallery
 from isfe_model.cli import embed_main, index_main, main, search_main
-from tests.helpers_models import EMBED_DIM, make_image_folder, shared_model, with_props
+from tests.helpers_models import EMBED_DIM, make_image_folder, with_props
 from tests.test_preprocess import _unusual_files, hostile_files
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def model(tmp_path_factory):
-    return shared_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def enc(model):
-    return Encoder(model.onnx_path)
 
 
 @pytest.fixture()

@@ -17,19 +17,9 @@ import isfe_model
 from isfe_model import Encoder, ImageError, MetadataError, ModelError
 from isfe_model import encoder as encoder_mod
 from isfe_model.encoder import resolve_providers
-from tests.helpers_models import EMBED_DIM, INPUT_SIZE, RESIZE_SIZE, make_image_folder, photo, shared_model, with_props, write_image
+from tests.helpers_models import EMBED_DIM, INPUT_SIZE, RESIZE_SIZE, make_image_folder, photo, with_props, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def model(tmp_path_factory):
-    return shared_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def enc(model):
-    return Encoder(model.onnx_path)
 
 
 @pytest.fixture(scope="session")

@@ -126,9 +126,10 @@ def knn_scores(
     """
     k = min(k, train_feats.shape[0])
     labels = train_labels.to(train_feats.device)
+    bank_t = train_feats.float().t()  # [D, N], cast once
     out = []
     for i in range(0, test_feats.shape[0], chunk_size):
-        sims = test_feats[i : i + chunk_size].float() @ train_feats.float().t()  # [m, N]
+        sims = test_feats[i : i + chunk_size].float() @ bank_t  # [m, N]
         top_sim, top_idx = sims.topk(k, dim=1)
         w = (top_sim / sigma).exp()
         scores = torch.zeros(sims.shape[0], num_classes, device=sims.device)
@@ -166,8 +167,9 @@ def recall_at_k(feats: Tensor, labels: Tensor, ks: Sequence[int] = (1, 2, 4, 8),
     kmax = min(max(ks), n - 1)
     labels = labels.to(feats.device)
     hits = {k: 0 for k in ks}
+    f = feats.float()  # cast once
     for i in range(0, n, chunk_size):
-        sims = feats[i : i + chunk_size].float() @ feats.float().t()
+        sims = f[i : i + chunk_size] @ f.t()
         rows = torch.arange(sims.shape[0], device=sims.device)
         sims[rows, rows + i] = float("-inf")  # exclude the query itself
         idx = sims.topk(kmax, dim=1).indices

@@ -227,6 +227,20 @@ if triton is not None:
         return acc * inv_tau
 
     @triton.jit
+    def _key_tile_scores(a, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_DC: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Scores of a loaded row block ``a`` against the key tile ``cols`` (loads the keys)."""
+        if NUM_DC == 1:
+            k = _load_rows(K, cols, col_ok, 0, D, stride_k, BLOCK_D)
+            s = _scores(a, k, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
+                        BLOCK_M, BLOCK_N, BLOCK_D, NUM_DC, UPCAST, DOT_PREC)
+        else:  # chunks are loaded inside _scores; a stands in for the unused tile
+            s = _scores(a, a, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
+                        BLOCK_M, BLOCK_N, BLOCK_D, NUM_DC, UPCAST, DOT_PREC)
+        return s
+
+    @triton.jit
     def _one_minus_exp(x):
         """``1 - exp(x)`` for ``x < 0``, accurate as ``x -> 0`` (Taylor series of -expm1)."""
         ser = -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (
@@ -282,13 +296,8 @@ if triton is not None:
         for n0 in range(0, TWO_N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < TWO_N
-            if NUM_DC == 1:
-                k = _load_rows(K, cols, col_ok, 0, D, stride_k, BLOCK_D)
-                s = _scores(a, k, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
-                            BLOCK_M, BLOCK_N, BLOCK_D, NUM_DC, UPCAST, DOT_PREC)
-            else:  # chunks are loaded inside _scores; a stands in for the unused tile
-                s = _scores(a, a, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
-                            BLOCK_M, BLOCK_N, BLOCK_D, NUM_DC, UPCAST, DOT_PREC)
+            s = _key_tile_scores(a, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, NUM_DC, UPCAST, DOT_PREC)
             is_pos = cols[None, :] == pos_idx[:, None]
             valid = col_ok[None, :] & (cols[None, :] != self_idx[:, None])
             z = tl.where(valid, tl.where(is_pos, s, s + log_w), float("-inf"))
@@ -305,13 +314,8 @@ if triton is not None:
         for n0 in range(0, TWO_N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < TWO_N
-            if NUM_DC == 1:
-                k = _load_rows(K, cols, col_ok, 0, D, stride_k, BLOCK_D)
-                s = _scores(a, k, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
-                            BLOCK_M, BLOCK_N, BLOCK_D, NUM_DC, UPCAST, DOT_PREC)
-            else:  # chunks are loaded inside _scores; a stands in for the unused tile
-                s = _scores(a, a, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
-                            BLOCK_M, BLOCK_N, BLOCK_D, NUM_DC, UPCAST, DOT_PREC)
+            s = _key_tile_scores(a, A, K, rows, cols, row_ok, col_ok, D, stride_a, stride_k, inv_tau,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, NUM_DC, UPCAST, DOT_PREC)
             is_neg = (row_ok[:, None] & col_ok[None, :] & (cols[None, :] != self_idx[:, None])
                       & (cols[None, :] != pos_idx[:, None]))
             x = s - lse[:, None]
