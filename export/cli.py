@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim (re-verified)")
     p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (default 18)")
     p.add_argument("--images", metavar="DIR", help="parity images: a folder (class subfolders give labels); default: --data test split")
-    p.add_argument("--data", default=None, metavar="SOURCE", help="training.data source for default parity/calibration images (default: embedded digits)")
+    p.add_argument("--data", default=None, metavar="SOURCE", help="training.data source for default parity/calibration images (default: the checkpoint's training data "
+                        "when that folder or archive is on this machine, else the embedded digits)")
     p.add_argument("--max-images", type=int, default=512, metavar="N", help="parity images to use (random fixed sample; default 512)")
     p.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch: ONNX check, TensorRT profile max, Triton max_batch_size (default 64)")
     p.add_argument("--opt-batch", type=int, default=None, metavar="N", help="TensorRT profile opt batch (default min(32, max))")
@@ -119,6 +120,14 @@ def _headline(report: Any) -> str:
     return ", ".join(parts)
 
 
+def _training_data(model: Any) -> str | None:
+    """The checkpoint's training data when it is a folder or archive on this machine, else None (the embedded digits)."""
+    data = ((getattr(model, "checkpoint", None) or {}).get("config") or {}).get("data")
+    if isinstance(data, str) and data not in ("digits", "cifar10") and Path(data).exists():
+        return data
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """The export pipeline; raises ExportError (or GateFailed) with a user-facing message."""
     t0 = time.time()
@@ -138,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     meta = metadata_for_encoder(model, args.model_name, args.model_version)
     spec = cfg.preprocess
     print(f"checkpoint {args.checkpoint}: {cfg.arch}, {cfg.embedding_dim}-d, input {spec.input_size}x{spec.input_size}, sha256 {meta.checkpoint_sha256[:12]}…")
+    if args.data is None and (args.images is None or (args.int8 and args.calib is None)):
+        args.data = _training_data(model)
     images = load_parity_images(spec, args.images, args.data, "test", args.max_images)
     if len(images) < 2:
         raise ExportError(f"parity needs at least 2 readable images; {images.source} gave {len(images)}")

@@ -164,9 +164,11 @@ def load_parity_images(
     """
     if images_dir is not None:
         return load_folder_images(images_dir, spec, max_images, flag=flag, seed=seed)
-    from training.data import DataError, load_split
+    from training.data import DataError, has_split, load_split
 
     try:
+        if split == "test" and not has_split(data, "test"):
+            split = "train"  # a folder of unlabelled images has no test split: check on its (training) images
         ds = load_split(data, split, resize_size=spec.resize_size)
     except DataError as e:
         raise ExportError(str(e)) from None

@@ -99,3 +99,116 @@ def test_bad_sources_name_the_problem(tmp_path):
     bad_arc.write_bytes(b"not a tar")
     with pytest.raises(DataError, match="tar archive"):
         load_split(str(bad_arc), "train")
+
+
+def _varied_folder(root: Path, n_per_class: int = 7) -> Path:
+    """Images of different sizes and modes (so each decodes differently)."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c in ("x", "y", "z"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n_per_class):
+                w, h = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+                im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                (im.convert("L") if i % 3 == 0 else im).save(d / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def test_parallel_decode_equals_one_image_at_a_time(tmp_path, monkeypatch):
+    """The chunked thread-pool decoder writes exactly what decoding each file in order gives."""
+    import training.data as data
+
+    root = _varied_folder(tmp_path / "data")
+    monkeypatch.setattr(data, "DECODE_CHUNK", 4)  # 21 images -> 6 chunks over 3 threads
+    ds = load_split(str(root), "train", resize_size=24)
+    files = sorted((root / "train").rglob("*.*"))
+    expected = np.stack([to_uint8_square(load_image(f), 24) for f in files])
+    np.testing.assert_array_equal(np.asarray(ds.images), expected)
+    assert ds.labels.tolist() == [0] * 7 + [1] * 7 + [2] * 7
+    assert isinstance(ds.images, np.memmap) and not ds.images.flags.writeable  # decoded straight into the cache
+    seq, _, _ = data._decode_folder(str(root), "train", 24, workers=1)
+    np.testing.assert_array_equal(seq, expected)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_bad_file_in_a_parallel_decode_leaves_no_cache(tmp_path, monkeypatch):
+    import training.data as data
+
+    root = _varied_folder(tmp_path / "data")
+    (root / "train" / "y" / "03.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # truncated, mid-split
+    monkeypatch.setattr(data, "DECODE_CHUNK", 4)
+    with pytest.raises(DataError, match=r"y/03\.png.*Remove or replace"):
+        load_split(str(root), "train", resize_size=24)
+    cache = tmp_path / "cache"
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("images.npy")) and not list(cache.rglob("meta.json"))
+    Image.new("RGB", (30, 30), "red").save(root / "train" / "y" / "03.png")  # fixed: the next run works
+    assert len(load_split(str(root), "train", resize_size=24)) == 21
+
+
+def test_cache_without_room_decodes_in_memory(tmp_path, monkeypatch, capsys):
+    """A cache folder that cannot take the file (full disk, read-only) warns and decodes into memory."""
+    import errno
+    import os
+
+    import training.data as data
+
+    root = _varied_folder(tmp_path / "data", n_per_class=2)
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    ds = load_split(str(root), "test", resize_size=16)
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "ISFE_CACHE" in err
+    assert not isinstance(ds.images, np.memmap) and ds.images.shape == (6, 16, 16, 3)
+    assert not list((tmp_path / "cache").rglob("*.npy*"))
+    monkeypatch.undo()
+    monkeypatch.setenv("ISFE_CACHE", str(tmp_path / "cache"))
+    np.testing.assert_array_equal(np.asarray(load_split(str(root), "test", resize_size=16).images), ds.images)
+
+
+def _unlabeled_folder(root: Path, n: int = 9) -> Path:
+    """Images directly in the folder and in nested folders, plus things that are not training images."""
+    rng = np.random.default_rng(2)
+    for i in range(n):
+        d = root if i % 3 == 0 else root / "trip" / ("day1" if i % 3 == 1 else "day2")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(d / f"img{i}.jpg")
+    (root / "notes.txt").write_text("not an image")
+    (root / ".thumbs").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".thumbs" / "t.png")  # hidden: skipped
+    return root
+
+
+def test_folder_without_splits_is_unlabeled_training_data(tmp_path):
+    from training.data import UNLABELED_CLASS, has_split, is_unlabeled_folder
+
+    root = _unlabeled_folder(tmp_path / "photos")
+    assert is_unlabeled_folder(root) and has_split(str(root), "train") and not has_split(str(root), "test")
+    ds = load_split(str(root), "train", resize_size=16)
+    files = sorted(p for p in root.rglob("*.jpg"))
+    assert len(ds) == 9 and ds.classes == [UNLABELED_CLASS] and set(ds.labels.tolist()) == {0}
+    expected = np.stack([to_uint8_square(load_image(f), 16) for f in files])
+    np.testing.assert_array_equal(np.asarray(ds.images), expected)
+    with pytest.raises(DataError, match="no 'test/' folder.*unlabelled"):
+        load_split(str(root), "test", resize_size=16)
+    # the cache follows the folder's content
+    Image.new("RGB", (20, 20), "blue").save(root / "trip" / "day1" / "new.jpg")
+    assert len(load_split(str(root), "train", resize_size=16)) == 10
+    # the same as an archive
+    arc = tmp_path / "photos.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        tf.add(root, arcname="photos")
+    assert is_unlabeled_folder(arc) and not has_split(str(arc), "test")
+    np.testing.assert_array_equal(np.asarray(load_split(str(arc), "train", resize_size=16).images),
+                                  np.asarray(load_split(str(root), "train", resize_size=16).images))
+    # a labelled folder keeps its meaning; one with train/ only has no test split
+    labelled = make_folder(tmp_path / "labelled")
+    assert not is_unlabeled_folder(labelled) and has_split(str(labelled), "test")
+    import shutil
+
+    shutil.rmtree(labelled / "test")
+    assert not is_unlabeled_folder(labelled) and not has_split(str(labelled), "test")
+    assert load_split(str(labelled), "train").classes == ["a", "b"]

@@ -73,3 +73,28 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
     (out / "checkpoint.pt").write_bytes(b"x")
     assert main(["--out", str(out)]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_unlabeled_folder_trains_without_the_knn_monitor(tmp_path, capsys):
+    """A folder of images without train/test (the unsupervised use case): loss only, then export works."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "photos"
+    for i in range(24):
+        d = data / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    out = tmp_path / "run"
+    rc = main(["--data", str(data), "--epochs", "2", "--eval-every", "1", "--batch-size", "8", "--input-size", "8",
+               "--resize-size", "8", "--embedding-dim", "16", "--out", str(out)])
+    assert rc == 0
+    log = capsys.readouterr().out
+    assert "no test/ split: training without the kNN monitor" in log and "24 train / 0 test images" in log
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all("knn_top1" not in r for r in rows) and all(np.isfinite(r["loss"]) for r in rows[1:])
+    assert (out / "checkpoint.pt").exists() and (out / "curves.png").stat().st_size > 1000
+    from export.cli import main as export_main  # parity falls back to the training images
+
+    assert export_main(["--checkpoint", str(out / "checkpoint.pt"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    report = json.loads((tmp_path / "m.onnx.parity.json").read_text())
+    assert report["images"] == f"{data}:train" and report["n_images"] == 24  # the checkpoint's own (unlabelled) data

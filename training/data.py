@@ -10,34 +10,51 @@
 * a folder with ``train/`` and ``test/`` subfolders of class folders
   (labels are used only for evaluation), or a ``.tar``/``.tar.gz`` archive
   holding such a folder (e.g. ``../shared/data/cifar10-jpeg.tar.gz``).
+* a folder (or archive) of images with neither ``train/`` nor ``test/``:
+  unlabelled data; every image below it (any depth) is a training image and
+  there is no test split (training runs without the kNN monitor).
 
 Every split is decoded with :mod:`isfe_model.preprocess` (the same code the
 inference package uses) into ``uint8 [N, R, R, 3]`` (shorter side resized to
 R, center square crop) and cached as ``.npy`` under ``$ISFE_CACHE`` (default
 ``~/.cache/isfe``), keyed by the source's content, so later runs start in
-seconds.
+seconds.  Decoding runs on a thread pool straight into the memory-mapped
+cache file, so a split larger than the RAM (e.g. Stanford Online Products at
+256 px, 24 GB) decodes in bounded memory; training then reads batches from
+the memory map (:class:`training.batches.HostBatches`) and augments them on
+the device.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import hashlib
-import io
 import json
 import os
+import sys
 import tarfile
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from isfe_model.atomic import atomic_save_npy, atomic_write_bytes
 from isfe_model.preprocess import ImageError, PreprocessSpec, load_image, to_uint8_square
 
-__all__ = ["DataError", "ImageDataset", "IMAGE_EXTENSIONS", "default_spec", "load_split", "cache_dir"]
+__all__ = ["DataError", "ImageDataset", "IMAGE_EXTENSIONS", "UNLABELED_CLASS", "default_spec", "has_split",
+           "is_unlabeled_folder", "load_split", "cache_dir"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CACHE_VERSION = "2"
+DECODE_CHUNK = 256  # images per decoding task
+DECODE_WORKERS = 8  # decoding threads at most (and at most the CPU count)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 DIGITS_MEAN = (0.19, 0.19, 0.19)
@@ -141,44 +158,134 @@ def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return x[mask], y[mask], [str(c) for c in range(10)]
 
 
-def _iter_folder_split(root: Path, split: str) -> Iterator[tuple[str, str, str, "callable"]]:
-    """Yield (class, relative path, display name, read-bytes) for image files of a split."""
+Entry = tuple[str, str, str, Callable[[], bytes]]  # (class, relative path, display name, read bytes)
+
+
+#: The one "class" of a folder without train/ and test/ (unlabelled images: nothing to evaluate against).
+UNLABELED_CLASS = "unlabeled"
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+@functools.lru_cache(maxsize=16)
+def _archive_splits(path: str, size: int, mtime_ns: int) -> frozenset[str]:
+    """Which of train/test appear as folders in an archive (read once per archive version)."""
+    found: set[str] = set()
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for m in tf:
+                if m.isfile():
+                    found.update(s for s in ("train", "test") if s in Path(m.name).parts[:-1])
+                    if len(found) == 2:
+                        break
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        pass  # _open_archive_split reports the real problem
+    return frozenset(found)
+
+
+def _layout_splits(root: Path) -> frozenset[str]:
+    """The train/test split folders an image folder or archive has."""
     if _is_archive(root):
-        yield from _iter_archive_split(root, split)
+        st = root.stat()
+        return _archive_splits(str(root.resolve()), st.st_size, st.st_mtime_ns)
+    return frozenset(s for s in ("train", "test") if (root / s).is_dir())
+
+
+def is_unlabeled_folder(data: str | os.PathLike | None) -> bool:
+    """True for a folder (or archive) of images without train/ and test/: all of it is training data, unlabelled."""
+    if data is None or str(data) in ("digits", "cifar10"):
+        return False
+    p = Path(str(data))
+    return (p.is_dir() or _is_archive(p)) and not _layout_splits(p)
+
+
+def has_split(data: str | os.PathLike | None, split: str) -> bool:
+    """Whether ``load_split(data, split)`` has a split to load (an unlabelled folder has no test split).
+
+    Missing paths answer True so that :func:`load_split` reports them.
+    """
+    if data is None or str(data) in ("digits", "cifar10") or not Path(str(data)).exists():
+        return True
+    if is_unlabeled_folder(data):
+        return split == "train"
+    return split in _layout_splits(Path(str(data))) or split not in ("train", "test")
+
+
+@contextlib.contextmanager
+def _open_split(root: Path, split: str) -> Iterator[list[Entry]]:
+    """The image files of a split, sorted by (class, path); archives stay open inside the ``with``.
+
+    A folder without ``train/`` and ``test/`` is an unlabelled set: its
+    ``train`` split is every image below it (one class, ``UNLABELED_CLASS``).
+    """
+    if _is_archive(root):
+        with _open_archive_split(root, split) as entries:
+            yield entries
         return
     base = root / split
     if not base.is_dir():
-        raise DataError(f"{root} has no '{split}/' folder; an image folder needs {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
+        if split == "train" and is_unlabeled_folder(root):
+            files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not _hidden(p.relative_to(root)))
+            yield [(UNLABELED_CLASS, str(p.relative_to(root)), str(p), p.read_bytes) for p in files]
+            return
+        raise DataError(f"{root} has no '{split}/' folder; give a folder with train/<class>/ and test/<class>/ image "
+                        f"folders (the test split is only for evaluation), or a folder of images with neither for "
+                        f"unlabelled training")
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{base} has no class folders; put images in {base}/<class>/ (any class name)")
+    entries: list[Entry] = []
     for c in classes:
         for p in sorted((base / c).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
-                yield c, str(p.relative_to(base)), str(p), p.read_bytes
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p.relative_to(base)):
+                entries.append((c, str(p.relative_to(base)), str(p), p.read_bytes))
+    yield entries
 
 
-def _iter_archive_split(archive: Path, split: str) -> Iterator[tuple[str, str, str, "callable"]]:
+def _iter_folder_split(root: Path, split: str) -> Iterator[Entry]:
+    """Yield the entries of :func:`_open_split` one by one."""
+    with _open_split(root, split) as entries:
+        yield from entries
+
+
+@contextlib.contextmanager
+def _open_archive_split(archive: Path, split: str) -> Iterator[list[Entry]]:
     try:
         tf = tarfile.open(archive, "r:*")
         members = [m for m in tf.getmembers() if m.isfile()]
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{archive} is not a readable tar archive ({e}); pass an intact .tar.gz or an extracted folder") from None
-    entries = []
-    for m in members:
-        parts = Path(m.name).parts
-        if split in parts:
-            i = len(parts) - 1 - parts[::-1].index(split)
-            rest = parts[i + 1 :]
-            if len(rest) >= 2 and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS and not rest[-1].startswith("."):
-                entries.append((rest[0], "/".join(rest), m))
-    if not entries:
-        tf.close()
-        raise DataError(f"{archive} holds no images under a '{split}/<class>/' folder; the archive needs <root>/{split}/<class>/*.jpg")
-    entries.sort(key=lambda e: (e[0], e[1]))
     try:
-        for c, rel, m in entries:
-            yield c, rel, f"{archive}:{m.name}", (lambda m=m: tf.extractfile(m).read())
+        entries = []
+        unlabeled = split == "train" and not _layout_splits(archive)
+        for m in members:
+            parts = Path(m.name).parts
+            if Path(m.name).suffix.lower() not in IMAGE_EXTENSIONS or any(q.startswith(".") for q in parts):
+                continue
+            if unlabeled:
+                entries.append((UNLABELED_CLASS, m.name, m))
+            elif split in parts[:-1]:
+                i = len(parts) - 1 - parts[::-1].index(split)
+                rest = parts[i + 1 :]
+                if len(rest) >= 2:
+                    entries.append((rest[0], "/".join(rest), m))
+        if not entries:
+            raise DataError(f"{archive} holds no images under a '{split}/<class>/' folder; the archive needs "
+                            f"<root>/{split}/<class>/*.jpg (or images without train/ and test/ folders for unlabelled training)")
+        entries.sort(key=lambda e: (e[0], e[1]))
+
+        def reader(m: tarfile.TarInfo) -> Callable[[], bytes]:
+            def read() -> bytes:
+                try:
+                    return tf.extractfile(m).read()
+                except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                    raise DataError(f"{archive}:{m.name} cannot be read ({e}); the archive is damaged, download or copy it again") from None
+            return read
+
+        yield [(c, rel, f"{archive}:{m.name}", reader(m)) for c, rel, m in entries]
     finally:
         tf.close()
 
@@ -193,6 +300,8 @@ def _source_key(data: str, split: str, resize_size: int) -> str:
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     else:
         base = p / split
+        if split == "train" and is_unlabeled_folder(p):
+            base = p
         h.update(str(p.resolve()).encode())
         if base.is_dir():
             for f in sorted(base.rglob("*")):
@@ -202,25 +311,123 @@ def _source_key(data: str, split: str, resize_size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode_folder(data: str, split: str, resize_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    root = Path(data)
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    classes: list[str] = []
-    for c, _rel, display, read in _iter_folder_split(root, split):
-        if not classes or classes[-1] != c:
-            classes.append(c)
+def _decode_chunk(out: np.ndarray, start: int, blobs: list[bytes], names: list[str], resize_size: int) -> None:
+    """Decode ``blobs`` into ``out[start : start + len(blobs)]`` (runs in a worker thread)."""
+    for i, (b, name) in enumerate(zip(blobs, names)):
         try:
-            im = load_image(read(), name=display)
+            out[start + i] = to_uint8_square(load_image(b, name=name), resize_size)
         except ImageError as e:
             raise DataError(f"{e}. Remove or replace this file, then run again.") from None
-        images.append(to_uint8_square(im, resize_size))
-        labels.append(len(classes) - 1)
-    if not images:
-        raise DataError(
-            f"no images found under {root}/{split}/<class>/ (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+
+
+def _decode_entries(entries: list[Entry], out: np.ndarray, resize_size: int, workers: int | None = None) -> None:
+    """Decode every entry into ``out`` [N, R, R, 3]: files are read in order, decoded by a thread pool.
+
+    Pillow releases the GIL while it decodes and resizes, so large images
+    decode in parallel; work goes out in chunks with a bounded number in
+    flight, so memory stays at a few chunks of encoded bytes however large
+    the split (``out`` may be a memory map).  The first bad file stops
+    everything with its :class:`DataError`.
+    """
+    workers = max(1, min(DECODE_WORKERS, os.cpu_count() or 1) if workers is None else workers)
+    if workers == 1 or len(entries) <= DECODE_CHUNK:
+        _decode_chunk(out, 0, [read() for *_, read in entries], [e[2] for e in entries], resize_size)
+        return
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isfe-decode") as pool:
+        try:
+            for start in range(0, len(entries), DECODE_CHUNK):
+                chunk = entries[start : start + DECODE_CHUNK]
+                blobs = [read() for *_, read in chunk]  # reading stays in this thread (tar members are sequential)
+                pending.append(pool.submit(_decode_chunk, out, start, blobs, [e[2] for e in chunk], resize_size))
+                while len(pending) > 2 * workers:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
+def _decode_folder(data: str, split: str, resize_size: int, cache_entry: Path | None = None,
+                   workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode a split of an image folder or archive -> (images uint8 [N, R, R, 3], labels [N], classes).
+
+    With ``cache_entry`` the images are decoded straight into
+    ``cache_entry/images.npy`` (a memory map, written under a temporary name
+    and renamed when complete; ``labels.npy`` and ``meta.json`` follow, the
+    latter last) and returned memory-mapped read-only: a split larger than the
+    RAM decodes in bounded memory.  Without it (or when the cache folder
+    cannot be written) they are decoded into memory.
+    """
+    root = Path(data)
+    with _open_split(root, split) as entries:
+        if not entries:
+            raise DataError(
+                f"no images found under {root}/{split}/<class>/ (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        classes = list(dict.fromkeys(e[0] for e in entries))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.asarray([index[e[0]] for e in entries], dtype=np.int64)
+        n, r = len(entries), int(resize_size)
+        shape = (n, r, r, 3)
+        big = n * r * r * 3 >= 64 << 20
+        t0 = time.time()
+        mapped = _create_cache_array(cache_entry, shape) if cache_entry is not None else None
+        if big:
+            print(f"decoding {n:,} images of {root} ({split}) at {r}x{r} px ({n * r * r * 3 / 2**30:.2f} GiB)"
+                  + (", once: later runs read the cache" if mapped else ""), file=sys.stderr, flush=True)
+        if mapped is None:
+            images = np.empty(shape, dtype=np.uint8)
+            _decode_entries(entries, images, r, workers)
+        else:
+            images, tmp = mapped
+            try:
+                _decode_entries(entries, images, r, workers)
+                images.flush()
+                del images
+                os.replace(tmp, cache_entry / "images.npy")
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            try:
+                atomic_save_npy(cache_entry / "labels.npy", labels)
+                meta = {"source": str(root), "split": split, "resize_size": r, "count": n, "classes": classes}
+                atomic_write_bytes(cache_entry / "meta.json", json.dumps(meta).encode())  # last: marks the entry complete
+            except OSError:
+                pass  # without meta.json the entry is not used; the next run decodes again
+            images = np.load(cache_entry / "images.npy", mmap_mode="r", allow_pickle=False)
+        if big:
+            print(f"decoded {n:,} images in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    return images, labels, classes
+
+
+def _create_cache_array(cache_entry: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, Path] | None:
+    """A writable ``.npy`` memory map of ``shape`` (uint8) under a temporary name in ``cache_entry``.
+
+    The file's blocks are reserved first, so a full disk is an error here
+    rather than a crash (SIGBUS) while writing through the map.  Returns
+    None, after a warning, when the cache cannot hold it.
+    """
+    nbytes = int(np.prod(shape))
+    tmp = None
+    try:
+        cache_entry.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".images.", suffix=".npy.tmp", dir=cache_entry)
+        tmp = Path(name)
+        os.close(fd)
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate") and nbytes:
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+        return arr, tmp
+    except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        print(f"warning: cannot write the dataset cache in {cache_entry} ({e.strerror or e}); decoding "
+              f"{nbytes / 2**30:.2f} GiB into memory instead (set ISFE_CACHE to a folder with room)", file=sys.stderr)
+        return None
 
 
 def _decode_cifar10(split: str, resize_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -288,10 +495,10 @@ def load_split(
                 return ImageDataset(x, y, list(meta["classes"]), key_name, spec)
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             pass  # damaged cache entry: rebuild it below
-    if key_name == "cifar10":
-        x, y, classes = _decode_cifar10(split, r)
-    else:
-        x, y, classes = _decode_folder(key_name, split, r)
+    if key_name != "cifar10":
+        x, y, classes = _decode_folder(key_name, split, r, cdir if use_cache else None)
+        return ImageDataset(x, y, classes, key_name, spec)
+    x, y, classes = _decode_cifar10(split, r)
     if use_cache:
         try:
             cdir.mkdir(parents=True, exist_ok=True)

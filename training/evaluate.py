@@ -70,7 +70,10 @@ SKLEARN_KMEANS_MAX_CLUSTERS = 512
 
 def eval_tensors(images: np.ndarray, spec: PreprocessSpec) -> Tensor:
     """uint8 [N, R, R, 3] cache images -> float32 [N, 3, S, S] in [0, 1] (the evaluation transform)."""
-    x = torch.from_numpy(np.ascontiguousarray(center_crop_array(np.asarray(images), spec.input_size)))
+    x = center_crop_array(np.asarray(images), spec.input_size)
+    if not (x.flags.writeable and x.flags.c_contiguous):  # a read-only memmap of the cache: torch wants its own copy
+        x = np.array(x, order="C")
+    x = torch.from_numpy(x)
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -412,10 +415,14 @@ def monitor_metrics(model: nn.Module, train, test, device: str | torch.device, k
 
 
 def format_metrics(row: dict) -> str:
-    """'kNN top-1 x%  top-5 y%' or 'R@1 x%' for a monitor_metrics row."""
+    """'kNN top-1 x%  top-5 y%' or 'R@1 x%' for a monitor_metrics row, then its 'loss z' if it has one."""
     if "knn_top1" in row:
-        return f"kNN top-1 {row['knn_top1']:6.2f}%  top-5 {row['knn_top5']:6.2f}%"
-    return "  ".join(f"R@{k.split('@')[1]} {v:6.2f}%" for k, v in row.items() if k.startswith("recall@"))
+        parts = [f"kNN top-1 {row['knn_top1']:6.2f}%  top-5 {row['knn_top5']:6.2f}%"]
+    else:
+        parts = [f"R@{k.split('@')[1]} {v:6.2f}%" for k, v in row.items() if k.startswith("recall@")]
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:.4f}")
+    return "  ".join(parts) or "no metrics (no test split)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -689,14 +689,7 @@ def load_unlabeled(data: str | os.PathLike, resize_size: int) -> np.ndarray:
                 return x
         except (OSError, ValueError, KeyError):
             pass  # damaged cache entry: rebuild
-    x, _, _ = d._decode_folder(str(root), "unlabeled", r)  # shard folders play the role of classes
-    try:
-        cdir.mkdir(parents=True, exist_ok=True)
-        d.atomic_save_npy(cdir / "images.npy", x)
-        meta = {"source": str(root), "split": "unlabeled", "resize_size": r, "count": int(x.shape[0])}
-        d.atomic_write_bytes(cdir / "meta.json", json.dumps(meta).encode())
-    except OSError:
-        pass  # a read-only cache is not fatal
+    x, _, _ = d._decode_folder(str(root), "unlabeled", r, cdir)  # shard folders play the role of classes
     return x
 
 

@@ -206,27 +206,37 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 
 
 def curves_figure(runs: Sequence[RunRecord]):
-    """Loss (left) and kNN top-1 (right) per epoch; one line per run (legend = run folder name)."""
+    """Loss (left) and kNN top-1 (right; Recall@1 for runs with unseen test classes) per epoch; one line per run."""
     fig = _new_figure(11, 4.2)
     ax_loss, ax_knn = fig.subplots(1, 2)
     names = [_plain(n) for n in _unique_names([r.name for r in runs])]
     any_loss = False
+    shown: set[str] = set()
     for run, label in zip(runs, names):
         e, v = _series(run.rows, "loss")
         if e:
             any_loss = True
             ax_loss.plot(e, v, marker="o", markersize=3.5, linewidth=1.6, label=label)
-        e, v = _series(run.rows, "knn_top1")
+        key = "knn_top1" if _series(run.rows, "knn_top1")[0] else "recall@1"  # unseen test classes: Recall@1
+        e, v = _series(run.rows, key)
         if e:
-            ax_knn.plot(e, v, marker="o", markersize=3.5, linewidth=1.6, label=label)
+            shown.add(key)
+            ax_knn.plot(e, v, marker="o", markersize=3.5, linewidth=1.6, label=label if key == "knn_top1" else f"{label} (R@1)")
     ax_loss.set_title("InvaSpread training loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("mean loss per step")
     if not any_loss:
         ax_loss.text(0.5, 0.5, "no training epoch recorded yet", ha="center", va="center", transform=ax_loss.transAxes, color="0.4")
-    ax_knn.set_title("weighted kNN top-1 accuracy (test split)")
+    if shown == {"recall@1"}:
+        ax_knn.set_title("Recall@1 (unseen test classes)")
+        ax_knn.set_ylabel("Recall@1 (%)")
+    else:
+        ax_knn.set_title("weighted kNN top-1 accuracy (test split)" + (" / Recall@1" if len(shown) > 1 else ""))
+        ax_knn.set_ylabel("top-1 accuracy (%)")
+    if not shown:
+        ax_knn.text(0.5, 0.5, "no accuracy recorded\n(the data has no labelled test split)", ha="center", va="center",
+                    transform=ax_knn.transAxes, color="0.4")
     ax_knn.set_xlabel("epoch")
-    ax_knn.set_ylabel("top-1 accuracy (%)")
     epochs = [int(r["epoch"]) for run in runs for r in run.rows]
     lo, hi = min(epochs), max(epochs)
     pad = max(0.5, 0.03 * (hi - lo))

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from training import distributed as D
 from training.augment import AugmentConfig, Augmenter, sample_params
 from training.batches import DeviceBatches, HostBatches, choose_placement
-from training.data import DataError, default_spec, load_split
+from training.data import DataError, default_spec, has_split, load_split
 from training.evaluate import format_metrics, monitor_metrics
 from training.loss import invaspread_loss, invaspread_loss_rows
 from training.model import ARCHS, ModelConfig, PretrainedError, build_encoder, load_pretrained, pretrained_preprocess, save_checkpoint, unwrap
@@ -121,7 +121,8 @@ class TrainConfig:
             (self.eval_every >= 0, f"--eval-every must be >= 0 (0 = only before and after training), got {self.eval_every}"),
             (self.knn_k >= 1 and self.knn_sigma > 0, "--knn-k must be >= 1 and --knn-sigma > 0"),
             (self.schedule in ("step", "cosine", "constant"), f"--schedule must be step, cosine or constant, got {self.schedule!r}"),
-            (0 <= self.warmup_epochs < self.epochs, f"--warmup-epochs must be >= 0 and < --epochs ({self.epochs}), got {self.warmup_epochs}"),
+            (0 <= self.warmup_epochs < self.epochs, f"--warmup-epochs must be >= 0 and < --epochs ({self.epochs}), got {self.warmup_epochs:g} "
+                                                    f"(a preset may set it); pass a smaller --warmup-epochs, e.g. 0"),
             (self.loss in ("auto", "fused", "reference"), f"--loss must be auto, fused or reference, got {self.loss!r}"),
             (self.negatives in NEGATIVE_MODES, f"--negatives must be one of {', '.join(NEGATIVE_MODES)}, got {self.negatives!r}"),
             (self.negatives == "all" or self.loss != "fused",
@@ -443,7 +444,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, device: torch.device, log, resu
     if not ctx.is_main:
         ctx.barrier()
     train_ds = load_split(cfg.data, "train", resize_size=spec.resize_size)
-    test_ds = load_split(cfg.data, "test", resize_size=spec.resize_size)
+    # no test split (a folder of unlabelled images): train without the kNN monitor
+    test_ds = load_split(cfg.data, "test", resize_size=spec.resize_size) if has_split(cfg.data, "test") else None
     if ctx.is_main:
         ctx.barrier()
     spec = dataclasses.replace(train_ds.spec, input_size=spec.input_size, resize_size=spec.resize_size)
@@ -509,7 +511,10 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, device: torch.device, log, resu
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(out / "config.json", json.dumps(resolved, indent=2))
         _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    log(f"data {train_ds.name}: {n} train / {len(test_ds)} test images, {spec.input_size}x{spec.input_size} input "
+    if test_ds is None:
+        log(f"{cfg.data} has no test/ split: training without the kNN monitor (the loss is logged; add "
+            f"test/<class>/ next to train/<class>/ for kNN accuracy)")
+    log(f"data {train_ds.name}: {n} train / {len(test_ds) if test_ds is not None else 0} test images, {spec.input_size}x{spec.input_size} input "
         f"({'on the device' if on_device else 'host memory, prefetched'}: {why}); "
         f"{cfg.arch} -> {cfg.embedding_dim}-d on {device}{f' x {world} processes' if world > 1 else ''}; loss {loss_name}; "
         f"amp {'bf16' if speed.amp else 'off'}, channels_last {'on' if speed.channels_last else 'off'}, "
@@ -532,9 +537,10 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, device: torch.device, log, resu
         row: dict[str, Any] = {"epoch": epoch}
         if ctx.is_main:
             # kNN top-1/top-5, or Recall@1 on the test split when its classes are unseen in training
-            metrics = monitor_metrics(unwrap(model), train_ds, test_ds, device, cfg.knn_k, cfg.knn_sigma, bank_images, amp=speed.amp)
+            metrics = ({} if test_ds is None else
+                       monitor_metrics(unwrap(model), train_ds, test_ds, device, cfg.knn_k, cfg.knn_sigma, bank_images, amp=speed.amp))
             row |= {**metrics, **extra, "time_s": elapsed()}
-            log(f"epoch {epoch:>3}: {format_metrics(metrics)}" + (f"  loss {extra['loss']:.4f}" if "loss" in extra else ""))
+            log(f"epoch {epoch:>3}: {format_metrics(row)}")
         ctx.barrier()
         return row
 
