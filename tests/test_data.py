@@ -88,9 +88,12 @@ def test_bad_sources_name_the_problem(tmp_path):
     (tmp_path / "noimg" / "train" / "a" / "notes.txt").write_text("hi")
     with pytest.raises(DataError, match="no images"):
         load_split(str(tmp_path / "noimg"), "train")
-    (tmp_path / "flat" / "x").mkdir(parents=True)
-    with pytest.raises(DataError, match="train/"):
+    (tmp_path / "flat" / "x").mkdir(parents=True)  # neither train/ nor test/: an (empty) unlabelled folder
+    with pytest.raises(DataError, match=r"no images found under .*flat \(at any depth\)"):
         load_split(str(tmp_path / "flat"), "train")
+    (tmp_path / "testonly" / "test" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no 'train/' folder"):
+        load_split(str(tmp_path / "testonly"), "train")
     root = make_folder(tmp_path / "corrupt")
     (root / "train" / "a" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     with pytest.raises(DataError, match=r"1\.png.*Remove or replace"):
@@ -212,3 +215,18 @@ def test_folder_without_splits_is_unlabeled_training_data(tmp_path):
     shutil.rmtree(labelled / "test")
     assert not is_unlabeled_folder(labelled) and not has_split(str(labelled), "test")
     assert load_split(str(labelled), "train").classes == ["a", "b"]
+
+
+def test_unlabeled_archive_of_large_images_gets_the_large_image_spec(tmp_path):
+    root = tmp_path / "shots"
+    root.mkdir()
+    for i in range(2):
+        Image.new("RGB", (320, 240), (i * 90, 20, 20)).save(root / f"{i}.jpg")
+    arc = tmp_path / "shots.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        tf.add(root, arcname="shots")
+    assert (default_spec(str(arc)).input_size, default_spec(str(root)).input_size) == (224, 224)
+    (tmp_path / "nothing" / "deep").mkdir(parents=True)
+    (tmp_path / "nothing" / "deep" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match=r"no images found under .*nothing \(at any depth\)"):
+        load_split(str(tmp_path / "nothing"), "train")

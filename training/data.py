@@ -125,9 +125,11 @@ def _first_image_side(path: Path) -> int:
     """Shorter side of the first training image (streams archives: reads only what it needs)."""
     try:
         if _is_archive(path):
+            unlabeled = not _layout_splits(path)  # then any image is a training image
             with tarfile.open(path, "r|*") as tf:
                 for m in tf:
-                    if m.isfile() and "train" in Path(m.name).parts and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    if (m.isfile() and (unlabeled or "train" in Path(m.name).parts[:-1])
+                            and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS):
                         return min(load_image(tf.extractfile(m).read(), max_pixels=None).size)
             return 32
         for _, _, _, read in _iter_folder_split(path, "train"):
@@ -331,7 +333,9 @@ def _decode_entries(entries: list[Entry], out: np.ndarray, resize_size: int, wor
     """
     workers = max(1, min(DECODE_WORKERS, os.cpu_count() or 1) if workers is None else workers)
     if workers == 1 or len(entries) <= DECODE_CHUNK:
-        _decode_chunk(out, 0, [read() for *_, read in entries], [e[2] for e in entries], resize_size)
+        for start in range(0, len(entries), DECODE_CHUNK):
+            chunk = entries[start : start + DECODE_CHUNK]
+            _decode_chunk(out, start, [read() for *_, read in chunk], [e[2] for e in chunk], resize_size)
         return
     pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isfe-decode") as pool:
@@ -364,9 +368,8 @@ def _decode_folder(data: str, split: str, resize_size: int, cache_entry: Path | 
     root = Path(data)
     with _open_split(root, split) as entries:
         if not entries:
-            raise DataError(
-                f"no images found under {root}/{split}/<class>/ (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
-            )
+            where = f"{root} (at any depth)" if split == "train" and is_unlabeled_folder(root) else f"{root}/{split}/<class>/"
+            raise DataError(f"no images found under {where} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         classes = list(dict.fromkeys(e[0] for e in entries))
         index = {c: i for i, c in enumerate(classes)}
         labels = np.asarray([index[e[0]] for e in entries], dtype=np.int64)
