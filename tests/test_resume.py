@@ -171,3 +171,16 @@ def test_cuda_fast_path_resumes_and_host_loader_matches(data_dir, tmp_path):
         got = _weights(run / "checkpoint.pt")
         for k in ref:
             assert torch.allclose(got[k].float(), ref[k].float(), rtol=1e-5, atol=1e-6), (run.name, k)
+
+
+def test_resume_on_changed_data_warns(data_dir, tmp_path, capsys):
+    """Resuming after the training folder changed works, but says the continuation is not the original run's."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    out = tmp_path / "run"
+    assert main(_args(data, out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 90 + i, np.uint8)).save(data / "train" / "a" / f"new{i}.png")
+    assert main(["--resume", str(out), "--epochs", "2"]) == 0
+    assert "now has 68 training images, the run started with 64" in capsys.readouterr().out

@@ -493,6 +493,10 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, device: torch.device, log, resu
             log(f"note: RNG state of {', '.join(not_restored)} not restored (saved on another device type); "
                 f"the continuation is not bit-identical to an uninterrupted run")
         start_epoch, global_step = int(resume["epoch"]), int(resume["step"])
+        before = (resume.get("config") or {}).get("train_images")
+        if isinstance(before, int) and before != n:
+            log(f"warning: {cfg.data} now has {n} training images, the run started with {before}: the continuation "
+                f"is not what an uninterrupted run would have done (resume with the original data for that)")
         history = [dict(r) for r in resume["history"]]
         time_before = float(resume.get("time_seconds", 0.0))
 
@@ -504,7 +508,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, device: torch.device, log, resu
     resolved = dataclasses.asdict(cfg) | {
         "out": str(out), "device": str(device), "loss": loss_name, "model": model_cfg.to_dict(),
         "amp": speed.amp, "channels_last": speed.channels_last, "compile": speed.compile,
-        "world_size": world, "data_on_device": on_device, "steps_per_epoch": steps,
+        "world_size": world, "data_on_device": on_device, "steps_per_epoch": steps, "train_images": n,
     }
     metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
