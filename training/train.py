@@ -439,14 +439,14 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, device: torch.device, log, resu
     out = prepare_out(cfg.out, resuming=resume is not None)
     seed_everything(cfg.seed)
 
-    # ---- data (rank 0 decodes and fills the cache first; the others then read the cache)
+    # ---- data (the first process of every node decodes and fills that node's cache; the others then read it)
     spec = default_spec(cfg.data, cfg.input_size, cfg.resize_size)
-    if not ctx.is_main:
+    if ctx.local_rank != 0:
         ctx.barrier()
     train_ds = load_split(cfg.data, "train", resize_size=spec.resize_size)
     # no test split (a folder of unlabelled images): train without the kNN monitor
     test_ds = load_split(cfg.data, "test", resize_size=spec.resize_size) if has_split(cfg.data, "test") else None
-    if ctx.is_main:
+    if ctx.local_rank == 0:
         ctx.barrier()
     spec = dataclasses.replace(train_ds.spec, input_size=spec.input_size, resize_size=spec.resize_size)
     if cfg.pretrained:
