@@ -121,3 +121,26 @@ def test_compiled_channels_last_run_matches_eager(tmp_path, capsys):
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), atol=1e-2, rtol=0, msg=k)
     assert torch.equal(b["backbone.bn1.num_batches_tracked"], a["backbone.bn1.num_batches_tracked"])  # 2: no warm-up step
+
+
+def test_progress_lines_reach_a_pipe_while_training_runs(tmp_path):
+    """Batch jobs log to files: each progress line is flushed when printed, not when the process exits."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "training", "--epochs", "3", "--max-steps-per-epoch", "4",
+                             "--batch-size", "32", "--eval-every", "1", "--out", str(tmp_path / "run")],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    try:
+        arrivals = [(time.monotonic(), line) for line in proc.stdout]
+        assert proc.wait(timeout=300) == 0
+    finally:
+        proc.kill()
+    assert arrivals[0][1].startswith("data digits") and arrivals[-1][1].startswith("done in")
+    # 3 evaluations and 12 steps lie between them; a buffered stdout delivers all lines at exit, within milliseconds
+    assert arrivals[-1][0] - arrivals[0][0] > 1.0, "progress lines arrived only at exit"

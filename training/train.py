@@ -408,7 +408,12 @@ def _silent(*_a, **_k) -> None:
     pass
 
 
-def train(cfg: TrainConfig, log=print, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+def _log(*args: Any) -> None:
+    """Progress lines, flushed at once: a log file or pipe (a batch job's ``> train.log``) shows them as they happen."""
+    print(*args, flush=True)
+
+
+def train(cfg: TrainConfig, log=_log, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run training; returns the final metrics row. Raises UsageError/DataError/ResumeError for bad input.
 
     ``resume`` is the state loaded by :func:`training.run_state.load_run_state`
