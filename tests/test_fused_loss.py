@@ -23,6 +23,9 @@ from training.fused_loss import (
 )
 from training.loss import invaspread_loss, invaspread_loss_rows
 
+# every test here runs the real kernels: natively on CUDA, in Triton's interpreter on the CPU
+pytestmark = pytest.mark.kernels
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 try:  # the interpreter's numpy products crawl when BLAS threads fight over 2 cores
