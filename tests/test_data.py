@@ -71,6 +71,51 @@ def test_archive_is_read_without_extracting(tmp_path):
     assert from_arc.classes == from_dir.classes
 
 
+@pytest.mark.parametrize("fmt", ["zip", "tar.xz", "tar.bz2"])
+def test_zip_and_other_tar_compressions_read_like_the_folder(tmp_path, fmt):
+    import zipfile
+
+    root = make_folder(tmp_path / "data" / "set")
+    arc = tmp_path / f"set.{fmt}"
+    if fmt == "zip":  # as a desktop zips a folder: folder entries, a macOS resource fork, a stray file
+        with zipfile.ZipFile(arc, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(root.rglob("*")):
+                zf.write(p, "set/" + p.relative_to(root).as_posix() + ("/" if p.is_dir() else ""))
+            zf.writestr("__MACOSX/set/train/a/._0.png", b"\x00\x05\x16\x07 apple double")
+            zf.writestr("set/train/a/notes.txt", "not an image")
+    else:
+        with tarfile.open(arc, "w:" + fmt.split(".")[1]) as tf:
+            tf.add(root, arcname="set")
+    for split in ("train", "test"):
+        from_arc, from_dir = load_split(str(arc), split), load_split(str(root), split)
+        np.testing.assert_array_equal(from_arc.images, from_dir.images)
+        assert from_arc.classes == from_dir.classes and from_arc.labels.tolist() == from_dir.labels.tolist()
+
+
+def test_hostile_archives_are_refused_by_name(tmp_path, monkeypatch):
+    import zipfile
+
+    import training.data as data
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    bomb = tmp_path / "bomb.zip"  # a member that inflates far beyond any image
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(good, "train/a/ok.png")
+        zf.writestr("train/a/huge.png", b"\0" * (2 << 20))
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 1 << 20)
+    with pytest.raises(DataError, match=r"huge\.png is 2 MiB.*remove it"):
+        load_split(str(bomb), "train")
+    truncated = tmp_path / "trunc.zip"
+    truncated.write_bytes(bomb.read_bytes()[:200])
+    with pytest.raises(DataError, match="not a readable zip archive"):
+        load_split(str(truncated), "train")
+    other = tmp_path / "photos.rar"
+    other.write_bytes(b"Rar!\x1a\x07\x00")
+    with pytest.raises(DataError, match=r"not a folder or a supported archive.*extract it"):
+        load_split(str(other), "train")
+
+
 def test_large_images_get_imagenet_style_spec(tmp_path):
     root = make_folder(tmp_path / "big", per_class=1, size=(300, 200))
     spec = default_spec(str(root))

@@ -8,8 +8,9 @@
   1,438 train / 359 test images (20% of each class).
 * ``cifar10`` — torchvision's CIFAR-10 (downloads where a network exists).
 * a folder with ``train/`` and ``test/`` subfolders of class folders
-  (labels are used only for evaluation), or a ``.tar``/``.tar.gz`` archive
-  holding such a folder (e.g. ``../shared/data/cifar10-jpeg.tar.gz``).
+  (labels are used only for evaluation), or an archive holding such a folder
+  (``.tar`` with any compression, or ``.zip``; e.g.
+  ``../shared/data/cifar10-jpeg.tar.gz``), read without extracting.
 * a folder (or archive) of images with neither ``train/`` nor ``test/``:
   unlabelled data; every image below it (any depth) is a training image and
   there is no test split (training runs without the kNN monitor).
@@ -37,6 +38,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,9 +95,59 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ISFE_CACHE", Path.home() / ".cache" / "isfe"))
 
 
+#: File name endings read as archives (tar with any of Python's compressions, and zip).
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
+#: An archive member larger than this is refused before it is read (a compressed "image" that
+#: inflates to gigabytes); the largest real photos are a few tens of MB.
+MAX_MEMBER_BYTES = 256 << 20
+
+
 def _is_archive(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and (name.endswith(".tar") or name.endswith(".tar.gz") or name.endswith(".tgz"))
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _is_zip(path: Path) -> bool:
+    return path.name.lower().endswith(".zip")
+
+
+@contextlib.contextmanager
+def _archive_members(archive: Path) -> Iterator[list[tuple[str, int, Callable[[], bytes]]]]:
+    """The regular files of a tar or zip archive as (name, size, read); the archive stays open inside the ``with``.
+
+    Links, devices and folders are skipped; names are only used to pick files
+    and labels, nothing is written to the disk.
+    """
+    kind = "zip" if _is_zip(archive) else "tar"
+    try:
+        if kind == "zip":
+            handle = zipfile.ZipFile(archive)
+            infos = [i for i in handle.infolist() if not i.is_dir()]
+            members = [(i.filename, i.file_size, i) for i in infos]
+        else:
+            handle = tarfile.open(archive, "r:*")
+            members = [(m.name, m.size, m) for m in handle.getmembers() if m.isfile()]
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+        raise DataError(f"{archive} is not a readable {kind} archive ({e}); pass an intact archive "
+                        f"({', '.join(ARCHIVE_SUFFIXES)}) or an extracted folder") from None
+
+    def reader(name: str, size: int, m) -> Callable[[], bytes]:
+        def read() -> bytes:
+            if size > MAX_MEMBER_BYTES:
+                raise DataError(f"{archive}:{name} is {size / 2**20:.0f} MiB, larger than any image this reads "
+                                f"({MAX_MEMBER_BYTES >> 20} MiB); remove it from the archive")
+            try:
+                data = handle.read(m) if kind == "zip" else handle.extractfile(m).read()
+            except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError,
+                    NotImplementedError) as e:  # RuntimeError: encrypted zip member
+                raise DataError(f"{archive}:{name} cannot be read ({e}); the archive is damaged or encrypted, "
+                                f"copy it again or extract it") from None
+            return data
+        return read
+
+    try:
+        yield [(name, size, reader(name, size, m)) for name, size, m in members]
+    finally:
+        handle.close()
 
 
 def default_spec(data: str | None, input_size: int | None = None, resize_size: int | None = None) -> PreprocessSpec:
@@ -124,6 +176,14 @@ def default_spec(data: str | None, input_size: int | None = None, resize_size: i
 def _first_image_side(path: Path) -> int:
     """Shorter side of the first training image (streams archives: reads only what it needs)."""
     try:
+        if _is_archive(path) and _is_zip(path):
+            unlabeled = not _layout_splits(path)
+            with _archive_members(path) as members:
+                for name, _, read in members:
+                    if ((unlabeled or "train" in Path(name).parts[:-1]) and not _hidden(Path(name))
+                            and Path(name).suffix.lower() in IMAGE_EXTENSIONS):
+                        return min(load_image(read(), max_pixels=None).size)
+            return 32
         if _is_archive(path):
             unlabeled = not _layout_splits(path)  # then any image is a training image
             with tarfile.open(path, "r|*") as tf:
@@ -135,7 +195,7 @@ def _first_image_side(path: Path) -> int:
         for _, _, _, read in _iter_folder_split(path, "train"):
             im = load_image(read(), max_pixels=None)
             return min(im.size)
-    except (DataError, ImageError, OSError, tarfile.TarError, EOFError):
+    except (DataError, ImageError, OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error):
         pass  # load_split reports the real problem
     return 32
 
@@ -176,13 +236,18 @@ def _archive_splits(path: str, size: int, mtime_ns: int) -> frozenset[str]:
     """Which of train/test appear as folders in an archive (read once per archive version)."""
     found: set[str] = set()
     try:
+        if _is_zip(Path(path)):
+            with zipfile.ZipFile(path) as zf:
+                for name in zf.namelist():
+                    found.update(s for s in ("train", "test") if s in Path(name).parts[:-1])
+            return frozenset(found)
         with tarfile.open(path, "r:*") as tf:
             for m in tf:
                 if m.isfile():
                     found.update(s for s in ("train", "test") if s in Path(m.name).parts[:-1])
                     if len(found) == 2:
                         break
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError):
         pass  # _open_archive_split reports the real problem
     return frozenset(found)
 
@@ -255,41 +320,25 @@ def _iter_folder_split(root: Path, split: str) -> Iterator[Entry]:
 
 @contextlib.contextmanager
 def _open_archive_split(archive: Path, split: str) -> Iterator[list[Entry]]:
-    try:
-        tf = tarfile.open(archive, "r:*")
-        members = [m for m in tf.getmembers() if m.isfile()]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{archive} is not a readable tar archive ({e}); pass an intact .tar.gz or an extracted folder") from None
-    try:
+    with _archive_members(archive) as members:
         entries = []
         unlabeled = split == "train" and not _layout_splits(archive)
-        for m in members:
-            parts = Path(m.name).parts
-            if Path(m.name).suffix.lower() not in IMAGE_EXTENSIONS or any(q.startswith(".") for q in parts):
+        for name, _, read in members:
+            parts = Path(name).parts
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS or any(q.startswith(".") for q in parts):
                 continue
             if unlabeled:
-                entries.append((UNLABELED_CLASS, m.name, m))
+                entries.append((UNLABELED_CLASS, name, f"{archive}:{name}", read))
             elif split in parts[:-1]:
                 i = len(parts) - 1 - parts[::-1].index(split)
                 rest = parts[i + 1 :]
                 if len(rest) >= 2:
-                    entries.append((rest[0], "/".join(rest), m))
+                    entries.append((rest[0], "/".join(rest), f"{archive}:{name}", read))
         if not entries:
             raise DataError(f"{archive} holds no images under a '{split}/<class>/' folder; the archive needs "
                             f"<root>/{split}/<class>/*.jpg (or images without train/ and test/ folders for unlabelled training)")
         entries.sort(key=lambda e: (e[0], e[1]))
-
-        def reader(m: tarfile.TarInfo) -> Callable[[], bytes]:
-            def read() -> bytes:
-                try:
-                    return tf.extractfile(m).read()
-                except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-                    raise DataError(f"{archive}:{m.name} cannot be read ({e}); the archive is damaged, download or copy it again") from None
-            return read
-
-        yield [(c, rel, f"{archive}:{m.name}", reader(m)) for c, rel, m in entries]
-    finally:
-        tf.close()
+        yield entries
 
 
 def _source_key(data: str, split: str, resize_size: int) -> str:
@@ -461,7 +510,7 @@ def load_split(
     """Load a split ("train" or "test") as decoded uint8 images.
 
     Args:
-        data: None/"digits", "cifar10", an image folder, or a tar archive of one.
+        data: None/"digits", "cifar10", an image folder, or a tar/zip archive of one.
         split: "train" or "test".
         resize_size: side R of the cached square images (default: the
             source's default spec).
@@ -476,7 +525,11 @@ def load_split(
     if key_name not in ("digits", "cifar10"):
         p = Path(key_name)
         if not p.exists():
-            raise DataError(f"--data {key_name}: no such file or folder; give an image folder with train/ and test/ class subfolders, a .tar.gz of one, 'cifar10' or 'digits'")
+            raise DataError(f"--data {key_name}: no such file or folder; give an image folder with train/ and test/ class subfolders, a .tar.gz or .zip of one, 'cifar10' or 'digits'")
+        if not p.is_dir() and not _is_archive(p):
+            raise DataError(f"--data {key_name}: not a folder or a supported archive (a file named "
+                            f"{', '.join('*' + x for x in ARCHIVE_SUFFIXES)}); extract it and pass the folder, "
+                            f"or give an image folder with train/ and test/ class subfolders")
         if p.is_dir() and not any(p.iterdir()):
             raise DataError(f"--data {key_name}: the folder is empty; it needs train/<class>/ and test/<class>/ image folders")
     spec = default_spec(key_name, None, resize_size)

@@ -659,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default=None, help=f"named recipe: {', '.join(PRESETS)} (default: quickstart without --data, the paper's recipe with it)")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt up to --epochs total")
     ap.add_argument("--data", help="digits (embedded default), cifar10, an image folder with train/ and test/ class folders, a folder of "
-                         "unlabelled images (neither: no kNN monitor), or a .tar.gz of either")
+                         "unlabelled images (neither: no kNN monitor), or a .tar(.gz/.bz2/.xz) or .zip of either")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--batch-size", type=int, help="images per step over all processes (2x views)")
     ap.add_argument("--lr", type=float)
