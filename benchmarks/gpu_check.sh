@@ -127,28 +127,10 @@ if [ -f "$ARCHIVE" ]; then
   run_step cifar10_fast $((TIME_LIMIT + 60)) "$PY" -m training --preset cifar10-fast --data "$ARCHIVE" \
     "${RUN_OPTS[@]}" --time-limit "$TIME_LIMIT" --out "$RUN"
   cp "$RUN/metrics.jsonl" "$RUN/config.json" "$OUT/" 2>/dev/null
-  "$PY" - "$RUN" "$OUT/cifar10_fast-$DEV.json" "$TIME_LIMIT" <<'EOF'
-import json, sys, torch
-from pathlib import Path
-dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (SMOKE rehearsal)"
-run, out, limit = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
-rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
-ck = torch.load(run / "checkpoint.pt", weights_only=True) if (run / "checkpoint.pt").exists() else {}
-trained = [r for r in rows if r.get("epoch", 0) > 0]
-res = {
-    "device": dev,
-    "preset": "cifar10-fast", "time_limit_s": limit, "epochs_planned": json.loads((run / "config.json").read_text())["epochs"] if (run / "config.json").exists() else None,
-    "epochs_done": ck.get("epoch"), "stopped_early": ck.get("stopped_early"),
-    "final_knn_top1": rows[-1].get("knn_top1") if rows else None,
-    "best_knn_top1": max((r.get("knn_top1", 0) for r in rows), default=None),
-    "train_seconds": ck.get("train_seconds"), "compile_seconds": ck.get("compile_seconds"),
-    "steady_images_per_s": [r.get("images_per_s") for r in trained],
-    "paper_knn_top1": 83.6,
-    "metrics": rows,
-}
-out.write_text(json.dumps(res, indent=2) + "\n")
-print(json.dumps({k: v for k, v in res.items() if k != "metrics"}))
-EOF
+  DEV_NAME=()
+  [ "$SMOKE" = "1" ] && DEV_NAME=(--device "cpu (SMOKE rehearsal)")
+  "$PY" benchmarks/run_result.py "$RUN" --out "$OUT/cifar10_fast-$DEV.json" --preset cifar10-fast \
+    --time-limit "$TIME_LIMIT" ${DEV_NAME[@]+"${DEV_NAME[@]}"} || FAILED=$((FAILED + 1))
 else
   echo "cifar10_fast skipped: $ARCHIVE not found (copy ../shared/data/cifar10-jpeg.tar.gz to .data/ and carry .data)" | tee -a "$SUMMARY"
   FAILED=$((FAILED + 1))

@@ -184,3 +184,25 @@ def test_resume_on_changed_data_warns(data_dir, tmp_path, capsys):
         Image.fromarray(np.full((8, 8, 3), 90 + i, np.uint8)).save(data / "train" / "a" / f"new{i}.png")
     assert main(["--resume", str(out), "--epochs", "2"]) == 0
     assert "now has 68 training images, the run started with 64" in capsys.readouterr().out
+
+
+def test_run_result_summarises_a_run_folder(straight, tmp_path, capsys):
+    """benchmarks/run_result.py: every number it writes comes from the run folder."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_result.py"
+    spec = importlib.util.spec_from_file_location("run_result", path)
+    run_result = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_result)
+    out = tmp_path / "res" / "r.json"
+    assert run_result.main([str(straight), "--out", str(out), "--preset", "test"]) == 0
+    res = json.loads(out.read_text())
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert res["metrics"] == rows and res["preset"] == "test" and res["device"].startswith("cpu-")
+    assert res["epochs_done"] == res["epochs_planned"] == 2 and res["finished"] and res["stopped_early"] is None
+    assert res["final_knn_top1"] == [r for r in rows if "knn_top1" in r][-1]["knn_top1"]
+    assert res["final_loss"] == rows[-1]["loss"] and len(res["steady_images_per_s"]) == len(rows) - 1
+    assert res["settings"]["batch_size"] == 32
+    assert run_result.main([str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "not a training run folder" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

@@ -1,0 +1,116 @@
+"""Summarise a training run folder as a benchmark result (JSON).
+
+    python benchmarks/run_result.py runs/paper --out benchmarks/results/cifar10_paper-cpu-2core.json \
+        [--device NAME] [--preset cifar10-paper] [--time-limit S]
+
+Reads the run's ``config.json``, ``metrics.jsonl`` (one row per evaluation) and ``checkpoint.pt`` (or, while
+the run is unfinished, ``last.pt``: epochs done, training and compile
+seconds, why it stopped early), and
+writes the kNN curve with the run's throughput and settings next to the
+paper's figures for the same recipe.  Nothing is measured here: every number
+comes from the run itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Sequence
+
+#: The paper's weighted-kNN top-1 on CIFAR-10 (Ye et al. 2019, Table 1 and Fig. 3).
+PAPER_KNN_TOP1 = {"after_200_epochs": 83.6, "after_2_epochs_approx": 60.0}
+SETTINGS = ("data", "epochs", "batch_size", "lr", "schedule", "warmup_epochs", "temperature", "device", "loss",
+            "amp", "channels_last", "compile", "world_size", "steps_per_epoch", "train_images", "deterministic")
+
+
+class RunError(ValueError):
+    pass
+
+
+def _device_name(config: dict) -> str:
+    if str(config.get("device", "")).startswith("cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_name()
+        except ImportError:
+            pass
+        return "cuda"
+    return f"cpu-{os.cpu_count()}core"
+
+
+def summarise(run: Path, device: str | None = None, preset: str | None = None, time_limit: float | None = None) -> dict:
+    """The result dictionary of the run folder ``run`` (raises RunError when it is not a run folder)."""
+    if not (run / "config.json").is_file():
+        raise RunError(f"{run} is not a training run folder (no config.json); pass the --out folder of python -m training")
+    try:
+        config = json.loads((run / "config.json").read_text())
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+            if (run / "metrics.jsonl").exists() else []
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{run}: config.json or metrics.jsonl is unreadable ({e})") from None
+    state: dict = {}
+    ck_path = run / ("checkpoint.pt" if (run / "checkpoint.pt").exists() else "last.pt")
+    if ck_path.exists():
+        import torch
+
+        try:
+            ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same message
+            raise RunError(f"{ck_path} cannot be read ({e})") from None
+        state = {k: ck.get(k) for k in ("epoch", "train_seconds", "compile_seconds", "stopped_early")}
+    epochs_done = state.get("epoch", rows[-1].get("epoch") if rows else None)
+    evals = [r for r in rows if "knn_top1" in r]
+    trained = [r for r in rows if r.get("epoch", 0) > 0]
+    return {
+        "benchmark": "training_run",
+        "run": run.name,
+        "preset": preset,
+        "device": device or _device_name(config),
+        "host": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "epochs_planned": config.get("epochs"),
+        "epochs_done": epochs_done,
+        "finished": epochs_done is not None and epochs_done >= (config.get("epochs") or 0),
+        "stopped_early": state.get("stopped_early"),
+        "time_limit_s": time_limit if time_limit is not None else config.get("time_limit"),
+        "final_knn_top1": evals[-1]["knn_top1"] if evals else None,
+        "final_knn_top5": evals[-1].get("knn_top5") if evals else None,
+        "best_knn_top1": max((r["knn_top1"] for r in evals), default=None),
+        "final_loss": trained[-1].get("loss") if trained else None,
+        "train_seconds": state.get("train_seconds"),
+        "compile_seconds": state.get("compile_seconds"),
+        "steady_images_per_s": [r.get("images_per_s") for r in trained if r.get("images_per_s") is not None],
+        "paper_knn_top1": PAPER_KNN_TOP1,
+        "settings": {k: config.get(k) for k in SETTINGS if k in config},
+        "metrics": rows,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/run_result.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="the run folder (python -m training --out)")
+    ap.add_argument("--out", type=Path, required=True, help="result JSON to write")
+    ap.add_argument("--device", help="device name to record (default: the CUDA device name, or cpu-<N>core)")
+    ap.add_argument("--preset", help="the --preset the run used, to record (run folders do not store it)")
+    ap.add_argument("--time-limit", type=float, help="the time box the run had, if any (default: the run's --time-limit)")
+    args = ap.parse_args(argv)
+    try:
+        res = summarise(args.run, args.device, args.preset, args.time_limit)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("metrics", "settings", "host")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
