@@ -144,3 +144,31 @@ def test_progress_lines_reach_a_pipe_while_training_runs(tmp_path):
     assert arrivals[0][1].startswith("data digits") and arrivals[-1][1].startswith("done in")
     # 3 evaluations and 12 steps lie between them; a buffered stdout delivers all lines at exit, within milliseconds
     assert arrivals[-1][0] - arrivals[0][0] > 1.0, "progress lines arrived only at exit"
+
+
+_TINY = ["--epochs", "2", "--max-steps-per-epoch", "2", "--batch-size", "16", "--input-size", "8", "--resize-size", "8",
+         "--embedding-dim", "16", "--eval-every", "0"]
+
+
+def test_a_diverged_loss_stops_with_one_line_and_keeps_the_last_good_state(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*_TINY, "--temperature", "1e-30", "--out", str(out)]) == 1  # exp(1/tau) overflows: the loss is NaN
+    err = capsys.readouterr().err
+    assert "loss became nan in epoch 1" in err and "--lr" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (out / "checkpoint.pt").exists()
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0  # the random encoder's evaluation
+
+
+def test_out_of_memory_names_the_batch_size(tmp_path, capsys, monkeypatch):
+    import training.train as train_mod
+
+    def oom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_mod.TrainStep, "__call__", oom)
+    assert main([*_TINY, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "out of" in err and "memory with --batch-size 16" in err and "lower --batch-size" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

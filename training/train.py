@@ -777,6 +777,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, A
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
+    cfg = None
     try:
         cfg, state = config_from_args(args)
         train(cfg, resume=state)
@@ -784,6 +785,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not quiet:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the loss diverged: last.pt keeps the last good evaluation
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        if not quiet:
+            batch = f" with --batch-size {cfg.batch_size}" if cfg is not None else ""
+            print(f"error: out of {'GPU ' if torch.cuda.is_available() else ''}memory{batch}; lower --batch-size (and "
+                  f"--lr by the same factor) or keep --amp on; an interrupted run keeps its last.pt for --resume",
+                  file=sys.stderr)
+        return 1
     except TrainingInterrupted as e:
         if not quiet:
             print(str(e), file=sys.stderr)
