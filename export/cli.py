@@ -75,12 +75,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise ExportError(f"--calib-count must be >= 1, got {args.calib_count}")
     if args.opset != 18:
         print(f"note: --opset {args.opset} (ISFE models are tested with opset 18)")
-    check_output_path(args.onnx, "--onnx")
+    args.onnx = str(check_output_path(args.onnx, "--onnx"))  # a symlink's target is what gets written
     outputs = {"--onnx": Path(args.onnx).resolve()}
-    for flag, value in (("--trt", args.trt), ("--int8", args.int8)):
-        if value:
-            check_output_path(value, flag)
-            outputs[flag] = Path(value).resolve()
+    for flag, attr in (("--trt", "trt"), ("--int8", "int8")):
+        if getattr(args, attr):
+            setattr(args, attr, str(check_output_path(getattr(args, attr), flag)))
+            outputs[flag] = Path(getattr(args, attr)).resolve()
     seen: dict[Path, str] = {}
     for flag, path in outputs.items():
         if path in seen:

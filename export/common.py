@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from isfe_model.atomic import default_mode, output_target
+
 __all__ = ["ExportError", "default_dir_mode", "check_output_path", "publish", "remove_quietly", "temp_path_for", "write_json_atomic"]
 
 
@@ -34,7 +36,10 @@ def check_output_path(path: str | os.PathLike, flag: str) -> Path:
         raise ExportError(f"{flag} {p}: {parent} is not a directory")
     if p.is_dir():
         raise ExportError(f"{flag} {p} is a directory; give a file name such as {p / 'model.onnx'}")
-    return p
+    try:
+        return output_target(p)  # a symlink is written through; a device or FIFO (/dev/null) is refused
+    except OSError as e:
+        raise ExportError(f"{flag} {e}") from None
 
 
 def temp_path_for(final: str | os.PathLike, suffix: str = "") -> Path:
@@ -45,26 +50,20 @@ def temp_path_for(final: str | os.PathLike, suffix: str = "") -> Path:
     return Path(tmp)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move a verified temporary file to its final name (atomic replace).
 
     Temporary files are created private (0600); the published file gets the
     usual permissions (0666 minus the umask).
     """
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, default_mode())
     os.replace(tmp, final)
     return Path(final)
 
 
 def default_dir_mode() -> int:
     """Permissions of a new folder under the current umask (0777 minus the umask)."""
-    return 0o777 & ~_umask()
+    return default_mode(directory=True)
 
 
 def remove_quietly(*paths: str | os.PathLike | None) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "atomic_save_npy", "replace_directory"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_save_npy", "default_mode", "output_target", "replace_directory"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -30,20 +31,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions ``open``/``mkdir`` would give a new file or folder under the current umask.
+
+    ``tempfile`` creates 0600 files and 0700 folders; an output renamed into
+    place keeps those, so that, say, a gallery built by one user could not be
+    served by another.  Outputs get the usual permissions instead.
+    """
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def output_target(path: str | os.PathLike) -> Path:
+    """Where writing ``path`` lands: a symlink's target (the link stays a link); refuses what is not a file.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        FileExistsError: ``path`` is a device, FIFO or socket (``-o /dev/null``): renaming a new file
+            over it would replace it.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name inside it")
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise FileExistsError(f"{path} exists and is not a regular file (a device, FIFO or socket); "
+                              f"give the path of a file to create or replace")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     Readers see the old file or the complete new one, never a part; on any error the
-    temporary file is removed and ``path`` is untouched.
+    temporary file is removed and ``path`` is untouched.  A symlink is written
+    through (its target is replaced, the link kept); a device, FIFO or socket is
+    refused (``FileExistsError``), never replaced.  A replaced file keeps its
+    permissions; a new one gets the umask's.
     """
-    path = Path(path)
+    path = output_target(path)
     parent = path.parent if str(path.parent) else Path(".")
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else default_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -76,6 +117,7 @@ def replace_directory(target: str | os.PathLike, fill: Callable[[Path], None], m
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
         fill(tmp)
+        os.chmod(tmp, default_mode(directory=True))
         for f in tmp.iterdir():
             if f.is_file():
                 with open(f, "rb") as fh:

@@ -162,8 +162,14 @@ def _run(prog: str, build: Callable[[], argparse.ArgumentParser], body: Callable
 
 
 def _check_output_file(path: Path, what: str) -> None:
+    from .atomic import output_target
+
     if path.is_dir():
         raise CliError(f"{what} {path} is a folder; give a file name such as {path / 'embeddings.npy'}")
+    try:
+        path = output_target(path)  # a symlink is written through; a device or FIFO is refused
+    except OSError as e:
+        raise CliError(f"{what} {e}") from None
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise CliError(f"{what} {path}: folder {parent} does not exist; create it first")
@@ -228,10 +234,13 @@ def _index(args: argparse.Namespace) -> int:
         raise CliError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise CliError(f"{folder} is a file; isfe-index takes a folder of images (use isfe-embed for single files)")
-    if out.exists() or out.is_symlink():
-        _check_replaceable(out, args.overwrite)  # refuse before the (long) embedding, not after
     if out.resolve() == folder.resolve():
         raise CliError("the output folder is the image folder; choose another -o")
+    if out.resolve() in folder.resolve().parents:
+        raise CliError(f"the image folder {folder} is inside the output folder {out}; replacing the output would "
+                       f"delete the images — choose an -o outside {folder}")
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out, args.overwrite)  # refuse before the (long) embedding, not after
     enc = _open_encoder(args, "isfe-index")
     try:
         gal = Gallery.build(enc, folder, skip_bad=args.skip_bad, progress=_progress(args), dtype=args.dtype,

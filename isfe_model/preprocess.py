@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from struct import error as struct_error
 from dataclasses import asdict, dataclass
@@ -61,6 +62,9 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", 
 #: 15,000:1 at R=32, 240:1 at R=256) the full image is resized and then
 #: cropped, exactly as torchvision's Resize + CenterCrop.
 MAX_RESIZED_PIXELS = 16_000_000
+#: Image files larger than this are refused before they are read (an uncompressed 50-megapixel
+#: RGB TIFF is 150 MB; anything far beyond that is not a photo).
+MAX_FILE_BYTES = 512 << 20
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -178,6 +182,33 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV, RGBX, ...
 
 
+def _read_image_file(path: Path, name: str) -> bytes:
+    """The bytes of an image file; refuses before opening what is not a regular file or is too large."""
+    try:
+        st = path.stat()  # follows symlinks: a link to a photo is a photo
+    except FileNotFoundError:
+        raise ImageError(name, "no such file" if not path.is_symlink() else "a symlink to a missing file") from None
+    except OSError as e:
+        raise ImageError(name, f"cannot read file ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(name, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, /dev/zero never ends
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a special file")
+        raise ImageError(name, f"is {kind}, not a regular image file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(name, f"file of {st.st_size / 2**20:,.0f} MiB is larger than any image this reads "
+                               f"({MAX_FILE_BYTES >> 20} MiB)")
+    try:
+        with open(path, "rb") as f:  # no file handle stays open
+            data = f.read(MAX_FILE_BYTES + 1)  # a file that grows while it is read stops here too
+    except OSError as e:
+        raise ImageError(name, f"cannot read file ({e.strerror or e})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(name, f"file is larger than any image this reads ({MAX_FILE_BYTES >> 20} MiB)")
+    return data
+
+
 def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Decode any supported input into an 8-bit RGB Pillow image.
 
@@ -203,15 +234,7 @@ def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, nam
         if isinstance(src, (bytes, bytearray, memoryview)):
             data = bytes(src)
         elif isinstance(src, (str, os.PathLike)):
-            path = Path(src)
-            if not path.exists():
-                raise ImageError(name, "no such file")
-            if path.is_dir():
-                raise ImageError(name, "is a directory, not an image file")
-            try:
-                data = path.read_bytes()  # no file handle stays open
-            except OSError as e:
-                raise ImageError(name, f"cannot read file ({e.strerror or e})") from None
+            data = _read_image_file(Path(src), name)
         else:
             raise ImageError(name, f"unsupported input type {type(src).__name__}; give a path, bytes, a PIL image or a uint8 array")
         if not data:

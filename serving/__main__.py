@@ -83,12 +83,22 @@ def main(argv: list[str] | None = None) -> int:
                      f"or requests with many images could never be queued")
     cfg = config_from_args(args)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from isfe_model import GalleryError, MetadataError, ModelError
+
     try:
         encoder, gallery = load_artifacts(cfg)
     except ImportError as e:
         print(f"serving: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, RuntimeError) as e:  # ModelError, MetadataError, GalleryError are ValueErrors
+    except MemoryError:  # e.g. a damaged gallery that claims a gigantic array
+        print(f"serving: error: out of memory loading model {cfg.model} and gallery {cfg.gallery}; "
+              f"the gallery may be damaged (rebuild it with isfe-index) or too large for this machine", file=sys.stderr)
+        return 2
+    except RecursionError:  # e.g. a damaged manifest nested thousands of levels deep
+        print(f"serving: error: cannot load model {cfg.model} and gallery {cfg.gallery}: a file is nested too deeply "
+              f"(damaged); rebuild the gallery with isfe-index", file=sys.stderr)
+        return 2
+    except (ModelError, MetadataError, GalleryError, ValueError, OSError, RuntimeError) as e:
         msg = " ".join(str(e).split())
         print(f"serving: error: {msg}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ Endpoints::
 
     GET  /healthz     process is alive                       {"status": "ok"}
     GET  /readyz      model + gallery loaded, worker running {"ready": true, ...} (503 otherwise)
+                      (both also answer HEAD, as GET without a body, and OPTIONS)
     GET  /v1/info     model metadata, gallery size, execution providers, limits
     POST /v1/embed    images -> unit vectors                 {"embeddings": [[...], ...], ...}
     POST /v1/search   one image (+ k) -> ranked gallery hits {"hits": [{"rank","id","score","label","metadata"}], ...}
@@ -35,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import BatcherClosed, BatcherFull, MicroBatcher
 from .errors import ApiError
-from .inputs import Limits, decode_image, parse_k, parse_request
+from .inputs import Limits, decode_image, lift_pillow_pixel_limit, parse_k, parse_request
 from .metrics import CONTENT_TYPE, ServingMetrics
 
 __all__ = ["ENDPOINTS", "ServeConfig", "ServerState", "create_app", "create_app_from_env", "load_artifacts"]
@@ -243,6 +244,11 @@ class _ObservedApp:
             metrics.latency.observe(time.perf_counter() - t0, (endpoint,))
 
 
+def _options() -> Response:
+    """OPTIONS on a probe endpoint: 204 with the methods it answers."""
+    return Response(status_code=204, headers={"Allow": "GET, HEAD, OPTIONS"})
+
+
 def _content_length(scope: dict) -> int | None:
     for k, v in scope.get("headers", []):
         if k == b"content-length":
@@ -255,6 +261,8 @@ def _content_length(scope: dict) -> int | None:
 
 def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
     """The ASGI application for an already-loaded encoder and gallery."""
+    # --max-pixels above Pillow's own limit (~89.5 M pixels): ours is the one that counts.
+    lift_pillow_pixel_limit(cfg.max_pixels)
     state = ServerState(encoder, gallery, cfg)
 
     @contextlib.asynccontextmanager
@@ -315,6 +323,16 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
         if not ok:
             body["reason"] = "inference worker not running"
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    # Load balancers probe with HEAD (answered as GET; uvicorn sends no body) or OPTIONS.
+    # Separate routes, outside the OpenAPI schema, so that each operation id stays unique.
+    @app.api_route("/healthz", methods=["HEAD", "OPTIONS"], include_in_schema=False)
+    async def healthz_probe(request: Request) -> Response:
+        return _options() if request.method == "OPTIONS" else JSONResponse(await healthz())
+
+    @app.api_route("/readyz", methods=["HEAD", "OPTIONS"], include_in_schema=False)
+    async def readyz_probe(request: Request) -> Response:
+        return _options() if request.method == "OPTIONS" else await readyz()
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:

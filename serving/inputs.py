@@ -17,6 +17,7 @@ import base64
 import binascii
 import io
 import json
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,13 +28,17 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from isfe_model.preprocess import ImageError, PreprocessSpec, preprocess
+from isfe_model.preprocess import SUPPORTED_FORMATS, ImageError, PreprocessSpec, preprocess
 
 from .errors import ApiError
 
-__all__ = ["Limits", "ParsedRequest", "Upload", "decode_image", "parse_request"]
+__all__ = ["Limits", "ParsedRequest", "Upload", "decode_image", "lift_pillow_pixel_limit", "parse_k", "parse_request"]
 
 FILE_FIELDS = ("file", "files")
+#: Longest integer literal accepted in a JSON body (Python refuses over 4,300 digits; no field needs more than a few).
+MAX_JSON_INT_DIGITS = 100
+#: How the accepted formats are named in error messages.
+_FORMAT_NAMES = ", ".join(SUPPORTED_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -138,11 +143,24 @@ def _b64decode(text: Any, name: str) -> bytes:
         raise ApiError(400, "bad_base64", f"{name} is not valid base64 ({e})") from None
 
 
+def _json_int(text: str) -> int:
+    """``parse_int`` hook for :func:`json.loads`: refuses absurdly long integers with a clear 400."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_JSON_INT_DIGITS:
+        raise ApiError(400, "malformed_json",
+                       f"request body has an integer with {digits:,} digits; numbers are limited to {MAX_JSON_INT_DIGITS} digits")
+    return int(text)
+
+
 async def _parse_json(request: Request, max_images: int) -> ParsedRequest:
     raw = await request.body()
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(raw, parse_int=_json_int)
+    except RecursionError:
+        raise ApiError(
+            400, "malformed_json", 'JSON body is nested too deeply; send a flat object like {"image": "<base64>"} or {"images": [...]}'
+        ) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (both ValueErrors) and any other refusal of json.loads
         raise ApiError(400, "malformed_json", f"request body is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "malformed_json", 'JSON body must be an object like {"image": "<base64>"} or {"images": [...]}')
@@ -171,17 +189,19 @@ def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.nd
     name, data = upload.name, upload.data
     if not data:
         raise ApiError(400, "empty_file", f"{name}: empty upload (0 bytes)")
-    # Classify from the header first (cheap, decodes no pixels).
+    # Classify from the header first (cheap, decodes no pixels), with the same
+    # decoders as isfe_model.preprocess.load_image: no other Pillow plugin ever
+    # parses an upload, and formats Pillow knows but we refuse are "not an image".
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            # Pillow's DecompressionBombWarning (over Image.MAX_IMAGE_PIXELS): our
+            # max_pixels check below is the limit that counts (see lift_pillow_pixel_limit).
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
                 w, h = im.size
     except UnidentifiedImageError:
-        raise ApiError(
-            415, "not_an_image", f"{name}: not a recognised image format (supported: JPEG, PNG, GIF, BMP, TIFF, WebP, ...)"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(415, "not_an_image", f"{name}: not a recognised image format (supported: {_FORMAT_NAMES})") from None
+    except Image.DecompressionBombError as e:
         raise ApiError(413, "image_too_large", f"{name}: image too large ({e})") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is the upload's fault
         raise ApiError(422, "corrupt_image", f"{name}: cannot read image header ({type(e).__name__}: {e})") from None
@@ -197,20 +217,41 @@ def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.nd
         raise ApiError(422, "corrupt_image", f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
+def lift_pillow_pixel_limit(max_pixels: int) -> None:
+    """Make ``max_pixels`` the pixel limit that counts in this process.
+
+    Pillow refuses images over 2 x ``Image.MAX_IMAGE_PIXELS`` (about 179 M pixels)
+    and warns above it (about 89.5 M) on its own; a server started with a larger
+    ``--max-pixels`` raises Pillow's limit to it (never lowers it), as the isfe
+    command-line tools do.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
 def parse_k(fields: dict[str, Any], query: dict[str, str], default: int, max_k: int) -> int:
-    """k from the body fields or the query string; 422 unless 1 <= k <= max_k."""
+    """k from the body fields or the query string; 422 unless 1 <= k <= max_k.
+
+    Accepted: ASCII decimal digits (form field or query string, surrounding
+    blanks allowed), a JSON integer, or a JSON number with no fraction (2.0).
+    """
     raw = fields.get("k", query.get("k", default))
+    shown = reprlib.repr(raw)  # bounded: a huge or deeply nested value cannot blow up the message
+    bad = ApiError(422, "invalid_k", f"k must be an integer between 1 and {max_k} written with digits 0-9, got {shown}")
     if isinstance(raw, bool):
-        raise ApiError(422, "invalid_k", f"k must be an integer between 1 and {max_k}, got {raw!r}")
+        raise bad
     if isinstance(raw, str):
-        try:
-            raw = int(raw.strip())
-        except ValueError:
-            raise ApiError(422, "invalid_k", f"k must be an integer between 1 and {max_k}, got {raw!r}") from None
+        text = raw.strip(" \t\r\n")
+        # str.isdigit / int() also take "1_0", "٣" and other Unicode digits: ASCII only
+        if not text or not text.isascii() or not text.isdigit():
+            raise bad
+        if len(text) > 18:
+            raise ApiError(422, "invalid_k", f"k={shown} is out of range; use 1 <= k <= {max_k}")
+        raw = int(text)
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
     if not isinstance(raw, int):
-        raise ApiError(422, "invalid_k", f"k must be an integer between 1 and {max_k}, got {raw!r}")
+        raise bad
     if not 1 <= raw <= max_k:
-        raise ApiError(422, "invalid_k", f"k={raw} is out of range; use 1 <= k <= {max_k}")
+        raise ApiError(422, "invalid_k", f"k={reprlib.repr(raw)} is out of range; use 1 <= k <= {max_k}")
     return raw

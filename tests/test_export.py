@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +285,15 @@ def test_output_directory_missing(exported, tmp_path, capsys):
     rc, cap = _run_cli(["--checkpoint", exported["ckpt"], "--onnx", tmp_path / "m.onnx", "--triton-repo", tmp_path / "a" / "b"], capsys)
     assert rc == 2 and "--triton-repo" in cap.err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_output_that_is_a_fifo_or_device_is_refused(exported, tmp_path, capsys):
+    fifo = tmp_path / "m.onnx"
+    os.mkfifo(fifo)
+    rc, cap = _run_cli(["--checkpoint", exported["ckpt"], "--onnx", fifo], capsys)
+    assert rc == 2 and "--onnx" in cap.err and "not a regular file" in cap.err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 def test_bad_flag_combinations(exported, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,62 @@ def test_index_bad_files_skip_bad_and_overwrite(model, photos, tmp_path, capsys)
     assert json.loads((inner / "manifest.json").read_text())["count"] == 5
     assert index_main([str(model.onnx_path), str(tmp_path / "nope"), "-o", str(tmp_path / "g2"), "-q"]) == 1
     assert "no such folder" in _err_line(capsys)
+
+
+def test_overwrite_never_deletes_files_that_are_not_the_gallery(model, photos, tmp_path, capsys):
+    gal = tmp_path / "gal"
+    assert index_main([str(model.onnx_path), str(photos), "-o", str(gal), "-q"]) == 0
+    # a user keeps other files in the gallery folder: --overwrite must not delete them
+    (gal / "notes.txt").write_text("keep")
+    assert index_main([str(model.onnx_path), str(photos), "-o", str(gal), "--overwrite", "-q"]) == 1
+    err = _err_line(capsys)
+    assert "not part of the gallery (notes.txt)" in err and (gal / "notes.txt").read_text() == "keep"
+    (gal / "notes.txt").unlink()
+    # the images being indexed live inside the old gallery folder: refused before anything is embedded
+    inside = gal / "photos"
+    os.rename(photos, inside)
+    assert index_main([str(model.onnx_path), str(inside), "-o", str(gal), "--overwrite", "-q"]) == 1
+    assert "inside the output folder" in _err_line(capsys)
+    assert sorted(p.name for p in (inside / "cat").iterdir()) and (gal / "manifest.json").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or os.name != "posix", reason="needs POSIX FIFOs and symlinks")
+def test_outputs_that_are_links_fifos_or_devices(model, photos, tmp_path, capsys):
+    img = str(next(photos.rglob("*.png")))
+    # a FIFO (or a device such as /dev/null) is refused, never renamed over
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    assert embed_main([str(model.onnx_path), img, "-o", str(fifo), "-q"]) == 1
+    assert "not a regular file" in _err_line(capsys)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    # a symlink is written through: the link stays, its target gets the embeddings
+    target = tmp_path / "real.npy"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.npy"
+    link.symlink_to(target)
+    assert embed_main([str(model.onnx_path), img, "-o", str(link), "-q"]) == 0
+    assert link.is_symlink() and np.load(target).shape == (1, EMBED_DIM)
+    # new outputs get the umask's permissions (tempfile would leave 0600 files and 0700 folders)
+    old = os.umask(0o022)
+    try:
+        assert embed_main([str(model.onnx_path), img, "-o", str(tmp_path / "new.npy"), "-q"]) == 0
+        assert index_main([str(model.onnx_path), str(photos), "-o", str(tmp_path / "g"), "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.npy").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "g").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "g").iterdir()} == {0o644}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_a_fifo_among_the_images_is_skipped_not_waited_for(model, photos, tmp_path, capsys):
+    os.mkfifo(photos / "cat" / "stream.png")
+    gal = tmp_path / "gal"
+    assert index_main([str(model.onnx_path), str(photos), "-o", str(gal), "-q"]) == 1
+    assert "stream.png" in (err := _err_line(capsys)) and "named pipe" in err
+    assert index_main([str(model.onnx_path), str(photos), "-o", str(gal), "--skip-bad", "-q"]) == 0
+    skipped = json.loads((gal / "manifest.json").read_text())["skipped"]
+    assert [Path(s["path"]).name for s in skipped] == ["stream.png"]
 
 
 def test_search_refuses_gallery_of_another_model(model, photos, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -205,7 +206,25 @@ def hostile_files(d: Path) -> dict[str, tuple[Path, str]]:
     (d / "a_folder").mkdir(exist_ok=True)
     out["directory"] = (d / "a_folder", r"directory")
     out["missing"] = (d / "does_not_exist.jpg", r"no such file")
+    (d / "dangling.jpg").symlink_to(d / "gone.jpg")
+    out["dangling_symlink"] = (d / "dangling.jpg", r"symlink to a missing file")
+    if hasattr(os, "mkfifo"):  # reading a FIFO would block forever: refused before it is opened
+        os.mkfifo(d / "pipe.png")
+        out["fifo"] = (d / "pipe.png", r"named pipe")
+    if Path("/dev/zero").exists():  # a device never ends: refused before it is read
+        (d / "zero.png").symlink_to("/dev/zero")
+        out["device"] = (d / "zero.png", r"a device")
     return out
+
+
+def test_oversized_files_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    pp = importlib.import_module("isfe_model.preprocess")  # the package's `preprocess` is the function
+    monkeypatch.setattr(pp, "MAX_FILE_BYTES", 1000)
+    big = tmp_path / "big.png"
+    Image.fromarray(photo(64, 64, seed=8)).save(big)
+    assert big.stat().st_size > 1000
+    with pytest.raises(ImageError, match=r"larger than any image this reads"):
+        preprocess(big, SPEC)
 
 
 def test_hostile_files_raise_image_error_naming_file_and_reason(tmp_path):

@@ -27,6 +27,7 @@ from PIL import Image
 from serving.batcher import BatcherClosed, BatcherFull, MicroBatcher
 from serving.errors import ApiError
 from serving.inputs import Upload, decode_image, parse_k
+from isfe_model.preprocess import SUPPORTED_FORMATS
 from serving.metrics import Counter, Histogram, Registry, ServingMetrics, format_value
 from isfe_model.preprocess import PreprocessSpec, preprocess
 
@@ -287,6 +288,11 @@ def bad_uploads() -> dict[str, tuple[bytes, int]]:
         "truncated.png": (good[: len(good) // 2], 422),
         "truncated.jpg": (jpg[:40], 422),
         "bomb.png": (_png_header_only(30000, 30000), 413),
+        # formats Pillow knows but the project refuses are "not an image", like any other non-image
+        "image.tga": (_encode(Image.new("RGB", (8, 8), (1, 2, 3)), "TGA"), 415),
+        "image.pcx": (_encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PCX"), 415),
+        "image.sgi": (_encode(Image.new("RGB", (8, 8), (1, 2, 3)), "SGI"), 415),
+        "image.xbm": (_encode(Image.new("1", (8, 8), 1), "XBM"), 415),
     }
 
 
@@ -309,15 +315,38 @@ def test_decode_bad_uploads_get_the_right_status():
     assert ei.value.status == 413 and "10,000 pixels" in ei.value.detail
 
 
+def test_decode_opens_only_supported_formats(monkeypatch):
+    """No Pillow plugin outside SUPPORTED_FORMATS ever parses an upload's header."""
+    calls: list[dict] = []
+    real_open = Image.open
+
+    def spy(fp, mode="r", formats=None):
+        calls.append({"formats": formats})
+        return real_open(fp, mode, formats)
+
+    monkeypatch.setattr(Image, "open", spy)
+    decode_image(Upload("a.png", _encode(Image.new("RGB", (8, 8)), "PNG")), SPEC, max_pixels=10**6)
+    with pytest.raises(ApiError) as ei:
+        decode_image(Upload("a.tga", _encode(Image.new("RGB", (8, 8)), "TGA")), SPEC, max_pixels=10**6)
+    assert ei.value.status == 415 and ei.value.code == "not_an_image"
+    assert calls and all(c["formats"] is not None and set(c["formats"]) <= set(SUPPORTED_FORMATS) for c in calls), calls
+
+
 def test_parse_k():
     assert parse_k({}, {}, 10, 100) == 10
     assert parse_k({"k": "5"}, {}, 10, 100) == 5
+    assert parse_k({"k": " 5 "}, {}, 10, 100) == 5
     assert parse_k({}, {"k": "7"}, 10, 100) == 7
     assert parse_k({"k": 3}, {}, 10, 100) == 3
-    for bad in ("0", "101", "-1", "abc", "2.5", 1.5, True, None, [1]):
+    assert parse_k({"k": 2.0}, {}, 10, 100) == 2
+    for bad in ("0", "101", "-1", "abc", "2.5", 1.5, True, None, [1],
+                "1_0", "\u0663", "\uff13", "+3", "1e1", "", " ", "9" * 5000, 10**200, float("inf"), [[[[[[[[1]]]]]]]] * 1000):
         with pytest.raises(ApiError) as ei:
             parse_k({"k": bad}, {}, 10, 100)
-        assert ei.value.status == 422
+        assert ei.value.status == 422 and ei.value.code == "invalid_k", bad
+        assert len(ei.value.detail) < 200  # a huge value is not echoed back whole
+        with pytest.raises(ApiError):
+            parse_k({}, {"k": bad}, 10, 100) if isinstance(bad, str) else parse_k({"k": bad}, {}, 10, 100)
 
 
 # --------------------------------------------------------------------------- the real server
@@ -537,6 +566,89 @@ def test_bad_requests_get_4xx_json_and_server_keeps_serving(server, artifacts):
     assert 'status="500"' not in metrics
 
 
+def test_hostile_json_and_k_get_4xx_and_server_keeps_serving(server, artifacts):
+    """Deeply nested JSON, integers over Python's 4,300-digit limit and non-ASCII digits in k: 4xx, never 500."""
+    good = _sample(artifacts, 1)[0]
+    b64 = base64.b64encode(good.read_bytes()).decode()
+    deep = 5000
+    huge_int = "1" + "0" * 5000
+    bodies = [
+        (b'{"image": ' + b"[" * deep + b"]" * deep + b"}", "nested too deeply"),
+        (b"[" * deep + b"]" * deep, "nested too deeply"),
+        (b'{"images": [' + b'{"a": ' * deep + b"1" + b"}" * deep + b"]}", "nested too deeply"),
+        (('{"image": "%s", "k": %s}' % (b64, huge_int)).encode(), "5,001 digits"),
+        (('{"image": %s}' % huge_int).encode(), "5,001 digits"),
+        (('{"image": "%s", "other": [-%s]}' % (b64, huge_int)).encode(), "digits"),
+    ]
+    k_cases = [
+        ({"files": _files([good], "file"), "data": {"k": "1_0"}}, "1_0"),
+        ({"files": _files([good], "file"), "data": {"k": "\u0663"}}, "k must be an integer"),  # Arabic-Indic 3
+        ({"files": _files([good], "file"), "data": {"k": "\uff13"}}, "k must be an integer"),  # fullwidth 3
+        ({"files": _files([good], "file"), "params": {"k": "1_0"}}, "1_0"),
+        ({"json": {"image": b64, "k": "\u0663"}}, "k must be an integer"),
+        ({"json": {"image": b64, "k": "9" * 5000}}, "out of range"),
+    ]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for path in ("/v1/embed", "/v1/search"):
+            for body, needle in bodies:
+                r = c.post(path, content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 400, (path, needle, r.status_code, r.text[:300])
+                assert r.json()["error"] == "malformed_json" and needle in r.json()["detail"], r.text[:300]
+        for kwargs, needle in k_cases:
+            r = c.post("/v1/search", **kwargs)
+            assert r.status_code == 422, (kwargs.get("data"), kwargs.get("params"), r.text[:300])
+            assert r.json()["error"] == "invalid_k" and needle in r.json()["detail"], r.text[:300]
+        r = c.post("/v1/search", files=_files([good], "file"), data={"k": "3"})
+        assert r.status_code == 200 and r.json()["k"] == 3
+        assert c.post("/v1/search", json={"image": b64, "k": 2.0}).json()["k"] == 2
+        assert c.get("/healthz").status_code == 200
+        metrics = c.get("/metrics").text
+    assert 'status="500"' not in metrics
+
+
+def test_probes_answer_head_and_options(server):
+    """Load balancers probe with HEAD (and sometimes OPTIONS): answered like GET, without a body."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for path in ("/healthz", "/readyz"):
+            get = c.get(path)
+            head = c.head(path)
+            assert head.status_code == get.status_code == 200, (path, head.status_code, head.text)
+            assert head.content == b""
+            assert head.headers["content-type"] == get.headers["content-type"] == "application/json"
+            opt = c.options(path)
+            assert opt.status_code == 204, (path, opt.status_code, opt.text)
+            assert {m.strip() for m in opt.headers["allow"].split(",")} == {"GET", "HEAD", "OPTIONS"}
+        post = c.post("/healthz")
+        assert post.status_code == 405 and post.json()["error"] == "method_not_allowed"
+        metrics = parse_exposition(c.get("/metrics").text)
+    assert metrics[("isfe_requests_total", frozenset({("endpoint", "/readyz"), ("method", "HEAD"), ("status", "200")}))] >= 1
+
+
+def test_max_pixels_above_pillow_limit_is_honoured(artifacts):
+    """--max-pixels over Pillow's own limit (89,478,485 pixels; 2x that is a hard error) is the limit that counts."""
+    srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "bigpixels.log", "--max-pixels", "200000000")
+    side = 9460  # 89,491,600 pixels: the smallest square over Pillow's limit; all zeros, mode "1": ~11 kB of PNG
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, "PNG")
+    big = buf.getvalue()
+    assert len(big) < 50_000
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            r = c.post("/v1/embed", files=[("file", ("big.png", big, "image/png"))])
+            assert r.status_code == 200, r.text
+            assert r.json()["count"] == 1
+            # over 2 x Pillow's limit (Pillow's hard error) but under ours: the header passes, the missing data is 422
+            r = c.post("/v1/embed", files=[("file", ("header.png", _png_header_only(14000, 14000), "image/png"))])
+            assert r.status_code == 422 and r.json()["error"] == "corrupt_image", r.text
+            # over ours: 413 naming our limit
+            r = c.post("/v1/embed", files=[("file", ("huge.png", _png_header_only(15000, 15000), "image/png"))])
+            assert r.status_code == 413 and "over the server limit of 200,000,000" in r.json()["detail"], r.text
+            assert c.get("/v1/info").json()["limits"]["max_pixels"] == 200_000_000
+    finally:
+        stop_server(srv)
+    assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
+
+
 def test_unusual_images_are_embedded(server, artifacts):
     enc = artifacts["encoder"]
     images = unusual_images()
@@ -631,6 +743,31 @@ def test_startup_errors_are_one_line(artifacts, tmp_path):
     p = subprocess.run([PY, "-m", "serving", "--model", model, "--gallery", gallery, "--max-batch-size", "0"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--max-batch-size" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("exc", [MemoryError, RecursionError])
+def test_startup_out_of_memory_or_recursion_is_one_line(artifacts, monkeypatch, exc):
+    """A damaged gallery that makes loading run out of memory or recurse too deeply: one line, exit 2."""
+    from isfe_model import Gallery
+
+    def load(cls, *args, **kwargs):
+        raise exc()
+
+    monkeypatch.setattr(Gallery, "load", classmethod(load))
+    code, err = _run_main(["--model", artifacts["model"], "--gallery", artifacts["gallery"], "--port", str(free_port())])
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("serving: error: ") and artifacts["gallery"] in lines[0], err
+
+
+def test_startup_deeply_nested_manifest_is_one_line(artifacts, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(artifacts["gallery"], damaged)
+    (damaged / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, err = _run_main(["--model", artifacts["model"], "--gallery", str(damaged), "--port", str(free_port())])
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("serving: error: ") and "Traceback" not in err, err
 
 
 def test_port_in_use_exits_nonzero(artifacts, tmp_path):
