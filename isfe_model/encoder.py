@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import stat
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -59,6 +60,8 @@ PROVIDER_ALIASES = {
 }
 #: Largest batch a TensorRT optimisation profile is built for (bigger inputs are split).
 TRT_MAX_BATCH = 256
+#: An output row with a smaller L2 norm has no direction: it is an error, not an embedding.
+MIN_OUTPUT_NORM = 1e-12
 
 ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
 
@@ -212,9 +215,12 @@ class Encoder:
         if path.is_dir():
             raise ModelError(f"model {path} is a folder; pass the .onnx file inside it")
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except OSError as e:
             raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never ends
+            raise ModelError(f"model {path} is not a regular file (a device, FIFO or socket); pass the .onnx file")
+        size = st.st_size
         if size == 0:
             raise ModelError(f"model {path} is empty (0 bytes); the copy or export did not finish — {fix}")
         if threads is not None and int(threads) < 1:
@@ -383,7 +389,12 @@ class Encoder:
 
         Raises:
             ValueError: wrong type, rank, shape or non-finite values (names the expected shape).
+            ModelError: the model failed, or produced non-finite or all-zero embeddings.
         """
+        return self._embed_arrays(x)
+
+    def _embed_arrays(self, x: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
+        """:meth:`embed_arrays`; ``names`` (one per row) name the images in errors about their outputs."""
         s = self.spec.input_size
         if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
             kind = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
@@ -398,11 +409,15 @@ class Encoder:
         if not np.isfinite(x).all():
             raise ValueError("embed_arrays input contains NaN or infinite values")
         step = self._max_batch or x.shape[0]
-        outs = [self._run(x[i : i + step]) for i in range(0, x.shape[0], step)]
+        outs = [self._run(x[i : i + step], None if names is None else names[i : i + step]) for i in range(0, x.shape[0], step)]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        """[b, 3, S, S] -> [b, D] float32 unit rows (b <= max batch)."""
+    def _run(self, x: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
+        """[b, 3, S, S] -> [b, D] float32 unit rows (b <= max batch).
+
+        Raises ModelError for output rows that are not finite or have no direction (norm below
+        MIN_OUTPUT_NORM, e.g. all zeros): normalising them would return garbage as "unit rows".
+        """
         b = x.shape[0]
         feed = np.ascontiguousarray(x, dtype=self._input_dtype)
         if self._fixed_batch is not None and b != self._fixed_batch:
@@ -416,10 +431,19 @@ class Encoder:
         out = np.asarray(out, dtype=np.float32)[:b]
         if out.shape != (b, self.dim):
             raise ModelError(f"model {self.model_path} returned shape {list(out.shape)}, expected [{b}, {self.dim}]; re-export it")
-        if not np.isfinite(out).all():
-            raise ModelError(f"model {self.model_path} produced NaN/inf embeddings; the model file is damaged or was exported wrongly")
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, np.float32(1e-12))
+        finite = np.isfinite(out).all(axis=1)
+        # float64: the squares of large float32 values would overflow to inf (and the row become 0)
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float64))
+        bad = np.flatnonzero(~finite | ~(norms >= MIN_OUTPUT_NORM))
+        if bad.size:
+            r = int(bad[0])
+            what = "a NaN/inf" if not finite[r] else f"an all-zero (norm {norms[r]:.3g})"
+            who = f"image {names[r]}" if names is not None else f"row {r} of a batch of {b}"
+            more = f" (and {bad.size - 1} more in the same batch)" if bad.size > 1 else ""
+            raise ModelError(f"model {self.model_path} produced {what} embedding for {who}{more}; such a row has no "
+                             f"direction and cannot be compared — the model file is damaged or was exported wrongly "
+                             f"(re-export it with `python -m export`)")
+        return (out / norms[:, None]).astype(np.float32)
 
     def embed(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Images -> float32 [N, D] unit rows, in input order.
@@ -460,8 +484,11 @@ class Encoder:
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32), kept, errors
 
+        def name_of(i: int) -> str:
+            return names[i] if names is not None else describe_source(items[i], i if n > 1 else None)
+
         def prep(i: int) -> np.ndarray | ImageError:
-            name = names[i] if names is not None else describe_source(items[i], i if n > 1 else None)
+            name = name_of(i)
             try:
                 return preprocess(items[i], self.spec, max_pixels=self.max_pixels, name=name)
             except ImageError as e:
@@ -497,7 +524,7 @@ class Encoder:
                 if arrays:
                     x = np.stack(arrays) if len(arrays) > 1 else arrays[0][None]
                     assert x.shape[1:] == (3, s, s)
-                    embs.append(self.embed_arrays(x))
+                    embs.append(self._embed_arrays(x, [name_of(i) for i in good_idx]))
                     kept.extend(good_idx)
                 bar.update(len(results))
         finally:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
+import reprlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,14 @@ ITEMS_FILE = "items.jsonl"
 MANIFEST_FILE = "manifest.json"
 DTYPES = ("float32", "float16")
 BACKENDS = ("numpy", "faiss")
+#: Deepest nesting of lists/objects accepted in item metadata and manifests.  JSON parsers and
+#: writers recurse, so thousands of levels would overflow the stack (RecursionError) later.
+MAX_JSON_DEPTH = 100
+#: Gallery rows must be unit vectors: |L2 norm - 1| <= UNIT_NORM_TOL.  float16 storage rounds each
+#: component by at most 2**-11 (relative), which moves a unit row's norm by at most ~4.9e-4.
+UNIT_NORM_TOL = 1e-3
+#: Rows per step when scanning embeddings (finite values, norms) aim at this many bytes.
+_SCAN_BYTES = 8 << 20
 
 
 class GalleryError(ValueError):
@@ -83,26 +93,142 @@ def ids_and_labels(paths: Sequence[Path], root: Path) -> tuple[list[str], list[s
     return ids, labels
 
 
-def _validate_items(items: Sequence[Mapping[str, Any]], where: str) -> list[dict[str, Any]]:
+_repr = reprlib.Repr()
+_repr.maxstring = 80
+_repr.maxother = 80
+
+
+def _short(value: object) -> str:
+    """A bounded repr for messages (safe for huge or deeply nested values)."""
+    return _repr.repr(value)
+
+
+def _utf8_ok(text: str) -> bool:
+    """False for text that cannot be written as UTF-8 (lone surrogates, e.g. from a non-UTF-8 file name)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_text(where: str, text: str) -> str:
+    return f"{where} is text that is not valid Unicode ({_short(text)}; a file name that is not UTF-8? rename the file)"
+
+
+def _printable(text: str) -> str:
+    """``text`` made writable as UTF-8: undecodable bytes of a file name become \\xNN escapes."""
+    if _utf8_ok(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_path(root: str, keys: tuple[Any, ...]) -> str:
+    return root + "".join(f"[{_short(k)}]" for k in keys)
+
+
+def _json_problem(value: Any, path: str, strict: bool = True) -> str | None:
+    """Why ``value`` cannot be stored as strict JSON and read back equal; None when it can.
+
+    Strict JSON: None, bool, int, finite float, valid Unicode str, lists/tuples and dicts with
+    str keys, at most MAX_JSON_DEPTH levels deep.  ``strict=False`` lets other leaf types
+    through (the manifest is written with ``default=str``) but still refuses NaN/infinity,
+    non-str keys and excessive nesting.  Iterative (no recursion), and the path of the
+    offending value is only formatted for the message.
+    """
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
+    while stack:
+        v, keys = stack.pop()
+        if isinstance(v, dict):
+            if len(keys) >= MAX_JSON_DEPTH:
+                return f"{_json_path(path, keys)} is nested more than {MAX_JSON_DEPTH} levels deep"
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    return f"{_json_path(path, keys)} has the key {_short(k)} ({type(k).__name__}); JSON object keys are strings"
+                if not _utf8_ok(k):
+                    return _bad_text(f"a key of {_json_path(path, keys)}", k)
+                tx = type(x)
+                if (tx is str and x.isascii()) or tx is int or tx is bool or x is None or (tx is float and math.isfinite(x)):
+                    continue  # the common leaves, checked without a trip through the stack
+                stack.append((x, keys + (k,)))
+        elif isinstance(v, (list, tuple)):
+            if len(keys) >= MAX_JSON_DEPTH:
+                return f"{_json_path(path, keys)} is nested more than {MAX_JSON_DEPTH} levels deep"
+            for i, x in enumerate(v):
+                tx = type(x)
+                if (tx is str and x.isascii()) or tx is int or tx is bool or x is None or (tx is float and math.isfinite(x)):
+                    continue
+                stack.append((x, keys + (i,)))
+        elif v is None or isinstance(v, int):  # bool is an int
+            continue
+        elif isinstance(v, str):
+            if not _utf8_ok(v):
+                return _bad_text(_json_path(path, keys), v)
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return f"{_json_path(path, keys)} is {float(v)!r}, which JSON cannot store (no NaN or infinity)"
+        elif strict:
+            return (f"{_json_path(path, keys)} is {_short(v)} (type {type(v).__name__}), which JSON cannot store; "
+                    f"use str, int, float, bool, None, lists and dicts")
+    return None
+
+
+def _validate_items(items: Sequence[Mapping[str, Any]], where: str, copy: bool = True) -> list[dict[str, Any]]:
+    """Items as stored: {"id": non-empty str (unique), "label": str | None, "metadata": dict}, all strict JSON.
+
+    ``copy``: deep-copy the metadata (through JSON, so tuples become lists exactly as after a
+    save/load round trip, and later changes to the caller's dicts do not reach the gallery).
+    """
     out = []
     seen: set[str] = set()
     for n, it in enumerate(items):
-        if not isinstance(it, Mapping) or not isinstance(it.get("id"), str) or not it["id"]:
-            raise GalleryError(f"{where}: item {n} needs a non-empty string 'id', got {it!r:.200}")
+        if type(it) is not dict and not isinstance(it, Mapping):
+            raise GalleryError(f"{where}: item {n} needs a non-empty string 'id', got {_short(it)}")
+        item_id = it.get("id")
+        if not isinstance(item_id, str) or not item_id:
+            raise GalleryError(f"{where}: item {n} needs a non-empty string 'id', got {_short(it)}")
         label = it.get("label")
         if label is not None and not isinstance(label, str):
-            raise GalleryError(f"{where}: item {it['id']!r} has label {label!r}; labels are strings or null")
+            raise GalleryError(f"{where}: item {_short(item_id)} has label {_short(label)}; labels are strings or null")
         meta = it.get("metadata") or {}
-        if not isinstance(meta, Mapping):
-            raise GalleryError(f"{where}: item {it['id']!r} has metadata {meta!r:.200}; metadata is a JSON object")
-        if it["id"] in seen:
-            raise GalleryError(f"{where}: id {it['id']!r} occurs twice; ids must be unique")
-        seen.add(it["id"])
-        out.append({"id": it["id"], "label": label, "metadata": dict(meta)})
+        if type(meta) is not dict:
+            if not isinstance(meta, Mapping):
+                raise GalleryError(f"{where}: item {_short(item_id)} has metadata {_short(meta)}; metadata is a JSON object")
+            meta = dict(meta)
+        if item_id in seen:
+            raise GalleryError(f"{where}: id {_short(item_id)} occurs twice; ids must be unique")
+        seen.add(item_id)
+        if not _utf8_ok(item_id):
+            problem: str | None = _bad_text("its id", item_id)
+        elif label is not None and not _utf8_ok(label):
+            problem = _bad_text("its label", label)
+        else:
+            problem = _json_problem(meta, "metadata") if meta else None
+        if problem:
+            raise GalleryError(f"{where}: item {_short(item_id)}: {problem}; items must be plain JSON "
+                               f"(no NaN or infinity, sets, bytes or other objects)")
+        if copy:
+            try:
+                meta = json.loads(json.dumps(meta, ensure_ascii=False, allow_nan=False)) if meta else {}
+            except (ValueError, TypeError, RecursionError) as e:  # e.g. an int too long to write
+                raise GalleryError(f"{where}: item {_short(item_id)}: metadata cannot be written as JSON "
+                                   f"({str(e)[:200]}); items must be plain JSON") from None
+        out.append({"id": item_id, "label": label, "metadata": meta})
     return out
 
 
-def _check_embeddings(emb: Any, where: str, dim: int | None = None) -> np.ndarray:
+def _check_embeddings(emb: Any, where: str, dim: int | None = None,
+                      fix: str = "pass L2-normalised rows, e.g. Encoder.embed output "
+                                 "(or x / np.linalg.norm(x, axis=1, keepdims=True))") -> np.ndarray:
+    """A float32/float16 [N, D] array of finite unit rows (|norm - 1| <= UNIT_NORM_TOL), else GalleryError.
+
+    ``fix`` ends the message about non-unit rows.  Scans in steps of ~8 MiB (fine for a memmap).
+    """
     if not isinstance(emb, np.ndarray):
         emb = np.asarray(emb)
     if emb.ndim != 2:
@@ -114,9 +240,19 @@ def _check_embeddings(emb: Any, where: str, dim: int | None = None) -> np.ndarra
             raise GalleryError(f"{where}: embeddings must be float32 or float16, got {emb.dtype}")
     if dim is not None and emb.shape[1] != dim:
         raise GalleryError(f"{where}: embeddings have dimension {emb.shape[1]}, the gallery has {dim}")
-    for start in range(0, emb.shape[0], 1 << 18):  # chunked: fine for a memmap of millions of rows
-        if not np.isfinite(emb[start : start + (1 << 18)]).all():
-            raise GalleryError(f"{where}: embeddings contain NaN or infinite values")
+    step = max(1, _SCAN_BYTES // (4 * max(1, emb.shape[1])))
+    for start in range(0, emb.shape[0], step):
+        block = np.asarray(emb[start : start + step], dtype=np.float32)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise GalleryError(f"{where}: embeddings contain NaN or infinite values (row {row})")
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+        off = np.abs(norms - 1.0) > UNIT_NORM_TOL
+        if off.any():
+            r = int(np.flatnonzero(off)[0])
+            raise GalleryError(f"{where}: row {start + r} has L2 norm {norms[r]:.6g}, but gallery rows must be unit "
+                               f"vectors (|norm - 1| <= {UNIT_NORM_TOL:g}; cosine scores are inner products); {fix}")
     return emb
 
 
@@ -166,8 +302,17 @@ class Gallery:
             raise GalleryError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         manifest = dict(manifest)
         dim = manifest.get("dim")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
+            raise GalleryError(f"gallery: manifest dim is {_short(dim)} ({type(dim).__name__}); it must be an integer >= 1")
+        problem = _json_problem(manifest, "manifest", strict=False)
+        if problem:
+            raise GalleryError(f"gallery: {problem}")
         emb = _check_embeddings(embeddings, "gallery", int(dim) if dim is not None else None)
         items = _validate_items(items, "gallery")
+        self._setup(emb, items, manifest, backend)
+
+    def _setup(self, emb: np.ndarray, items: list[dict[str, Any]], manifest: dict[str, Any], backend: str) -> None:
+        """The constructor after validation (:meth:`load` validates with messages naming the files)."""
         if len(items) != emb.shape[0]:
             raise GalleryError(f"gallery: {emb.shape[0]} embeddings but {len(items)} items")
         manifest.setdefault("format", FORMAT)
@@ -262,14 +407,25 @@ class Gallery:
         ids, labels = ids_and_labels(paths, root)
         if len(set(ids)) != len(ids):
             raise GalleryError("the same image path is given twice; ids (relative paths) must be unique")
+        # an id must be writable to items.jsonl: file names that are not UTF-8 are found before embedding anything
+        unnamed = [n for n, i in enumerate(ids) if not _utf8_ok(i)]
+        name_skips = []
+        if unnamed and not skip_bad:
+            bad_id = ids[unnamed[0]]
+            raise GalleryError(f"item {_short(bad_id)}: {_bad_text('its id', bad_id)}; ids are the paths relative to {root}")
+        if unnamed:
+            name_skips = [{"path": _printable(str(paths[n])), "reason": "the file name is not valid UTF-8, so it cannot be "
+                           "stored as an id; rename the file"} for n in unnamed]
+            keep = sorted(set(range(len(paths))) - set(unnamed))
+            paths, ids, labels = [paths[n] for n in keep], [ids[n] for n in keep], [labels[n] for n in keep]
         emb, kept, errors = encoder.embed_partial([str(p) for p in paths], batch_size=batch_size, progress=progress,
                                                   skip_bad=skip_bad, names=[str(p) for p in paths], label="indexing")
-        skipped = [{"path": e.source, "reason": e.reason} for e in errors]
+        skipped = name_skips + [{"path": _printable(e.source), "reason": _printable(e.reason)} for e in errors]
         if not kept:
-            raise GalleryError(f"none of the {len(paths)} files in {src_desc} is a usable image"
+            raise GalleryError(f"none of the {len(paths) + len(name_skips)} files in {src_desc} is a usable image"
                                + (f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""))
         metadata = metadata or {}
-        items = [{"id": ids[i], "label": labels[i], "metadata": dict(metadata.get(ids[i], {}))} for i in kept]
+        items = [{"id": ids[i], "label": labels[i], "metadata": metadata.get(ids[i]) or {}} for i in kept]
         manifest = cls.new_manifest(encoder, dtype, source=src_desc, skipped=skipped)
         return cls(emb.astype(dtype), items, manifest, backend=backend)
 
@@ -359,7 +515,11 @@ class Gallery:
     # ------------------------------------------------------------------ editing
 
     def add(self, embeddings: np.ndarray, items: Sequence[Mapping[str, Any]]) -> None:
-        """Append rows.  embeddings [M, D] (or [D] for one item); items: M dicts with new unique ids."""
+        """Append rows.  embeddings [M, D] (or [D] for one item); items: M dicts with new unique ids.
+
+        Rows must be L2-normalised (``Encoder.embed`` output; |norm - 1| <= UNIT_NORM_TOL) and
+        items plain JSON (no NaN/infinity, sets, bytes, ...); otherwise GalleryError.
+        """
         emb = np.asarray(embeddings)
         if emb.ndim == 1:
             emb = emb[None]
@@ -447,48 +607,121 @@ class Gallery:
         missing = [f for f in (MANIFEST_FILE, EMBEDDINGS_FILE, ITEMS_FILE) if not (d / f).is_file()]
         if missing:
             raise GalleryError(f"gallery {d} lacks {', '.join(missing)}; it is not a gallery or is damaged — rebuild it with isfe-index")
+        if backend not in BACKENDS:
+            raise GalleryError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        rebuild = "rebuild the gallery with isfe-index"
         try:
-            manifest = json.loads((d / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is unreadable ({e}); rebuild the gallery") from None
+            manifest = _STRICT_JSON.decode((d / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except RecursionError:
+            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is nested too deeply to be read; {rebuild}") from None
+        except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is unreadable ({str(e)[:300]}); {rebuild}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is not an ISFE gallery manifest (format != {FORMAT!r})")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise GalleryError(f"gallery {d}: format version {manifest.get('format_version')!r} is not supported "
+        version = manifest.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has format_version {_short(version)} "
+                               f"({type(version).__name__}); it must be an integer (this isfe_model reads "
+                               f"{FORMAT_VERSION}) — the file was edited or damaged; {rebuild}")
+        if version != FORMAT_VERSION:
+            raise GalleryError(f"gallery {d}: format version {version!r} is not supported "
                                f"(this isfe_model reads {FORMAT_VERSION}); rebuild it or upgrade isfe-model")
         for key in ("dim", "count", "fingerprint"):
             if key not in manifest:
-                raise GalleryError(f"gallery {d}: {MANIFEST_FILE} lacks {key!r}; rebuild the gallery")
+                raise GalleryError(f"gallery {d}: {MANIFEST_FILE} lacks {key!r}; {rebuild}")
+        for key, low in (("dim", 1), ("count", 0)):
+            v = manifest[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has {key} {_short(v)} ({type(v).__name__}); it must be "
+                                   f"an integer >= {low} — the file was edited or damaged; {rebuild}")
+        if not isinstance(manifest["fingerprint"], str):
+            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has fingerprint {_short(manifest['fingerprint'])}; it must be "
+                               f"a string (the model's checkpoint sha256); {rebuild}")
+        problem = _json_problem(manifest, MANIFEST_FILE, strict=False)
+        if problem:
+            raise GalleryError(f"gallery {d}: {problem}; {rebuild}")
+        # check the .npy header against the file size and the manifest before reading any data: a
+        # damaged header can claim any shape (np.load would try to allocate it: MemoryError)
+        shape, dtype = _npy_header(d / EMBEDDINGS_FILE, f"gallery {d}: {EMBEDDINGS_FILE}")
+        if len(shape) != 2 or dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} holds {dtype} {list(shape)}, expected float32/float16 [N, D]")
+        if shape[1] != manifest["dim"] or shape[0] != manifest["count"]:
+            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} is {shape[0]} x {shape[1]} but the manifest says "
+                               f"{manifest['count']} x {manifest['dim']}; the folder is damaged — rebuild it")
         try:
             emb = np.load(d / EMBEDDINGS_FILE, allow_pickle=False, mmap_mode="r" if mmap else None)
+        except MemoryError:
+            raise GalleryError(f"gallery {d}: not enough memory to read {EMBEDDINGS_FILE} ({shape[0]} x {shape[1]} {dtype}); "
+                               f"load it memory-mapped (mmap=True) or free memory") from None
         except (OSError, ValueError, EOFError) as e:
-            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} is damaged or not a plain .npy array ({e}); rebuild the gallery") from None
-        if emb.ndim != 2 or emb.dtype not in (np.float32, np.float16):
-            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} holds {emb.dtype} {list(emb.shape)}, expected float32/float16 [N, D]")
-        if emb.shape[1] != manifest["dim"] or emb.shape[0] != manifest["count"]:
-            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} is {emb.shape[0]} x {emb.shape[1]} but the manifest says "
-                               f"{manifest['count']} x {manifest['dim']}; the folder is damaged — rebuild it")
+            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} is damaged or not a plain .npy array ({e}); {rebuild}") from None
+        if tuple(emb.shape) != tuple(shape) or emb.dtype != dtype:  # the file changed while it was read
+            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} changed while it was read; try again")
         items = []
         ln = 0
         try:
             with open(d / ITEMS_FILE, encoding="utf-8") as f:
                 for ln, line in enumerate(f, 1):
                     if line.strip():
-                        items.append(json.loads(line))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GalleryError(f"gallery {d}: {ITEMS_FILE} line {ln} is unreadable ({e}); rebuild the gallery") from None
+                        items.append(_STRICT_JSON.decode(line))
+                        if len(items) > emb.shape[0]:
+                            break
+        except RecursionError:
+            raise GalleryError(f"gallery {d}: {ITEMS_FILE} line {ln} is nested too deeply to be read; {rebuild}") from None
+        except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise GalleryError(f"gallery {d}: {ITEMS_FILE} line {ln} is unreadable ({str(e)[:300]}); {rebuild}") from None
         if len(items) != emb.shape[0]:
-            raise GalleryError(f"gallery {d}: {ITEMS_FILE} has {len(items)} items for {emb.shape[0]} embeddings; rebuild the gallery")
+            has = f"more than {emb.shape[0]}" if len(items) > emb.shape[0] else str(len(items))
+            raise GalleryError(f"gallery {d}: {ITEMS_FILE} has {has} items for {emb.shape[0]} embeddings; {rebuild}")
         if encoder is not None:
             check_compatible(manifest, encoder, str(d))
+        emb = _check_embeddings(emb, f"gallery {d}: {EMBEDDINGS_FILE}", manifest["dim"],
+                                fix=f"the file is damaged or was not written by isfe_model — {rebuild}")
+        items = _validate_items(items, f"gallery {d}: {ITEMS_FILE}", copy=False)
+        gallery = cls.__new__(cls)
         try:
-            return cls(emb, items, manifest, backend=backend)
+            gallery._setup(emb, items, manifest, backend)
         except GalleryError as e:
             raise GalleryError(f"gallery {d}: {e}") from None
+        return gallery
 
     def check(self, encoder: _EncoderLike) -> None:
         """Raise GalleryError unless ``encoder`` produced (or could have produced) this gallery."""
         check_compatible(self.manifest, encoder, "gallery")
+
+
+def _no_constant(name: str) -> Any:
+    """json.loads' parse_constant: gallery files are strict JSON (NaN and Infinity are not JSON)."""
+    raise ValueError(f"{name} is not valid JSON (gallery files hold no NaN or infinity)")
+
+
+#: Parses gallery files: strict JSON (made once: json.loads with arguments builds a decoder per call).
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def _npy_header(path: Path, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header, checked against the file's size; GalleryError if damaged."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported here")
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError, RecursionError, MemoryError) as e:
+        raise GalleryError(f"{where} is damaged or not a plain .npy array ({str(e)[:300]}); rebuild the gallery") from None
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise GalleryError(f"{where} is damaged or not a plain .npy array (it holds Python objects); rebuild the gallery")
+    expected = math.prod(int(n) for n in shape) * dtype.itemsize
+    if data_bytes != expected:
+        raise GalleryError(f"{where} is damaged: its header says {' x '.join(str(int(n)) for n in shape) or 'a scalar'} "
+                           f"{dtype} ({expected:,} bytes of data) but the file holds {data_bytes:,} bytes; rebuild the gallery")
+    return tuple(int(n) for n in shape), dtype
 
 
 def check_compatible(manifest: Mapping[str, Any], encoder: _EncoderLike, where: str) -> None:
@@ -509,12 +742,18 @@ def _is_gallery_dir(p: Path) -> bool:
     try:
         m = json.loads((p / MANIFEST_FILE).read_text(encoding="utf-8"))
         return isinstance(m, dict) and m.get("format") == FORMAT
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return False
 
 
+def _foreign_entries(p: Path) -> list[str]:
+    """Names in gallery folder ``p`` that a gallery does not consist of (replacing ``p`` would delete them)."""
+    own = {MANIFEST_FILE, EMBEDDINGS_FILE, ITEMS_FILE}
+    return sorted(e.name for e in p.iterdir() if e.name not in own or e.is_symlink() or not e.is_file())
+
+
 def _is_replaceable(p: Path) -> bool:
-    return p.is_dir() and not p.is_symlink() and (not any(p.iterdir()) or _is_gallery_dir(p))
+    return p.is_dir() and not p.is_symlink() and (not any(p.iterdir()) or (_is_gallery_dir(p) and not _foreign_entries(p)))
 
 
 def _check_replaceable(target: Path, overwrite: bool) -> None:
@@ -524,6 +763,11 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
         return  # an empty folder is fine to fill
     if not _is_gallery_dir(target):
         raise GalleryError(f"{target} exists and is not an ISFE gallery; refusing to replace it — choose another output folder")
+    foreign = _foreign_entries(target)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GalleryError(f"{target} holds files that are not part of the gallery ({shown}); replacing it would delete "
+                           f"them — move them out or choose another output folder")
     if not overwrite:
         raise GalleryError(f"{target} already holds a gallery; pass --overwrite (overwrite=True) to replace it")
 

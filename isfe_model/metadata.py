@@ -8,15 +8,27 @@ lists and dicts are JSON.
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .preprocess import PreprocessSpec
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MetadataError", "ModelMetadata", "REQUIRED_KEYS"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_EMBEDDING_DIM", "MAX_IMAGE_SIDE", "MetadataError", "ModelMetadata",
+           "REQUIRED_KEYS"]
 
 FORMAT = "isfe-embedding-model"
 FORMAT_VERSION = "1"
+
+#: Largest input / resize side (pixels) a model may declare.  Every image is resized to R x R-ish
+#: before the crop, so an absurd value (a damaged or hand-edited file) would make each image
+#: allocate gigabytes; models larger than this are refused at load.
+MAX_IMAGE_SIDE = 4096
+#: Largest embedding size a model may declare.
+MAX_EMBEDDING_DIM = 65536
+#: Longest accepted ``isfe.checkpoint_sha256`` (the fingerprint; a sha256 has 64 hex digits).
+MAX_FINGERPRINT_LEN = 256
 
 #: Keys every ISFE ONNX model has.
 REQUIRED_KEYS = (
@@ -37,6 +49,15 @@ REQUIRED_KEYS = (
 
 class MetadataError(ValueError):
     """The model file lacks, or has unreadable, ISFE metadata."""
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = 80
+
+
+def _short(value: object) -> str:
+    """A bounded repr for error messages (metadata values can be huge or deeply nested)."""
+    return _repr.repr(value)
 
 
 @dataclass(frozen=True)
@@ -107,26 +128,66 @@ class ModelMetadata:
                 f"{source}: model metadata format version {props['isfe.format_version']!r} is not supported "
                 f"by this isfe_model (supports {FORMAT_VERSION!r}); upgrade isfe-model or re-export the model"
             )
+        fix = "re-export the model with `python -m export`"
+        sizes = {}
+        for key in ("isfe.input_size", "isfe.resize_size", "isfe.embedding_dim"):
+            limit = MAX_EMBEDDING_DIM if key == "isfe.embedding_dim" else MAX_IMAGE_SIDE
+            raw = props[key]
+            try:
+                value = int(raw)
+            except (ValueError, TypeError):
+                raise MetadataError(f"{source}: metadata {key} is {_short(raw)}, not an integer; {fix}") from None
+            if not 1 <= value <= limit:
+                what = "pixels per side" if limit == MAX_IMAGE_SIDE else "dimensions"
+                raise MetadataError(f"{source}: metadata {key} is {value}; it must be between 1 and {limit} {what} "
+                                    f"(the file is damaged or was edited); {fix}")
+            sizes[key] = value
+        norm = {}
+        for key in ("isfe.mean", "isfe.std"):
+            try:
+                values = json.loads(props[key])
+            except RecursionError:
+                raise MetadataError(f"{source}: metadata {key} is nested too deeply to be read; {fix}") from None
+            except (ValueError, TypeError) as e:
+                raise MetadataError(f"{source}: metadata {key} is not JSON ({e}); {fix}") from None
+            if (not isinstance(values, list) or len(values) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                    or (key == "isfe.std" and not all(v > 0 for v in values))):
+                need = "3 positive numbers" if key == "isfe.std" else "3 finite numbers"
+                raise MetadataError(f"{source}: metadata {key} is {_short(props[key])}; it must be a JSON list of {need} "
+                                    f"(one per RGB channel); {fix}")
+            norm[key] = tuple(float(v) for v in values)
         try:
             spec = PreprocessSpec(
-                input_size=int(props["isfe.input_size"]),
-                resize_size=int(props["isfe.resize_size"]),
-                mean=tuple(json.loads(props["isfe.mean"])),
-                std=tuple(json.loads(props["isfe.std"])),
+                input_size=sizes["isfe.input_size"],
+                resize_size=sizes["isfe.resize_size"],
+                mean=norm["isfe.mean"],
+                std=norm["isfe.std"],
                 resize_policy=props["isfe.resize_policy"],
                 interpolation=props["isfe.interpolation"],
             )
-            dim = int(props["isfe.embedding_dim"])
-            train_config = json.loads(props.get("isfe.train_config", "{}") or "{}")
         except (ValueError, TypeError) as e:
-            raise MetadataError(f"{source}: unreadable ISFE metadata ({e}); re-export the model") from None
-        if dim < 1:
-            raise MetadataError(f"{source}: isfe.embedding_dim must be >= 1, got {dim}")
+            raise MetadataError(f"{source}: unreadable ISFE metadata ({e}); {fix}") from None
+        dim = sizes["isfe.embedding_dim"]
+        try:
+            train_config = json.loads(props.get("isfe.train_config", "{}") or "{}")
+        except RecursionError:
+            raise MetadataError(f"{source}: metadata isfe.train_config is nested too deeply to be read; {fix}") from None
+        except (ValueError, TypeError) as e:
+            raise MetadataError(f"{source}: metadata isfe.train_config is not JSON ({e}); {fix}") from None
+        sha = props["isfe.checkpoint_sha256"]
+        if not isinstance(sha, str) or not sha.strip() or len(sha) > MAX_FINGERPRINT_LEN or not sha.isprintable():
+            raise MetadataError(
+                f"{source}: metadata isfe.checkpoint_sha256 (the model's fingerprint) is "
+                f"{'empty' if not (isinstance(sha, str) and sha.strip()) else _short(sha)}; it must be the training "
+                f"checkpoint's sha256 (galleries use it to tell models apart) — re-export the model from its checkpoint "
+                f"with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`"
+            )
         known = set(REQUIRED_KEYS) | {"isfe.model_name", "isfe.model_version", "isfe.arch", "isfe.quantization", "isfe.train_config"}
         return cls(
             embedding_dim=dim,
             preprocess=spec,
-            checkpoint_sha256=props["isfe.checkpoint_sha256"],
+            checkpoint_sha256=sha,
             input_name=props["isfe.input_name"],
             output_name=props["isfe.output_name"],
             model_name=props.get("isfe.model_name", "isfe"),

@@ -364,3 +364,184 @@ def test_search_bench_runs_and_reports(tmp_path):
     if doc["faiss_installed"]:
         assert doc["results"][1]["faiss_topk_rows_identical_to_numpy"] == 1.0
         assert doc["goal"]["worst_ratio"] is not None
+
+
+# --------------------------------------------------------------------------- hostile items, files and rows
+
+
+def _deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def test_items_must_be_strict_json():
+    """NaN/inf, sets, bytes, non-str keys, deep nesting, broken text: refused by add/build/constructor, naming the item."""
+    rng = np.random.default_rng(8)
+    g = _unit(rng, 3, 16)
+    gal = Gallery(g[:1], _items(1), {"dim": 16, "fingerprint": "f"})
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    bad = {
+        "nan": ({"score": float("nan")}, r"metadata\['score'\] is nan"),
+        "inf": ({"a": [1, float("-inf")]}, r"metadata\['a'\]\[1\] is -inf"),
+        "np_inf": ({"s": np.float64("inf")}, "is inf"),
+        "set": ({"tags": {"a", "b"}}, r"metadata\['tags'\] is .* \(type set\)"),
+        "bytes": ({"raw": b"\x00"}, r"is b'\\x00' \(type bytes\)"),
+        "np_int": ({"n": np.int64(3)}, r"\(type int64\)"),
+        "int_key": ({1: "one"}, "key 1 \\(int\\); JSON object keys are strings"),
+        "deep": ({"d": deep}, "nested more than 100 levels"),
+        "surrogate": ({"name": "caf\udce9"}, "not valid Unicode"),
+        "huge_int": ({"n": 10 ** 5000}, "cannot be written as JSON"),
+    }
+    for item_id, (meta, msg) in bad.items():
+        with pytest.raises(GalleryError, match=msg) as info:
+            gal.add(g[1], [{"id": item_id, "label": None, "metadata": meta}])
+        assert repr(item_id) in str(info.value) and "JSON" in str(info.value)
+    with pytest.raises(GalleryError, match=r"item 'caf\\udce9\.jpg': its id is text that is not valid Unicode"):
+        gal.add(g[1], [{"id": "caf\udce9.jpg"}])
+    with pytest.raises(GalleryError, match="its label is text"):
+        gal.add(g[1], [{"id": "ok", "label": "\ud800"}])
+    with pytest.raises(GalleryError, match="is nan"):
+        Gallery(g[:1], [{"id": "n", "metadata": {"v": float("nan")}}], {"dim": 16})
+    with pytest.raises(GalleryError, match=r"manifest\['x'\] is nan"):
+        Gallery(g[:1], [{"id": "n"}], {"dim": 16, "x": float("nan")})
+    assert gal.ids == ["x0"]  # nothing half-added
+    # accepted metadata is copied as JSON: a later change by the caller does not reach the gallery,
+    # and tuples are lists already (as after a save/load round trip)
+    meta = {"tags": ("a", "b"), "nested": {"k": [1, 2.5, None, True]}}
+    gal.add(g[1], [{"id": "good", "label": "l", "metadata": meta}])
+    meta["nested"]["k"].append(float("nan"))
+    assert gal.items[1]["metadata"] == {"tags": ["a", "b"], "nested": {"k": [1, 2.5, None, True]}}
+    json.dumps(gal.search(g[1], 2).hits(0), allow_nan=False)
+
+
+def test_build_refuses_metadata_that_is_not_json(enc, photos):
+    with pytest.raises(GalleryError, match=r"item 'cat/000\.png': metadata\['v'\] is nan"):
+        Gallery.build(enc, photos, metadata={"cat/000.png": {"v": float("nan")}})
+    with pytest.raises(GalleryError, match=r"metadata\['s'\] is \{1\} \(type set\)"):
+        Gallery.build(enc, photos, metadata={"dog/001.jpg": {"s": {1}}})
+
+    # a file name that is not UTF-8 cannot be an id (it could not be saved): named, with the fix,
+    # before anything is embedded; with skip_bad it is skipped and listed with an escape
+    import os
+
+    name = os.fsdecode(b"caf\xe9.png")
+    try:
+        (photos / "cat" / name).write_bytes((photos / "cat" / "000.png").read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses non-UTF-8 file names")
+    with pytest.raises(GalleryError, match=r"item 'cat/caf\\udce9\.png': its id is text that is not valid Unicode.*rename"):
+        Gallery.build(enc, photos)
+    gal = Gallery.build(enc, photos, skip_bad=True)  # skip_bad: skipped (and listed) like a bad image
+    assert len(gal) == 7 and [Path(s["path"]).name for s in gal.manifest["skipped"]] == ["caf\\xe9.png"]
+    assert "not valid UTF-8" in gal.manifest["skipped"][0]["reason"]
+    assert Gallery.load(gal.save(photos.parent / "gal")).manifest["skipped"] == gal.manifest["skipped"]
+
+
+def _gallery_copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_load_refuses_items_and_manifests_that_are_not_json(enc, photos, tmp_path):
+    out = Gallery.build(enc, photos).save(tmp_path / "gal")
+    lines = (out / "items.jsonl").read_text().splitlines()
+    manifest = json.loads((out / "manifest.json").read_text())
+
+    def with_line(name: str, line: str) -> Path:
+        d = _gallery_copy(out, tmp_path / name)
+        (d / "items.jsonl").write_text("\n".join(lines[:2] + [line] + lines[3:]) + "\n")
+        return d
+
+    cases = {
+        "nan": ('{"id": "n", "label": null, "metadata": {"score": NaN}}', r"line 3 is unreadable \(NaN is not valid JSON"),
+        "inf_literal": ('{"id": "n", "label": null, "metadata": {"score": 1e999}}', r"item 'n': metadata\['score'\] is inf"),
+        "deep_metadata": ('{"id": "n", "metadata": {"d": ' + _deep(100_000) + "}}", "line 3 is nested too deeply"),
+        "deep_item": (_deep(100_000), "line 3 is nested too deeply"),
+        "deep_but_parseable": ('{"id": "n", "metadata": {"d": ' + _deep(300) + "}}", "nested more than 100 levels"),
+        "surrogate": ('{"id": "\\udce9", "metadata": {}}', "not valid Unicode"),
+    }
+    for name, (line, msg) in cases.items():
+        with pytest.raises(GalleryError, match=msg) as info:
+            Gallery.load(with_line(name, line))
+        assert "items.jsonl" in str(info.value) and str(tmp_path / name) in str(info.value), name
+
+    def with_manifest(name: str, text: str) -> Path:
+        d = _gallery_copy(out, tmp_path / name)
+        (d / "manifest.json").write_text(text)
+        return d
+
+    m_cases = {
+        "m_deep": (json.dumps({**manifest, "extra": 0})[:-1] + ', "deep": ' + _deep(100_000) + "}", "nested too deeply"),
+        "m_nan": (json.dumps({**manifest, "extra": float("nan")}), "NaN is not valid JSON"),
+        "m_dim_str": (json.dumps({**manifest, "dim": str(manifest["dim"])}),
+                      r"has dim '32' \(str\); it must be an integer >= 1"),
+        "m_count_float": (json.dumps({**manifest, "count": 7.0}), r"has count 7\.0 \(float\); it must be an integer"),
+        "m_version_str": (json.dumps({**manifest, "format_version": "1"}),
+                          r"format_version '1' \(str\); it must be an integer"),
+        "m_fingerprint": (json.dumps({**manifest, "fingerprint": None}), "fingerprint None; it must be a string"),
+    }
+    for name, (text, msg) in m_cases.items():
+        with pytest.raises(GalleryError, match=msg) as info:
+            Gallery.load(with_manifest(name, text))
+        assert "manifest.json" in str(info.value), name
+    with pytest.raises(GalleryError, match="format version 2 is not supported"):
+        Gallery.load(with_manifest("m_v2", json.dumps({**manifest, "format_version": 2})))
+
+
+def test_load_checks_the_npy_header_before_reading(enc, photos, tmp_path):
+    """A header claiming 10**11 rows must not reach np.load (MemoryError); nor a manifest claiming them."""
+    out = Gallery.build(enc, photos).save(tmp_path / "gal")
+    manifest = json.loads((out / "manifest.json").read_text())
+
+    def with_header(name: str, shape, descr="<f4", data=b"\0" * 64) -> Path:
+        d = _gallery_copy(out, tmp_path / name)
+        with open(d / "embeddings.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+            f.write(data)
+        return d
+
+    huge = with_header("huge", (10 ** 11, EMBED_DIM))
+    for mmap in (False, True):
+        with pytest.raises(GalleryError, match=r"embeddings\.npy is damaged: its header says 100000000000 x 32 float32"):
+            Gallery.load(huge, mmap=mmap)
+    m = _gallery_copy(out, tmp_path / "huge_manifest")
+    (m / "manifest.json").write_text(json.dumps({**manifest, "count": 10 ** 11}))
+    with pytest.raises(GalleryError, match=r"is 7 x 32 but the manifest says 100000000000 x 32"):
+        Gallery.load(m, mmap=False)
+    with pytest.raises(GalleryError, match="holds Python objects|damaged"):
+        Gallery.load(with_header("objects", (1,), descr="|O"))
+    with pytest.raises(GalleryError, match=r"header says 7 x 32 float32 \(896 bytes of data\) but the file holds 64"):
+        Gallery.load(with_header("short", (7, EMBED_DIM)))
+    junk = _gallery_copy(out, tmp_path / "junk")
+    (junk / "embeddings.npy").write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': [[[[[")
+    with pytest.raises(GalleryError, match=r"embeddings\.npy is damaged or not a plain \.npy"):
+        Gallery.load(junk)
+
+
+def test_rows_must_be_unit_vectors(enc, photos, tmp_path):
+    rng = np.random.default_rng(9)
+    g = _unit(rng, 4, 16)
+    gal = Gallery(g[:1], _items(1), {"dim": 16, "fingerprint": "f"})
+    for rows, norm in ((g[1:2] * 1000, "1000"), (np.zeros((1, 16), np.float32), "0"), (g[1:3] * 0.99, "0.99")):
+        with pytest.raises(GalleryError, match=rf"add: row 0 has L2 norm {norm}\b.*Encoder\.embed"):
+            gal.add(rows, [{"id": f"r{i}"} for i in range(len(rows))])
+    with pytest.raises(GalleryError, match="row 1 has L2 norm 2"):
+        Gallery(np.stack([g[0], 2 * g[1]]), _items(2), {"dim": 16})
+    assert len(gal) == 1
+    # float16 storage (or float16 input) rounds unit rows by up to ~5e-4 of norm: still accepted
+    half = Gallery(g[:1].astype(np.float16), _items(1), {"dim": 16})
+    big = _unit(rng, 2000, 512)
+    half16 = Gallery(np.zeros((0, 512), np.float16), [], {"dim": 512})
+    half16.add(big, _items(2000))
+    half16.add(big.astype(np.float16), _items(2000, prefix="h"))
+    assert np.abs(np.linalg.norm(half16.embeddings.astype(np.float64), axis=1) - 1).max() < 1e-3
+    half.add(g[1:] * np.float32(1 + 2e-4), _items(3, prefix="n"))
+    assert len(half) == 4
+    # a saved gallery whose rows are not unit (edited, or written by something else) is refused on load
+    out = Gallery.build(enc, photos).save(tmp_path / "gal")
+    np.save(out / "embeddings.npy", np.load(out / "embeddings.npy") * 3)
+    with pytest.raises(GalleryError, match=r"embeddings\.npy: row 0 has L2 norm 3.*rebuild"):
+        Gallery.load(out)

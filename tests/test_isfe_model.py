@@ -225,6 +225,10 @@ def test_bad_model_files_are_refused_with_clear_messages(model, tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ModelError, match="empty"):
         Encoder(empty)
+    if hasattr(os, "mkfifo"):  # would block forever if it were opened
+        os.mkfifo(tmp_path / "pipe.onnx")
+        with pytest.raises(ModelError, match="not a regular file"):
+            Encoder(tmp_path / "pipe.onnx")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(os.urandom(5000))
     with pytest.raises(ModelError, match="not a valid ONNX model"):
@@ -256,6 +260,74 @@ def test_models_without_or_with_wrong_metadata_are_refused(model, tmp_path):
     future = with_props(model.onnx_path, tmp_path / "future.onnx", format_version="99")
     with pytest.raises(MetadataError, match="not supported"):
         Encoder(future)
+
+
+def test_absurd_or_hostile_metadata_is_refused_at_load(model, tmp_path):
+    """Sizes far beyond any real model, deep JSON, bad mean/std, an empty fingerprint: MetadataError naming the model."""
+    from isfe_model.metadata import MAX_IMAGE_SIDE, ModelMetadata
+
+    props = model.metadata.to_props()
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = {
+        "resize_size": ("100000", rf"isfe\.resize_size is 100000; it must be between 1 and {MAX_IMAGE_SIDE} pixels"),
+        "input_size": ("1000000000", rf"isfe\.input_size is 1000000000; it must be between 1 and {MAX_IMAGE_SIDE}"),
+        "embedding_dim": ("0", "isfe.embedding_dim is 0; it must be between 1 and"),
+        "mean": (deep, r"isfe\.mean is nested too deeply"),
+        "std": ("[0.2, 0.2, 0]", r"isfe\.std is .*3 positive numbers"),
+        "train_config": ('{"a": ' + deep + "}", r"isfe\.train_config is nested too deeply"),
+        "checkpoint_sha256": ("", r"isfe\.checkpoint_sha256 \(the model's fingerprint\) is empty"),
+    }
+    for key, (value, msg) in cases.items():
+        with pytest.raises(MetadataError, match=msg) as info:
+            ModelMetadata.from_props({**props, f"isfe.{key}": value}, source="model m.onnx")
+        assert "model m.onnx" in str(info.value) and "re-export" in str(info.value), key
+    for value in ("1e9", "9" * 5000, "12.5"):
+        with pytest.raises(MetadataError, match="not an integer"):
+            ModelMetadata.from_props({**props, "isfe.resize_size": value})
+    with pytest.raises(MetadataError, match="isfe.mean is .*3 finite numbers"):
+        ModelMetadata.from_props({**props, "isfe.mean": "[NaN, 0, 0]"})
+    # end to end: the real model file with an absurd resize size / empty fingerprint
+    pytest.importorskip("onnx")
+    for name, change, msg in (("huge.onnx", {"resize_size": str(10 ** 5)}, "between 1 and 4096"),
+                              ("nofp.onnx", {"checkpoint_sha256": ""}, "fingerprint"),
+                              ("deep.onnx", {"train_config": deep}, "nested too deeply")):
+        with pytest.raises(MetadataError, match=msg) as info:
+            Encoder(with_props(model.onnx_path, tmp_path / name, **change))
+        assert name in str(info.value)
+
+
+def _scaled_output(src: Path, dst: Path, scale: float) -> Path:
+    """A copy of the model whose output is multiplied by ``scale`` (an extra Mul node)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(src))
+    out = proto.graph.output[0].name
+    for node in proto.graph.node:
+        for i, o in enumerate(node.output):
+            if o == out:
+                node.output[i] = out + "_unscaled"
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), "isfe_test_scale"))
+    proto.graph.node.append(helper.make_node("Mul", [out + "_unscaled", "isfe_test_scale"], [out]))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_zero_or_non_finite_model_output_is_a_model_error(model, enc, images, tmp_path):
+    zero = Encoder(_scaled_output(model.onnx_path, tmp_path / "zero.onnx", 0.0))
+    with pytest.raises(ModelError, match=rf"zero\.onnx produced an all-zero \(norm 0\) embedding for image {images[0]} "
+                                         r"\(and 2 more in the same batch\).*re-export"):
+        zero.embed(images[:3])
+    with pytest.raises(ModelError, match="all-zero .* for row 0 of a batch of 1"):
+        zero.embed_arrays(np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32))
+    with pytest.raises(ModelError, match="all-zero"):
+        zero.embed_partial(images[:2], skip_bad=True)  # not an image problem: never skipped
+    nan = Encoder(_scaled_output(model.onnx_path, tmp_path / "nan.onnx", float("nan")))
+    with pytest.raises(ModelError, match="produced a NaN/inf embedding"):
+        nan.embed(images[0])
+    # huge (but finite) outputs: the norm is taken in float64, so they still become the same unit rows
+    big = Encoder(_scaled_output(model.onnx_path, tmp_path / "big.onnx", 1e30))
+    assert np.allclose(big.embed(images[:3]), enc.embed(images[:3]), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- import hygiene
