@@ -93,15 +93,10 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _open_encoder(args: argparse.Namespace, prog: str):
-    from PIL import Image
-
     from .encoder import Encoder
+    from .preprocess import lift_pillow_pixel_limit
 
-    # Pillow has its own hard limit (2 x Image.MAX_IMAGE_PIXELS); lift it to ours in this process.
-    if args.max_pixels is None:
-        Image.MAX_IMAGE_PIXELS = None
-    elif Image.MAX_IMAGE_PIXELS is not None and args.max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = args.max_pixels
+    lift_pillow_pixel_limit(args.max_pixels)  # ours is the limit that counts (_run restores Pillow's)
     try:
         enc = Encoder(args.model, providers=args.providers, threads=args.threads, max_pixels=args.max_pixels)
     except ValueError as e:  # ModelError, MetadataError, bad --providers

@@ -16,7 +16,6 @@ import datetime as _dt
 import json
 import math
 import os
-import reprlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 from ._version import __version__
 from .atomic import atomic_save_npy, replace_directory
+from .metadata import short_repr
 from .search import FaissIndex, topk_inner_product
 
 __all__ = ["FORMAT", "Gallery", "GalleryError", "SearchResult", "list_files", "ids_and_labels"]
@@ -93,16 +93,6 @@ def ids_and_labels(paths: Sequence[Path], root: Path) -> tuple[list[str], list[s
     return ids, labels
 
 
-_repr = reprlib.Repr()
-_repr.maxstring = 80
-_repr.maxother = 80
-
-
-def _short(value: object) -> str:
-    """A bounded repr for messages (safe for huge or deeply nested values)."""
-    return _repr.repr(value)
-
-
 def _utf8_ok(text: str) -> bool:
     """False for text that cannot be written as UTF-8 (lone surrogates, e.g. from a non-UTF-8 file name)."""
     if text.isascii():
@@ -115,7 +105,7 @@ def _utf8_ok(text: str) -> bool:
 
 
 def _bad_text(where: str, text: str) -> str:
-    return f"{where} is text that is not valid Unicode ({_short(text)}; a file name that is not UTF-8? rename the file)"
+    return f"{where} is text that is not valid Unicode ({short_repr(text)}; a file name that is not UTF-8? rename the file)"
 
 
 def _printable(text: str) -> str:
@@ -129,7 +119,7 @@ def _printable(text: str) -> str:
 
 
 def _json_path(root: str, keys: tuple[Any, ...]) -> str:
-    return root + "".join(f"[{_short(k)}]" for k in keys)
+    return root + "".join(f"[{short_repr(k)}]" for k in keys)
 
 
 def _json_problem(value: Any, path: str, strict: bool = True) -> str | None:
@@ -149,7 +139,7 @@ def _json_problem(value: Any, path: str, strict: bool = True) -> str | None:
                 return f"{_json_path(path, keys)} is nested more than {MAX_JSON_DEPTH} levels deep"
             for k, x in v.items():
                 if not isinstance(k, str):
-                    return f"{_json_path(path, keys)} has the key {_short(k)} ({type(k).__name__}); JSON object keys are strings"
+                    return f"{_json_path(path, keys)} has the key {short_repr(k)} ({type(k).__name__}); JSON object keys are strings"
                 if not _utf8_ok(k):
                     return _bad_text(f"a key of {_json_path(path, keys)}", k)
                 tx = type(x)
@@ -173,7 +163,7 @@ def _json_problem(value: Any, path: str, strict: bool = True) -> str | None:
             if not math.isfinite(v):
                 return f"{_json_path(path, keys)} is {float(v)!r}, which JSON cannot store (no NaN or infinity)"
         elif strict:
-            return (f"{_json_path(path, keys)} is {_short(v)} (type {type(v).__name__}), which JSON cannot store; "
+            return (f"{_json_path(path, keys)} is {short_repr(v)} (type {type(v).__name__}), which JSON cannot store; "
                     f"use str, int, float, bool, None, lists and dicts")
     return None
 
@@ -188,20 +178,20 @@ def _validate_items(items: Sequence[Mapping[str, Any]], where: str, copy: bool =
     seen: set[str] = set()
     for n, it in enumerate(items):
         if type(it) is not dict and not isinstance(it, Mapping):
-            raise GalleryError(f"{where}: item {n} needs a non-empty string 'id', got {_short(it)}")
+            raise GalleryError(f"{where}: item {n} needs a non-empty string 'id', got {short_repr(it)}")
         item_id = it.get("id")
         if not isinstance(item_id, str) or not item_id:
-            raise GalleryError(f"{where}: item {n} needs a non-empty string 'id', got {_short(it)}")
+            raise GalleryError(f"{where}: item {n} needs a non-empty string 'id', got {short_repr(it)}")
         label = it.get("label")
         if label is not None and not isinstance(label, str):
-            raise GalleryError(f"{where}: item {_short(item_id)} has label {_short(label)}; labels are strings or null")
+            raise GalleryError(f"{where}: item {short_repr(item_id)} has label {short_repr(label)}; labels are strings or null")
         meta = it.get("metadata") or {}
         if type(meta) is not dict:
             if not isinstance(meta, Mapping):
-                raise GalleryError(f"{where}: item {_short(item_id)} has metadata {_short(meta)}; metadata is a JSON object")
+                raise GalleryError(f"{where}: item {short_repr(item_id)} has metadata {short_repr(meta)}; metadata is a JSON object")
             meta = dict(meta)
         if item_id in seen:
-            raise GalleryError(f"{where}: id {_short(item_id)} occurs twice; ids must be unique")
+            raise GalleryError(f"{where}: id {short_repr(item_id)} occurs twice; ids must be unique")
         seen.add(item_id)
         if not _utf8_ok(item_id):
             problem: str | None = _bad_text("its id", item_id)
@@ -210,13 +200,13 @@ def _validate_items(items: Sequence[Mapping[str, Any]], where: str, copy: bool =
         else:
             problem = _json_problem(meta, "metadata") if meta else None
         if problem:
-            raise GalleryError(f"{where}: item {_short(item_id)}: {problem}; items must be plain JSON "
+            raise GalleryError(f"{where}: item {short_repr(item_id)}: {problem}; items must be plain JSON "
                                f"(no NaN or infinity, sets, bytes or other objects)")
         if copy:
             try:
                 meta = json.loads(json.dumps(meta, ensure_ascii=False, allow_nan=False)) if meta else {}
             except (ValueError, TypeError, RecursionError) as e:  # e.g. an int too long to write
-                raise GalleryError(f"{where}: item {_short(item_id)}: metadata cannot be written as JSON "
+                raise GalleryError(f"{where}: item {short_repr(item_id)}: metadata cannot be written as JSON "
                                    f"({str(e)[:200]}); items must be plain JSON") from None
         out.append({"id": item_id, "label": label, "metadata": meta})
     return out
@@ -303,7 +293,7 @@ class Gallery:
         manifest = dict(manifest)
         dim = manifest.get("dim")
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
-            raise GalleryError(f"gallery: manifest dim is {_short(dim)} ({type(dim).__name__}); it must be an integer >= 1")
+            raise GalleryError(f"gallery: manifest dim is {short_repr(dim)} ({type(dim).__name__}); it must be an integer >= 1")
         problem = _json_problem(manifest, "manifest", strict=False)
         if problem:
             raise GalleryError(f"gallery: {problem}")
@@ -412,7 +402,7 @@ class Gallery:
         name_skips = []
         if unnamed and not skip_bad:
             bad_id = ids[unnamed[0]]
-            raise GalleryError(f"item {_short(bad_id)}: {_bad_text('its id', bad_id)}; ids are the paths relative to {root}")
+            raise GalleryError(f"item {short_repr(bad_id)}: {_bad_text('its id', bad_id)}; ids are the paths relative to {root}")
         if unnamed:
             name_skips = [{"path": _printable(str(paths[n])), "reason": "the file name is not valid UTF-8, so it cannot be "
                            "stored as an id; rename the file"} for n in unnamed]
@@ -620,7 +610,7 @@ class Gallery:
             raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is not an ISFE gallery manifest (format != {FORMAT!r})")
         version = manifest.get("format_version")
         if isinstance(version, bool) or not isinstance(version, int):
-            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has format_version {_short(version)} "
+            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has format_version {short_repr(version)} "
                                f"({type(version).__name__}); it must be an integer (this isfe_model reads "
                                f"{FORMAT_VERSION}) — the file was edited or damaged; {rebuild}")
         if version != FORMAT_VERSION:
@@ -632,10 +622,10 @@ class Gallery:
         for key, low in (("dim", 1), ("count", 0)):
             v = manifest[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has {key} {_short(v)} ({type(v).__name__}); it must be "
+                raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has {key} {short_repr(v)} ({type(v).__name__}); it must be "
                                    f"an integer >= {low} — the file was edited or damaged; {rebuild}")
         if not isinstance(manifest["fingerprint"], str):
-            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has fingerprint {_short(manifest['fingerprint'])}; it must be "
+            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has fingerprint {short_repr(manifest['fingerprint'])}; it must be "
                                f"a string (the model's checkpoint sha256); {rebuild}")
         problem = _json_problem(manifest, MANIFEST_FILE, strict=False)
         if problem:

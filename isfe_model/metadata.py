@@ -53,9 +53,10 @@ class MetadataError(ValueError):
 
 _repr = reprlib.Repr()
 _repr.maxstring = 80
+_repr.maxother = 80
 
 
-def _short(value: object) -> str:
+def short_repr(value: object) -> str:
     """A bounded repr for error messages (metadata values can be huge or deeply nested)."""
     return _repr.repr(value)
 
@@ -136,7 +137,7 @@ class ModelMetadata:
             try:
                 value = int(raw)
             except (ValueError, TypeError):
-                raise MetadataError(f"{source}: metadata {key} is {_short(raw)}, not an integer; {fix}") from None
+                raise MetadataError(f"{source}: metadata {key} is {short_repr(raw)}, not an integer; {fix}") from None
             if not 1 <= value <= limit:
                 what = "pixels per side" if limit == MAX_IMAGE_SIDE else "dimensions"
                 raise MetadataError(f"{source}: metadata {key} is {value}; it must be between 1 and {limit} {what} "
@@ -154,7 +155,7 @@ class ModelMetadata:
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
                     or (key == "isfe.std" and not all(v > 0 for v in values))):
                 need = "3 positive numbers" if key == "isfe.std" else "3 finite numbers"
-                raise MetadataError(f"{source}: metadata {key} is {_short(props[key])}; it must be a JSON list of {need} "
+                raise MetadataError(f"{source}: metadata {key} is {short_repr(props[key])}; it must be a JSON list of {need} "
                                     f"(one per RGB channel); {fix}")
             norm[key] = tuple(float(v) for v in values)
         try:
@@ -179,7 +180,7 @@ class ModelMetadata:
         if not isinstance(sha, str) or not sha.strip() or len(sha) > MAX_FINGERPRINT_LEN or not sha.isprintable():
             raise MetadataError(
                 f"{source}: metadata isfe.checkpoint_sha256 (the model's fingerprint) is "
-                f"{'empty' if not (isinstance(sha, str) and sha.strip()) else _short(sha)}; it must be the training "
+                f"{'empty' if not (isinstance(sha, str) and sha.strip()) else short_repr(sha)}; it must be the training "
                 f"checkpoint's sha256 (galleries use it to tell models apart) — re-export the model from its checkpoint "
                 f"with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`"
             )

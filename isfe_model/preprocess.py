@@ -182,6 +182,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV, RGBX, ...
 
 
+def lift_pillow_pixel_limit(max_pixels: int | None) -> None:
+    """Make ``max_pixels`` the pixel limit that counts in this process (``None``: no limit).
+
+    Pillow refuses images over 2 x ``Image.MAX_IMAGE_PIXELS`` (about 179 M pixels) on
+    its own; a larger ``max_pixels`` raises Pillow's limit to it (never lowers it).
+    """
+    if max_pixels is None:
+        Image.MAX_IMAGE_PIXELS = None
+    elif Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
 def _read_image_file(path: Path, name: str) -> bytes:
     """The bytes of an image file; refuses before opening what is not a regular file or is too large."""
     try:

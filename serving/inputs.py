@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from isfe_model.preprocess import SUPPORTED_FORMATS, ImageError, PreprocessSpec, preprocess
+from isfe_model.preprocess import SUPPORTED_FORMATS, ImageError, PreprocessSpec, lift_pillow_pixel_limit, preprocess
 
 from .errors import ApiError
 
@@ -215,18 +215,6 @@ def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.nd
         raise ApiError(422, "corrupt_image", str(e)) from None
     except Exception as e:  # noqa: BLE001
         raise ApiError(422, "corrupt_image", f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
-
-
-def lift_pillow_pixel_limit(max_pixels: int) -> None:
-    """Make ``max_pixels`` the pixel limit that counts in this process.
-
-    Pillow refuses images over 2 x ``Image.MAX_IMAGE_PIXELS`` (about 179 M pixels)
-    and warns above it (about 89.5 M) on its own; a server started with a larger
-    ``--max-pixels`` raises Pillow's limit to it (never lowers it), as the isfe
-    command-line tools do.
-    """
-    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = int(max_pixels)
 
 
 def parse_k(fields: dict[str, Any], query: dict[str, str], default: int, max_k: int) -> int:
