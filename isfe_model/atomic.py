@@ -2,20 +2,34 @@
 
 Every output goes to a temporary name in the destination folder first and is
 renamed into place (``os.replace``, atomic on POSIX and Windows for files).
+A folder is swapped in whole: on Linux with one ``renameat2(RENAME_EXCHANGE)``
+(the path always names a complete folder, old or new), elsewhere with two
+renames.  :func:`open_together` is the reader's half: files opened through one
+directory handle all come from the same folder, whatever is swapped in meanwhile.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_save_npy", "default_mode", "output_target", "replace_directory"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_save_npy", "default_mode", "exchange_paths", "open_together",
+           "output_target", "replace_directory"]
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+#: errno values of renameat2 that mean "this system or file system cannot exchange": fall back to two renames.
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EXDEV}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,13 +117,87 @@ def atomic_save_npy(path: str | os.PathLike, arr: np.ndarray) -> Path:
     return atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
 
 
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    """glibc's ``renameat2`` (Linux >= 3.15, glibc >= 2.28), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # musl or an old glibc
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one atomic step (``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, changing nothing, where the system or file system cannot do it
+    (not Linux, old kernel or libc, a file system without exchange).
+
+    Raises:
+        OSError: the exchange itself failed (e.g. a path does not exist).
+    """
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _swap_in(tmp: Path, target: Path, may_replace: Callable[[Path], bool]) -> Path | None:
+    """Put folder ``tmp`` at ``target``; returns the path now holding the replaced folder (to delete), or None.
+
+    An existing ``target`` is exchanged with ``tmp`` in one step where the system can (a reader
+    never finds ``target`` missing), else moved aside and replaced (two renames).
+    """
+    for _ in range(3):  # target may appear or go away between the check and the rename
+        if target.exists() or target.is_symlink():
+            if not may_replace(target):
+                raise FileExistsError(str(target))
+            if exchange_paths(tmp, target):
+                return tmp  # tmp now names the old folder
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=tmp.parent))
+            old.rmdir()
+            try:
+                os.replace(target, old)
+            except FileNotFoundError:  # another writer moved it aside first
+                continue
+            try:
+                os.replace(tmp, target)
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another writer's folder came first: replace that
+                    shutil.rmtree(old, ignore_errors=True)
+                    continue
+                os.replace(old, target)  # put the old one back
+                raise
+            except BaseException:
+                os.replace(old, target)
+                raise
+            return old
+        try:
+            os.replace(tmp, target)
+            return None
+        except OSError as e:  # another writer created target meanwhile: replace that one
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise FileExistsError(str(target))
+
+
 def replace_directory(target: str | os.PathLike, fill: Callable[[Path], None], may_replace: Callable[[Path], bool]) -> Path:
     """Create folder ``target`` atomically: ``fill(tmpdir)`` writes its files, then it is renamed into place.
 
     If ``target`` exists, ``may_replace(target)`` must return True (the caller
-    checks that it is safe to delete); the old folder is moved aside, the new
-    one renamed in, and the old one deleted.  On any error the temporary
-    folder is removed and ``target`` is left as it was.
+    checks that it is safe to delete); the new folder is exchanged with the old
+    one in one step (Linux; elsewhere the old one is moved aside first) and the
+    old one deleted.  On any error the temporary folder is removed and
+    ``target`` is left as it was.
     """
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
@@ -122,22 +210,45 @@ def replace_directory(target: str | os.PathLike, fill: Callable[[Path], None], m
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        if target.exists() or target.is_symlink():
-            if not may_replace(target):
-                raise FileExistsError(str(target))
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            old.rmdir()
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)  # put the old one back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        old = _swap_in(tmp, target, may_replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(parent)
     return target
+
+
+def open_together(folder: str | os.PathLike, names: Sequence[str]) -> list[BinaryIO]:
+    """Open ``folder/name`` for each name, read-only, all from the same folder.
+
+    The files are opened through one handle on the folder (``dir_fd``), so a
+    folder swapped in by :func:`replace_directory` meanwhile cannot mix in: all
+    come from the old folder, or opening fails (``FileNotFoundError``, the old
+    folder was deleted) and the caller may try again.  Without ``dir_fd``
+    support (Windows) the files are opened by path, one right after the other.
+
+    Raises:
+        OSError: a file is missing, unreadable or not a regular file (``errno.EINVAL``).
+    """
+    fds: list[int] = []
+    try:
+        if os.open in os.supports_dir_fd:
+            dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                for name in names:  # O_NONBLOCK: a FIFO put in a file's place must not block the open
+                    fds.append(os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=dfd))
+            finally:
+                os.close(dfd)
+        else:
+            for name in names:
+                fds.append(os.open(os.path.join(folder, name), os.O_RDONLY | getattr(os, "O_BINARY", 0)))
+        for fd, name in zip(fds, names, strict=True):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", os.path.join(folder, name))
+        return [os.fdopen(fd, "rb") for fd in fds]
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise

@@ -7,9 +7,13 @@
 
 Exit codes: 0 success; 1 bad input (image, model, gallery, output path) with
 one ``PROG: error: ...`` line on stderr naming the file and the fix; 2 bad
-command line; 3 an internal error (run with --debug for the traceback);
-130 interrupted.  Which ONNX Runtime execution providers run the model is
-printed on stderr (``--quiet`` hides it).
+command line, including an output that is one of the inputs (``-o`` naming
+the model or an image, through links too); 3 an internal error (run with
+--debug for the traceback); 130 interrupted.  Which ONNX Runtime execution
+providers run the model is printed on stderr (``--quiet`` hides it).  Every
+name printed (paths, ids, labels, messages) has its control characters
+escaped (:func:`isfe_model.gallery.printable`), so a file called
+``$'\\e[2J\\r'`` cannot rewrite the terminal.
 """
 
 from __future__ import annotations
@@ -18,20 +22,63 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from PIL import Image
+
+from ._version import __version__
 from .argtypes import positive_int
+from .atomic import atomic_save_npy, output_target
+from .encoder import Encoder, runtime_info
+from .gallery import Gallery, GalleryError, _check_replaceable, printable
+from .jsonsafe import dumps
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, lift_pillow_pixel_limit
+from .progress import stderr_is_tty
 
 __all__ = ["embed_main", "index_main", "main", "search_main"]
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: Skipped paths listed on stderr by isfe-index (all of them are in the manifest).
+SHOWN_SKIPS = 50
 
 
 class CliError(Exception):
-    """A user error the CLI reports in one line."""
+    """A user error the CLI reports in one line (exit 1)."""
+
+
+class OutputIsInputError(CliError):
+    """An output path that is one of the inputs (the model, an image, the image folder): exit 2, nothing written."""
+
+
+def _lines(text: str) -> str:
+    """``text`` with control characters escaped in each line (the line breaks kept)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+#: Characters json.dumps(ensure_ascii=False) leaves raw that a terminal must not get: DEL, C1 controls,
+#: bidi overrides, line separators and lone surrogates (it escapes the C0 controls itself).
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _json_text(obj: Any) -> str:
+    """Strict JSON (isfe_model.jsonsafe) with every character a terminal must not get as a \\uXXXX escape."""
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", dumps(obj, indent=2))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with control characters escaped in what it prints (usage errors quote the bad argument)."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        super()._print_message(_lines(message) if message else message, file)
+
+
+class _SafeFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return _lines(super().format(record))
 
 
 def _max_pixels(text: str) -> int | None:
@@ -48,8 +95,6 @@ def _max_pixels(text: str) -> int | None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from .preprocess import DEFAULT_MAX_PIXELS
-
     g = p.add_argument_group("runtime")
     g.add_argument("--providers", default=None, metavar="LIST",
                    help="ONNX Runtime execution providers in order, e.g. 'cuda,cpu' or 'cpu' "
@@ -73,7 +118,7 @@ def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
     logger = logging.getLogger("isfe_model")
     saved = (logger.level, logger.propagate)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("isfe: %(levelname)s: %(message)s"))
+    handler.setFormatter(_SafeFormatter("isfe: %(levelname)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
@@ -87,22 +132,17 @@ def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    from .progress import stderr_is_tty
-
     return stderr_is_tty() if args.progress is None else bool(args.progress)
 
 
-def _open_encoder(args: argparse.Namespace, prog: str):
-    from .encoder import Encoder
-    from .preprocess import lift_pillow_pixel_limit
-
+def _open_encoder(args: argparse.Namespace, prog: str) -> Encoder:
     lift_pillow_pixel_limit(args.max_pixels)  # ours is the limit that counts (_run restores Pillow's)
     try:
         enc = Encoder(args.model, providers=args.providers, threads=args.threads, max_pixels=args.max_pixels)
     except ValueError as e:  # ModelError, MetadataError, bad --providers
         raise CliError(str(e)) from None
     if not args.quiet:
-        print(f"{prog}: model {enc.model_path} (dim {enc.dim}, input {enc.spec.input_size}x{enc.spec.input_size}, "
+        print(f"{prog}: model {printable(enc.model_path)} (dim {enc.dim}, input {enc.spec.input_size}x{enc.spec.input_size}, "
               f"fingerprint {enc.fingerprint[:12]}) on {', '.join(enc.providers)}", file=sys.stderr)
     return enc
 
@@ -114,20 +154,18 @@ def _run(prog: str, build: Callable[[], argparse.ArgumentParser], body: Callable
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
-    from PIL import Image
-
-    from .gallery import GalleryError
-    from .preprocess import ImageError
-
     restore_logging = _setup_logging(args)
     pillow_limit = Image.MAX_IMAGE_PIXELS  # _open_encoder may lift it for this run
     try:
         return body(args)
+    except OutputIsInputError as e:
+        print(f"{prog}: error: {printable(e)}", file=sys.stderr)
+        return EXIT_USAGE
     except (CliError, ImageError, GalleryError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {printable(e)}", file=sys.stderr)
         return EXIT_INPUT
     except ImportError as e:  # e.g. the faiss backend without faiss installed
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {printable(e)}", file=sys.stderr)
         return EXIT_INPUT
     except MemoryError:
         print(f"{prog}: error: out of memory; use a smaller --batch-size or --max-pixels", file=sys.stderr)
@@ -143,12 +181,12 @@ def _run(prog: str, build: Callable[[], argparse.ArgumentParser], body: Callable
         return EXIT_OK
     except OSError as e:
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"{prog}: error:{where} {e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: error:{printable(where)} {printable(e.strerror or e)}", file=sys.stderr)
         return EXIT_INPUT
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"{prog}: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback and please report it)",
+        print(f"{prog}: internal error: {type(e).__name__}: {printable(e)} (run again with --debug for the traceback and please report it)",
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
@@ -156,9 +194,39 @@ def _run(prog: str, build: Callable[[], argparse.ArgumentParser], body: Callable
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
-def _check_output_file(path: Path, what: str) -> None:
-    from .atomic import output_target
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` are one file (through symlinks and hard links: the same st_dev and st_ino)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one of them does not exist (yet)
+        return False
 
+
+def _refuse_output_over_inputs(out: Path, inputs: Sequence[tuple[str, str]], flag: str = "-o") -> None:
+    """OutputIsInputError when the output file ``out`` is one of ``inputs`` [(what, path)]: writing would destroy it."""
+    if not (out.exists() and out.is_file()):
+        return  # nothing there yet (or a dangling link): no input can be that file
+    for what, path in inputs:
+        if _same_file(out, path):
+            same = "" if os.path.abspath(out) == os.path.abspath(path) else " (the same file, through a link)"
+            raise OutputIsInputError(f"the output {out} is the {what} {path}{same}; writing it would destroy the "
+                                     f"{what} — choose another {flag}")
+
+
+def _refuse_output_folder_over_inputs(out: Path, model: str, folder: Path) -> None:
+    """OutputIsInputError when the gallery folder ``out`` is the model or the image folder, or holds the model."""
+    _refuse_output_over_inputs(out, [("model", model)])
+    if _same_file(out, folder):
+        raise OutputIsInputError(f"the output folder {out} is the image folder {folder}; choose another -o")
+    if not out.is_dir():
+        return
+    for parent in Path(os.path.realpath(model)).parents:
+        if _same_file(parent, out):
+            raise OutputIsInputError(f"the output folder {out} holds the model {model}; replacing the gallery would "
+                                     f"delete it — choose another -o, or move the model out of {out}")
+
+
+def _check_output_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise CliError(f"{what} {path} is a folder; give a file name such as {path / 'embeddings.npy'}")
     try:
@@ -176,7 +244,7 @@ def _check_output_file(path: Path, what: str) -> None:
 
 
 def _embed_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="isfe-embed", description="Embed images with an ISFE ONNX model; writes float32 [N, D] unit rows (.npy, input order).")
+    p = _Parser(prog="isfe-embed", description="Embed images with an ISFE ONNX model; writes float32 [N, D] unit rows (.npy, input order).")
     p.add_argument("model", help="the .onnx model file (written by python -m export)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, GIF, BMP, TIFF, WebP, ...)")
     p.add_argument("-o", "--output", required=True, help="output .npy file (written atomically; replaced if it exists)")
@@ -185,14 +253,13 @@ def _embed_parser() -> argparse.ArgumentParser:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from .atomic import atomic_save_npy
-
     out = Path(args.output)
+    _refuse_output_over_inputs(out, [("model", args.model)] + [("input image", img) for img in args.images])
     _check_output_file(out, "output")
     enc = _open_encoder(args, "isfe-embed")
     emb = enc.embed(args.images, batch_size=args.batch_size, progress=_progress(args))
     atomic_save_npy(out, emb)
-    print(f"wrote {out}: {emb.shape[0]} x {emb.shape[1]} float32 embeddings")
+    print(f"wrote {printable(out)}: {emb.shape[0]} x {emb.shape[1]} float32 embeddings")
     return EXIT_OK
 
 
@@ -205,11 +272,13 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _index_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="isfe-index",
         description="Embed every file under FOLDER (recursively; hidden files ignored) into a gallery folder "
                     "(embeddings.npy, items.jsonl, manifest.json). ids are relative paths; labels are the class "
-                    "folder names when images sit in subfolders.")
+                    "folder names when images sit in subfolders. Links to files are followed; links to folders, "
+                    "unreadable folders and paths over the system's length limit are left out, listed on stderr "
+                    "and in the manifest's 'skipped'.")
     p.add_argument("model", help="the .onnx model file")
     p.add_argument("folder", help="folder of images (optionally in class subfolders)")
     p.add_argument("-o", "--output", required=True, metavar="GALLERY_DIR", help="gallery folder to create (written atomically)")
@@ -221,16 +290,12 @@ def _index_parser() -> argparse.ArgumentParser:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .gallery import Gallery, _check_replaceable
-    from .preprocess import ImageError
-
     folder, out = Path(args.folder), Path(args.output)
     if not folder.exists():
         raise CliError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise CliError(f"{folder} is a file; isfe-index takes a folder of images (use isfe-embed for single files)")
-    if out.resolve() == folder.resolve():
-        raise CliError("the output folder is the image folder; choose another -o")
+    _refuse_output_folder_over_inputs(out, args.model, folder)
     if out.resolve() in folder.resolve().parents:
         raise CliError(f"the image folder {folder} is inside the output folder {out}; replacing the output would "
                        f"delete the images — choose an -o outside {folder}")
@@ -244,16 +309,22 @@ def _index(args: argparse.Namespace) -> int:
         raise CliError(f"{e}. Fix or remove the file, or pass --skip-bad to skip bad files") from None
     skipped = gal.manifest["skipped"]
     if skipped and not args.quiet:
-        print(f"isfe-index: skipped {len(skipped)} file(s) that are not usable images:", file=sys.stderr)
-        for s in skipped[:50]:
-            print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
-        if len(skipped) > 50:
-            print(f"  ... and {len(skipped) - 50} more (all listed in {out / 'manifest.json'})", file=sys.stderr)
+        _print_skipped(skipped, out)
     gal.save(out, overwrite=args.overwrite)
     n_labels = len({lab for lab in gal.labels if lab is not None})
-    print(f"indexed {len(gal)} images ({len(skipped)} skipped) from {folder} into {out}: "
+    print(f"indexed {len(gal)} images ({len(skipped)} skipped) from {printable(folder)} into {printable(out)}: "
           f"dim {gal.dim}, {gal.dtype}, {n_labels} labels")
     return EXIT_OK
+
+
+def _print_skipped(skipped: Sequence[dict[str, Any]], out: Path) -> None:
+    """One stderr line per skipped path (the first SHOWN_SKIPS), then how many more the manifest lists."""
+    print(f"isfe-index: skipped {len(skipped)} file(s) or folder(s):", file=sys.stderr)
+    for s in skipped[:SHOWN_SKIPS]:
+        print(f"  {printable(s['path'])}: {printable(s['reason'])}", file=sys.stderr)
+    if len(skipped) > SHOWN_SKIPS:
+        print(f"  ... and {len(skipped) - SHOWN_SKIPS} more (all listed in {printable(out / 'manifest.json')})",
+              file=sys.stderr)
 
 
 def index_main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +336,7 @@ def index_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _search_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="isfe-search", description="Find the gallery images most similar (cosine) to each query image.")
+    p = _Parser(prog="isfe-search", description="Find the gallery images most similar (cosine) to each query image.")
     p.add_argument("model", help="the .onnx model file the gallery was built with")
     p.add_argument("gallery", metavar="GALLERY_DIR", help="gallery folder written by isfe-index")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="query image(s)")
@@ -278,8 +349,6 @@ def _search_parser() -> argparse.ArgumentParser:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .gallery import Gallery
-
     enc = _open_encoder(args, "isfe-search")
     gal = Gallery.load(args.gallery, encoder=enc, backend=args.backend, mmap=True)
     q = enc.embed(args.images, batch_size=args.batch_size, progress=_progress(args) and len(args.images) > 100)
@@ -294,13 +363,13 @@ def _search(args: argparse.Namespace) -> int:
             "k": int(res.indices.shape[1]),
             "results": [{"query": str(img), "hits": res.hits(i)} for i, img in enumerate(args.images)],
         }
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(_json_text(doc))
     else:
         for i, img in enumerate(args.images):
-            print(f"query {img}")
+            print(f"query {printable(img)}")
             for h in res.hits(i):
-                label = f"  [{h['label']}]" if h["label"] is not None else ""
-                print(f"  {h['rank']:>3}  {h['score']:.4f}  {h['id']}{label}")
+                label = f"  [{printable(h['label'])}]" if h["label"] is not None else ""
+                print(f"  {h['rank']:>3}  {h['score']:.4f}  {printable(h['id'])}{label}")
     return EXIT_OK
 
 
@@ -313,15 +382,13 @@ def search_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _info_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="isfe-info", description="Print what a model says about itself and what ONNX Runtime runs it on (JSON).")
+    p = _Parser(prog="isfe-info", description="Print what a model says about itself and what ONNX Runtime runs it on (JSON).")
     p.add_argument("model", nargs="?", help="the .onnx model file (omit to show only the onnxruntime build)")
     _common(p)
     return p
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .encoder import runtime_info
-
     if args.model is None:
         print(json.dumps(runtime_info(), indent=2))
         return EXIT_OK
@@ -355,13 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  info    [MODEL]\n", file=sys.stderr if not argv else sys.stdout)
         return EXIT_USAGE if not argv else EXIT_OK
     if argv[0] == "--version":
-        from ._version import __version__
-
         print(f"isfe-model {__version__}")
         return EXIT_OK
     cmd = COMMANDS.get(argv[0])
     if cmd is None:
-        print(f"isfe_model: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"isfe_model: error: unknown command {printable(repr(argv[0]))}; choose one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
         return EXIT_USAGE
     return cmd(argv[1:])
 

@@ -4,7 +4,11 @@ On disk a gallery is a folder of three files (never pickle)::
 
     embeddings.npy   float32 or float16 [N, D], unit rows (np.load(allow_pickle=False))
     items.jsonl      one JSON object per row: {"id": ..., "label": ..., "metadata": {...}}
-    manifest.json    format, model_sha256, fingerprint, dim, dtype, count, created, skipped, ...
+    manifest.json    format, model_sha256, fingerprint, dim, dtype, count, created, skipped, ...,
+                     files: {name: {"bytes", "sha256"}} of the other two (checked by load)
+
+A folder is replaced whole (isfe_model.atomic.replace_directory) and read whole (atomic.open_together):
+a load that overlaps a save(overwrite=True) returns the old or the new gallery, never a mix.
 
 The fingerprint is the training checkpoint's sha256 that the model carries:
 queries are only compared with embeddings of the same weights.
@@ -13,28 +17,38 @@ queries are only compared with embeddings of the same weights.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
+import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, BinaryIO, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from ._version import __version__
-from .atomic import atomic_save_npy, replace_directory
+from .atomic import atomic_save_npy, open_together, replace_directory
+from .jsonsafe import dumps
 from .metadata import short_repr
 from .search import FaissIndex, topk_inner_product
 
-__all__ = ["FORMAT", "Gallery", "GalleryError", "SearchResult", "list_files", "ids_and_labels"]
+__all__ = ["FORMAT", "Gallery", "GalleryError", "SearchResult", "ids_and_labels", "list_files", "printable",
+           "walk_files"]
 
 FORMAT = "isfe-gallery"
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
 ITEMS_FILE = "items.jsonl"
 MANIFEST_FILE = "manifest.json"
+#: Files whose size and sha256 the manifest records ("files") and Gallery.load checks.
+CHECKED_FILES = (EMBEDDINGS_FILE, ITEMS_FILE)
+#: Tries of Gallery.load when the files change while they are read (a concurrent replacement).
+LOAD_ATTEMPTS = 3
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
 DTYPES = ("float32", "float16")
 BACKENDS = ("numpy", "faiss")
 #: Deepest nesting of lists/objects accepted in item metadata and manifests.  JSON parsers and
@@ -60,26 +74,84 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def list_files(folder: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
-    """Every regular file under ``folder`` (recursively, sorted by relative path).
+def _path_max(folder: Path) -> int:
+    """Bytes a path may have, including the terminating NUL (PATH_MAX: 4096 on Linux)."""
+    try:
+        return int(os.pathconf(folder, "PC_PATH_MAX"))
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
+        return 4096 if os.name == "posix" else 32767
 
-    Hidden files and folders (name starting with ".") are left out, and so is
-    anything under an ``exclude`` path (e.g. the gallery being written).  Files
-    are *not* filtered by extension: a non-image is reported as bad (or skipped
-    and listed with ``skip_bad``), never dropped silently.
+
+def _inode(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_files(folder: str | os.PathLike,
+               exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[Path], list[dict[str, str]]]:
+    """(files, left_out): every file under ``folder``, sorted by relative path, and what the walk could not take.
+
+    An explicit stack of folders (no recursion, so any depth).  Hidden names (".") and the
+    ``exclude`` folders (e.g. the gallery being written) are left out silently.  Left out and
+    returned as ``{"path", "reason"}``: links to folders (never followed: loops, and files
+    outside ``folder``), folders that cannot be read, and paths over the system's length limit
+    (PATH_MAX; nothing could open them).  Links to files are followed like files (the id is
+    the link's path).  Files are *not* filtered by extension: a non-image is reported as bad
+    (or skipped and listed with ``skip_bad``) when it is embedded, never dropped silently.
     """
     root = Path(folder)
     if not root.is_dir():
         raise GalleryError(f"{root} is not a folder" if root.exists() else f"{root}: no such folder")
-    excluded = {Path(e).resolve() for e in exclude}
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
-        for f in filenames:
-            if not f.startswith("."):
-                out.append(here / f)
-    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+    limit = _path_max(root)
+    excluded = {key for key in map(_inode, exclude) if key is not None}
+    excluded_inodes = {ino for _dev, ino in excluded}
+    files: list[str] = []
+    left_out: list[dict[str, str]] = []
+
+    def leave_out(path: str, reason: str) -> None:
+        left_out.append({"path": _printable(path), "reason": reason})
+
+    stack = [str(root)]
+    while stack:
+        here = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = list(it)
+        except OSError as e:
+            leave_out(here, f"folder cannot be read ({e.strerror or e}); its files are not indexed "
+                            f"— fix its permissions")
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = entry.path
+            size = len(os.fsencode(path))
+            if size >= limit:
+                leave_out(path, f"path is {size:,} bytes long, over the system limit of {limit - 1:,}; "
+                                f"nothing can open it — move it to a shallower folder or index a folder closer to it")
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    # entry.inode() costs no system call; stat (for st_dev) only on a match
+                    if entry.inode() not in excluded_inodes or _inode(path) not in excluded:
+                        stack.append(path)
+                elif entry.is_symlink() and entry.is_dir():
+                    leave_out(path, "link to a folder; links to folders are not followed (loops, files outside the "
+                                    "folder) — index the folder it points to, or copy it in")
+                else:
+                    files.append(path)
+            except OSError as e:
+                leave_out(path, f"cannot be examined ({e.strerror or e})")
+    left_out.sort(key=lambda s: s["path"])
+    return sorted((Path(f) for f in files), key=lambda p: p.relative_to(root).as_posix()), left_out
+
+
+def list_files(folder: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """The files of :func:`walk_files` (what it leaves out is not returned)."""
+    return walk_files(folder, exclude)[0]
 
 
 def ids_and_labels(paths: Sequence[Path], root: Path) -> tuple[list[str], list[str | None]]:
@@ -109,13 +181,39 @@ def _bad_text(where: str, text: str) -> str:
 
 
 def _printable(text: str) -> str:
-    """``text`` made writable as UTF-8: undecodable bytes of a file name become \\xNN escapes."""
+    """``text`` made writable as UTF-8 (for the manifest): undecodable bytes of a file name become \\xNN escapes."""
     if _utf8_ok(text):
         return text
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+#: What a terminal must not be sent raw: C0 controls (ESC, CR, BEL, newline, ...), DEL and C1 controls
+#: (0x9b is a one-byte CSI), bidirectional overrides and marks that reorder what is shown, line and
+#: paragraph separators, and lone surrogates (undecodable bytes of a file name; unprintable as UTF-8).
+_TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    if 0xDC80 <= c <= 0xDCFF:  # surrogateescape: the byte c - 0xDC00 of a file name that is not UTF-8
+        return f"\\x{c - 0xDC00:02x}"
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def printable(text: object) -> str:
+    """``str(text)`` safe to print on a terminal as one line: each control character becomes an escape.
+
+    C0/C1 control characters and DEL become ``\\xNN`` (ESC -> ``\\x1b``, CR -> ``\\x0d``), bidi overrides and
+    line separators ``\\uNNNN``, undecodable bytes of a file name (surrogateescape) ``\\xNN`` of the byte.
+    Text without such characters is returned unchanged (a backslash is left as it is).
+    """
+    text = str(text)
+    if _TERMINAL_UNSAFE.search(text) is None:
+        return text
+    return _TERMINAL_UNSAFE.sub(_escape_char, text)
 
 
 def _json_path(root: str, keys: tuple[Any, ...]) -> str:
@@ -368,7 +466,9 @@ class Gallery:
             source: a folder, or a list of image paths.
             skip_bad: skip files that are not usable images and list them in
                 ``manifest["skipped"]`` ([{"path", "reason"}]); otherwise the
-                first one raises :class:`isfe_model.ImageError`.
+                first one raises :class:`isfe_model.ImageError`.  What the folder
+                walk leaves out (links to folders, unreadable folders, paths over
+                the system limit; see :func:`walk_files`) is listed there always.
             dtype: "float32", or "float16" to halve the file and memory size
                 (cosines change by ~1e-3; search converts rows on the fly, so
                 it is several times slower per query than float32).
@@ -381,11 +481,15 @@ class Gallery:
         """
         if dtype not in DTYPES:
             raise GalleryError(f"dtype must be float32 or float16, got {dtype!r}")
+        left_out: list[dict[str, str]] = []
         if isinstance(source, (str, os.PathLike)):
             root = Path(source)
-            paths = list_files(root, exclude=exclude)
+            paths, left_out = walk_files(root, exclude=exclude)
             if not paths:
-                raise GalleryError(f"{root} holds no files (hidden files are ignored); put images in it, in class subfolders if you have labels")
+                why = (f"; {len(left_out)} path(s) left out, e.g. {left_out[0]['path']}: {left_out[0]['reason']}"
+                       if left_out else "")
+                raise GalleryError(f"{root} holds no files (hidden files are ignored{why}); put images in it, "
+                                   f"in class subfolders if you have labels")
             src_desc = str(root)
         else:
             paths = [Path(p) for p in source]
@@ -410,10 +514,11 @@ class Gallery:
             paths, ids, labels = [paths[n] for n in keep], [ids[n] for n in keep], [labels[n] for n in keep]
         emb, kept, errors = encoder.embed_partial([str(p) for p in paths], batch_size=batch_size, progress=progress,
                                                   skip_bad=skip_bad, names=[str(p) for p in paths], label="indexing")
-        skipped = name_skips + [{"path": _printable(e.source), "reason": _printable(e.reason)} for e in errors]
+        bad = name_skips + [{"path": _printable(e.source), "reason": _printable(e.reason)} for e in errors]
+        skipped = left_out + bad
         if not kept:
             raise GalleryError(f"none of the {len(paths) + len(name_skips)} files in {src_desc} is a usable image"
-                               + (f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""))
+                               + (f" (first: {bad[0]['path']}: {bad[0]['reason']})" if bad else ""))
         metadata = metadata or {}
         items = [{"id": ids[i], "label": labels[i], "metadata": metadata.get(ids[i]) or {}} for i in kept]
         manifest = cls.new_manifest(encoder, dtype, source=src_desc, skipped=skipped)
@@ -547,10 +652,12 @@ class Gallery:
     # ------------------------------------------------------------------ files
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the gallery folder atomically (temporary folder + rename).
+        """Write the gallery folder atomically (temporary folder, then swapped in whole).
 
-        An existing ``directory`` is replaced only with ``overwrite=True`` and
-        only if it is empty or an ISFE gallery (never any other folder).
+        The manifest records each file's size and sha256 (``files``), which :meth:`load`
+        checks.  An existing ``directory`` is replaced only with ``overwrite=True`` and
+        only if it is empty or an ISFE gallery (never any other folder); a reader
+        loading it meanwhile gets the whole old or the whole new gallery.
 
         Raises:
             GalleryError: the folder exists (without overwrite) or is not a gallery.
@@ -559,6 +666,7 @@ class Gallery:
         with self._lock:
             emb, items, manifest = self._emb, list(self._items), dict(self.manifest)
         manifest.update(count=int(emb.shape[0]), dim=int(emb.shape[1]), dtype=str(emb.dtype), isfe_model_version=__version__)
+        manifest.pop("files", None)
         if target.exists() or target.is_symlink():
             _check_replaceable(target, overwrite)
 
@@ -567,7 +675,8 @@ class Gallery:
             with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
                 for it in items:
                     f.write(json.dumps(it, ensure_ascii=False, sort_keys=True) + "\n")
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+            manifest["files"] = {name: _file_digest(tmp / name) for name in CHECKED_FILES}
+            (tmp / MANIFEST_FILE).write_text(dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
         try:
             return replace_directory(target, fill, lambda t: _is_replaceable(t))
@@ -579,6 +688,12 @@ class Gallery:
              mmap: bool = False) -> "Gallery":
         """Read a gallery folder written by :meth:`save`.
 
+        The three files are opened together from one folder (a folder swapped in by a
+        concurrent ``save(overwrite=True)`` cannot mix in) and checked against the sizes
+        and sha256 the manifest records; if they changed while being read, the load is
+        tried again (LOAD_ATTEMPTS in all).  Galleries saved before checksums were
+        recorded (no ``files`` in the manifest) load without that check.
+
         Args:
             encoder: if given, its ``dim`` and ``fingerprint`` must match the
                 gallery's (else GalleryError saying how to fix it).
@@ -586,88 +701,41 @@ class Gallery:
             mmap: memory-map embeddings.npy instead of reading it (large galleries).
 
         Raises:
-            GalleryError: missing/damaged files, inconsistent counts or dims,
-                or a model mismatch.
+            GalleryError: missing/damaged files, inconsistent counts or dims, files
+                that do not match their checksums, or a model mismatch.
         """
         d = Path(directory)
-        if not d.exists():
-            raise GalleryError(f"gallery {d}: no such folder; build one with `isfe-index MODEL IMAGE_FOLDER -o {d}`")
-        if not d.is_dir():
-            raise GalleryError(f"gallery {d} is a file; a gallery is the folder written by isfe-index")
-        missing = [f for f in (MANIFEST_FILE, EMBEDDINGS_FILE, ITEMS_FILE) if not (d / f).is_file()]
-        if missing:
-            raise GalleryError(f"gallery {d} lacks {', '.join(missing)}; it is not a gallery or is damaged — rebuild it with isfe-index")
         if backend not in BACKENDS:
             raise GalleryError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        rebuild = "rebuild the gallery with isfe-index"
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                return cls._load_once(d, encoder, backend, mmap)
+            except _Changed as e:
+                if attempt == LOAD_ATTEMPTS - 1:
+                    raise GalleryError(str(e)) from None
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_once(cls, d: Path, encoder: _EncoderLike | None, backend: str, mmap: bool) -> "Gallery":
+        """One attempt of :meth:`load`; ``_Changed`` when the files could not be opened or changed while read."""
         try:
-            manifest = _STRICT_JSON.decode((d / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except RecursionError:
-            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is nested too deeply to be read; {rebuild}") from None
-        except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is unreadable ({str(e)[:300]}); {rebuild}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is not an ISFE gallery manifest (format != {FORMAT!r})")
-        version = manifest.get("format_version")
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has format_version {short_repr(version)} "
-                               f"({type(version).__name__}); it must be an integer (this isfe_model reads "
-                               f"{FORMAT_VERSION}) — the file was edited or damaged; {rebuild}")
-        if version != FORMAT_VERSION:
-            raise GalleryError(f"gallery {d}: format version {version!r} is not supported "
-                               f"(this isfe_model reads {FORMAT_VERSION}); rebuild it or upgrade isfe-model")
-        for key in ("dim", "count", "fingerprint"):
-            if key not in manifest:
-                raise GalleryError(f"gallery {d}: {MANIFEST_FILE} lacks {key!r}; {rebuild}")
-        for key, low in (("dim", 1), ("count", 0)):
-            v = manifest[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has {key} {short_repr(v)} ({type(v).__name__}); it must be "
-                                   f"an integer >= {low} — the file was edited or damaged; {rebuild}")
-        if not isinstance(manifest["fingerprint"], str):
-            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has fingerprint {short_repr(manifest['fingerprint'])}; it must be "
-                               f"a string (the model's checkpoint sha256); {rebuild}")
-        problem = _json_problem(manifest, MANIFEST_FILE, strict=False)
-        if problem:
-            raise GalleryError(f"gallery {d}: {problem}; {rebuild}")
-        # check the .npy header against the file size and the manifest before reading any data: a
-        # damaged header can claim any shape (np.load would try to allocate it: MemoryError)
-        shape, dtype = _npy_header(d / EMBEDDINGS_FILE, f"gallery {d}: {EMBEDDINGS_FILE}")
-        if len(shape) != 2 or dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
-            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} holds {dtype} {list(shape)}, expected float32/float16 [N, D]")
-        if shape[1] != manifest["dim"] or shape[0] != manifest["count"]:
-            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} is {shape[0]} x {shape[1]} but the manifest says "
-                               f"{manifest['count']} x {manifest['dim']}; the folder is damaged — rebuild it")
-        try:
-            emb = np.load(d / EMBEDDINGS_FILE, allow_pickle=False, mmap_mode="r" if mmap else None)
-        except MemoryError:
-            raise GalleryError(f"gallery {d}: not enough memory to read {EMBEDDINGS_FILE} ({shape[0]} x {shape[1]} {dtype}); "
-                               f"load it memory-mapped (mmap=True) or free memory") from None
-        except (OSError, ValueError, EOFError) as e:
-            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} is damaged or not a plain .npy array ({e}); {rebuild}") from None
-        if tuple(emb.shape) != tuple(shape) or emb.dtype != dtype:  # the file changed while it was read
-            raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} changed while it was read; try again")
-        items = []
-        ln = 0
-        try:
-            with open(d / ITEMS_FILE, encoding="utf-8") as f:
-                for ln, line in enumerate(f, 1):
-                    if line.strip():
-                        items.append(_STRICT_JSON.decode(line))
-                        if len(items) > emb.shape[0]:
-                            break
-        except RecursionError:
-            raise GalleryError(f"gallery {d}: {ITEMS_FILE} line {ln} is nested too deeply to be read; {rebuild}") from None
-        except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise GalleryError(f"gallery {d}: {ITEMS_FILE} line {ln} is unreadable ({str(e)[:300]}); {rebuild}") from None
-        if len(items) != emb.shape[0]:
-            has = f"more than {emb.shape[0]}" if len(items) > emb.shape[0] else str(len(items))
-            raise GalleryError(f"gallery {d}: {ITEMS_FILE} has {has} items for {emb.shape[0]} embeddings; {rebuild}")
+            fm, fe, fi = open_together(d, (MANIFEST_FILE, EMBEDDINGS_FILE, ITEMS_FILE))
+        except OSError as e:  # missing now, or only for a moment (a replacement without an atomic exchange)
+            raise _Changed(_why_unopenable(d, e)) from None
+        with fm, fe, fi:
+            manifest = _read_manifest(fm, d)
+            recorded = _recorded_files(manifest, d)
+            emb, emb_digest = _read_embeddings(fe, d, manifest, mmap)
+            items, items_digest = _read_items(fi, d, emb.shape[0])
         if encoder is not None:
             check_compatible(manifest, encoder, str(d))
+        rebuild = "rebuild the gallery with isfe-index"
         emb = _check_embeddings(emb, f"gallery {d}: {EMBEDDINGS_FILE}", manifest["dim"],
                                 fix=f"the file is damaged or was not written by isfe_model — {rebuild}")
         items = _validate_items(items, f"gallery {d}: {ITEMS_FILE}", copy=False)
+        if recorded is not None:
+            _verify_files(d, recorded, {EMBEDDINGS_FILE: emb_digest, ITEMS_FILE: items_digest})
         gallery = cls.__new__(cls)
         try:
             gallery._setup(emb, items, manifest, backend)
@@ -689,19 +757,108 @@ def _no_constant(name: str) -> Any:
 _STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
 
 
-def _npy_header(path: Path, where: str) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) from a .npy header, checked against the file's size; GalleryError if damaged."""
+class _Changed(Exception):
+    """A gallery's files changed while they were read (:meth:`Gallery.load` tries again); the message is final."""
+
+
+def _why_unopenable(d: Path, e: OSError) -> str:
+    """The message for a gallery folder whose files :func:`open_together` could not open."""
+    if not d.exists():
+        return f"gallery {d}: no such folder; build one with `isfe-index MODEL IMAGE_FOLDER -o {d}`"
+    if not d.is_dir():
+        return f"gallery {d} is a file; a gallery is the folder written by isfe-index"
+    missing = [f for f in (MANIFEST_FILE, EMBEDDINGS_FILE, ITEMS_FILE) if not (d / f).is_file()]
+    if missing:
+        return f"gallery {d} lacks {', '.join(missing)}; it is not a gallery or is damaged — rebuild it with isfe-index"
+    return (f"gallery {d}: cannot open {e.filename or d} ({e.strerror or e}); fix its permissions, or try again "
+            f"if it was being replaced")
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    """{"bytes": size, "sha256": hex} of a file, as the manifest records it."""
+    with open(path, "rb") as f:
+        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _read_manifest(f: BinaryIO, d: Path) -> dict[str, Any]:
+    """manifest.json from the open file ``f``, checked: format, version, dim, count, fingerprint; strict JSON."""
+    rebuild = "rebuild the gallery with isfe-index"
+    try:
+        manifest = _STRICT_JSON.decode(f.read().decode("utf-8"))
+    except RecursionError:
+        raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is nested too deeply to be read; {rebuild}") from None
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is unreadable ({str(e)[:300]}); {rebuild}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise GalleryError(f"gallery {d}: {MANIFEST_FILE} is not an ISFE gallery manifest (format != {FORMAT!r})")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has format_version {short_repr(version)} "
+                           f"({type(version).__name__}); it must be an integer (this isfe_model reads "
+                           f"{FORMAT_VERSION}) — the file was edited or damaged; {rebuild}")
+    if version != FORMAT_VERSION:
+        raise GalleryError(f"gallery {d}: format version {version!r} is not supported "
+                           f"(this isfe_model reads {FORMAT_VERSION}); rebuild it or upgrade isfe-model")
+    for key in ("dim", "count", "fingerprint"):
+        if key not in manifest:
+            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} lacks {key!r}; {rebuild}")
+    for key, low in (("dim", 1), ("count", 0)):
+        v = manifest[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has {key} {short_repr(v)} ({type(v).__name__}); it must be "
+                               f"an integer >= {low} — the file was edited or damaged; {rebuild}")
+    if not isinstance(manifest["fingerprint"], str):
+        raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has fingerprint {short_repr(manifest['fingerprint'])}; it must be "
+                           f"a string (the model's checkpoint sha256); {rebuild}")
+    problem = _json_problem(manifest, MANIFEST_FILE, strict=False)
+    if problem:
+        raise GalleryError(f"gallery {d}: {problem}; {rebuild}")
+    return manifest
+
+
+def _recorded_files(manifest: Mapping[str, Any], d: Path) -> dict[str, dict[str, Any]] | None:
+    """The manifest's ``files`` {name: {"bytes", "sha256"}} for CHECKED_FILES; None for galleries saved without it."""
+    files = manifest.get("files")
+    if files is None:
+        return None
+
+    def ok(entry: Any) -> bool:
+        return (isinstance(entry, dict) and type(entry.get("bytes")) is int and entry["bytes"] >= 0
+                and isinstance(entry.get("sha256"), str) and _SHA256_HEX.fullmatch(entry["sha256"]) is not None)
+
+    if not isinstance(files, dict) or not all(ok(files.get(name)) for name in CHECKED_FILES):
+        raise GalleryError(f"gallery {d}: {MANIFEST_FILE} has files {short_repr(files)}; it must give "
+                           f"{{\"bytes\": size, \"sha256\": hex digest}} for {' and '.join(CHECKED_FILES)} "
+                           f"— the file was edited or damaged; rebuild the gallery with isfe-index")
+    return {name: {"bytes": files[name]["bytes"], "sha256": files[name]["sha256"]} for name in CHECKED_FILES}
+
+
+def _verify_files(d: Path, recorded: Mapping[str, Mapping[str, Any]], read: Mapping[str, Mapping[str, Any]]) -> None:
+    """``_Changed`` unless every file read has the size and sha256 the manifest recorded."""
+    for name in CHECKED_FILES:
+        want, got = recorded[name], read[name]
+        if want != got:
+            what = (f"{got['bytes']:,} bytes, the manifest says {want['bytes']:,}" if want["bytes"] != got["bytes"]
+                    else f"sha256 {got['sha256'][:12]}…, the manifest says {want['sha256'][:12]}…")
+            raise _Changed(f"gallery {d}: {name} does not match the checksum in {MANIFEST_FILE} ({what}): it changed "
+                           f"while it was read, or was edited or damaged after the gallery was written; try again, "
+                           f"or rebuild the gallery with isfe-index")
+
+
+def _npy_header(f: BinaryIO, where: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) from the .npy header of open file ``f``, checked against its size."""
     fmt = np.lib.format
     try:
-        with open(path, "rb") as f:
-            version = fmt.read_magic(f)
-            if version == (1, 0):
-                shape, _fortran, dtype = fmt.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _fortran, dtype = fmt.read_array_header_2_0(f)
-            else:
-                raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported here")
-            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+        f.seek(0)
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported here")
+        offset = f.tell()
+        data_bytes = os.fstat(f.fileno()).st_size - offset
     except (OSError, ValueError, EOFError, SyntaxError, TypeError, RecursionError, MemoryError) as e:
         raise GalleryError(f"{where} is damaged or not a plain .npy array ({str(e)[:300]}); rebuild the gallery") from None
     dtype = np.dtype(dtype)
@@ -711,7 +868,68 @@ def _npy_header(path: Path, where: str) -> tuple[tuple[int, ...], np.dtype]:
     if data_bytes != expected:
         raise GalleryError(f"{where} is damaged: its header says {' x '.join(str(int(n)) for n in shape) or 'a scalar'} "
                            f"{dtype} ({expected:,} bytes of data) but the file holds {data_bytes:,} bytes; rebuild the gallery")
-    return tuple(int(n) for n in shape), dtype
+    return tuple(int(n) for n in shape), dtype, bool(fortran), offset
+
+
+def _read_embeddings(f: BinaryIO, d: Path, manifest: Mapping[str, Any],
+                     mmap: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """embeddings.npy [count, dim] from open file ``f`` (memory-mapped with ``mmap``) and the digest of the bytes used.
+
+    The header is checked against the file size and the manifest before any data is read: a
+    damaged header can claim any shape (np.load would try to allocate it: MemoryError).
+    """
+    rebuild = "rebuild the gallery with isfe-index"
+    shape, dtype, fortran, offset = _npy_header(f, f"gallery {d}: {EMBEDDINGS_FILE}")
+    if len(shape) != 2 or dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} holds {dtype} {list(shape)}, expected float32/float16 [N, D]")
+    if shape[1] != manifest["dim"] or shape[0] != manifest["count"]:
+        raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} is {shape[0]} x {shape[1]} but the manifest says "
+                           f"{manifest['count']} x {manifest['dim']}; the folder is damaged — rebuild it")
+    try:
+        if mmap:
+            emb = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+        else:
+            f.seek(0)
+            emb = np.load(f, allow_pickle=False)
+    except MemoryError:
+        raise GalleryError(f"gallery {d}: not enough memory to read {EMBEDDINGS_FILE} ({shape[0]} x {shape[1]} {dtype}); "
+                           f"load it memory-mapped (mmap=True) or free memory") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise GalleryError(f"gallery {d}: {EMBEDDINGS_FILE} is damaged or not a plain .npy array ({e}); {rebuild}") from None
+    if tuple(emb.shape) != tuple(shape) or emb.dtype != dtype:  # the file changed while it was read
+        raise _Changed(f"gallery {d}: {EMBEDDINGS_FILE} changed while it was read; try again")
+    f.seek(0)
+    h = hashlib.sha256(f.read(offset))  # the header as stored, then the data in file order
+    raw = emb.T if fortran else emb
+    step = max(1, _SCAN_BYTES // max(1, raw.itemsize * int(np.prod(raw.shape[1:]))))
+    for start in range(0, raw.shape[0], step):
+        h.update(np.ascontiguousarray(raw[start : start + step]).data)
+    return emb, {"bytes": offset + int(emb.nbytes), "sha256": h.hexdigest()}
+
+
+def _read_items(f: BinaryIO, d: Path, n: int) -> tuple[list[Any], dict[str, Any]]:
+    """items.jsonl from open file ``f`` (strict JSON, one object a line; blank lines ignored) and the file's digest.
+
+    Stops after ``n + 1`` items (one too many is enough to refuse the file).
+    """
+    rebuild = "rebuild the gallery with isfe-index"
+    h, size, items, ln = hashlib.sha256(), 0, [], 0
+    try:
+        for ln, line in enumerate(f, 1):
+            h.update(line)
+            size += len(line)
+            if line.strip():
+                items.append(_STRICT_JSON.decode(line.decode("utf-8")))
+                if len(items) > n:
+                    break
+    except RecursionError:
+        raise GalleryError(f"gallery {d}: {ITEMS_FILE} line {ln} is nested too deeply to be read; {rebuild}") from None
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise GalleryError(f"gallery {d}: {ITEMS_FILE} line {ln} is unreadable ({str(e)[:300]}); {rebuild}") from None
+    if len(items) != n:
+        has = f"more than {n}" if len(items) > n else str(len(items))
+        raise GalleryError(f"gallery {d}: {ITEMS_FILE} has {has} items for {n} embeddings; {rebuild}")
+    return items, {"bytes": size, "sha256": h.hexdigest()}
 
 
 def check_compatible(manifest: Mapping[str, Any], encoder: _EncoderLike, where: str) -> None:
