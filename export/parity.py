@@ -26,13 +26,23 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
-from isfe_model.preprocess import ImageError, PreprocessSpec, center_crop_array, preprocess, to_chw_float
+from isfe_model.jsonsafe import json_safe, write_json
+from isfe_model.preprocess import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    PreprocessSpec,
+    center_crop_array,
+    preprocess,
+    to_chw_float,
+)
+from isfe_model.search import topk_inner_product
+from training.data import DataError, has_split, load_split
 
-from .common import ExportError, write_json_atomic
+from .common import ExportError
 
 __all__ = [
     "GATES",
@@ -45,14 +55,13 @@ __all__ = [
     "list_images",
     "load_folder_images",
     "load_parity_images",
+    "neighbours_excluding_self",
     "ort_embedder",
     "reference_embeddings",
     "report_path",
     "run_parity",
-    "topk_neighbours",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TIE_TOL = 1e-5  # reference-similarity gap below which two neighbours count as tied (fp32 noise is ~1e-6)
 KNN_K = 10
 KNN_SIGMA = 0.1
@@ -109,7 +118,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return out
 
 
-def load_folder_images(folder: str | os.PathLike, spec: PreprocessSpec, max_images: int | None, flag: str = "--images", seed: int = 0) -> ParityImages:
+def load_folder_images(folder: str | os.PathLike, spec: PreprocessSpec, max_images: int | None, flag: str = "--images",
+                       seed: int = 0) -> ParityImages:
     """Preprocess up to ``max_images`` images of a folder (a fixed random sample when there are more).
 
     Images in class subfolders (``folder/<class>/x.jpg``) get labels; when any
@@ -138,7 +148,8 @@ def load_folder_images(folder: str | os.PathLike, spec: PreprocessSpec, max_imag
         except ImageError as e:
             skipped.append({"path": str(f), "reason": e.reason})
     if not xs:
-        raise ExportError(f"{flag} {root}: none of the {len(files)} image files could be read (first: {skipped[0]['path']}: {skipped[0]['reason']})")
+        raise ExportError(f"{flag} {root}: none of the {len(files)} image files could be read "
+                          f"(first: {skipped[0]['path']}: {skipped[0]['reason']})")
     labels = None
     classes: list[str] = []
     if all(len(parts) > 1 for parts in names):
@@ -164,8 +175,6 @@ def load_parity_images(
     """
     if images_dir is not None:
         return load_folder_images(images_dir, spec, max_images, flag=flag, seed=seed)
-    from training.data import DataError, has_split, load_split
-
     try:
         if split == "test" and not has_split(data, "test"):
             split = "train"  # a folder of unlabelled images has no test split: check on its (training) images
@@ -182,7 +191,8 @@ def load_parity_images(
 
 def batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int) -> np.ndarray:
     """Apply ``fn`` ([b,3,S,S] -> [b,D]) over ``x`` in batches; float32 [N, D]."""
-    outs = [np.asarray(fn(np.ascontiguousarray(x[i : i + batch_size])), dtype=np.float32) for i in range(0, len(x), batch_size)]
+    outs = [np.asarray(fn(np.ascontiguousarray(x[i : i + batch_size])), dtype=np.float32)
+            for i in range(0, len(x), batch_size)]
     return np.concatenate(outs)
 
 
@@ -215,31 +225,32 @@ def ort_embedder(onnx_path: str | os.PathLike, threads: int | None = None) -> Ca
     return lambda b: sess.run(None, {name: b})[0]
 
 
-def topk_neighbours(e: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k nearest other rows by inner product.
+def neighbours_excluding_self(e: np.ndarray, k: int, chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest *other* rows by inner product, with ``isfe_model.search.topk_inner_product``.
+
+    The top k+1 of the full ranking (descending score, ties by lower index)
+    minus the row itself is the top k of the other rows, whether or not the
+    row ranks itself first (rounding can put a near-duplicate above it).
 
     Args:
-        e: float32 [N, D].
+        e: float [N, D], finite (scored in float32).
+        chunk_rows: gallery rows per step of the search (default: its own).
+
     Returns:
-        (indices int64 [N, k'], scores float32 [N, k']) with k' = min(k, N-1),
+        (scores float32 [N, k'], indices int64 [N, k']) with k' = min(k, N-1),
         sorted by descending score, ties by lower index.
     """
     n = e.shape[0]
-    k = min(k, n - 1)
-    idx = np.empty((n, k), dtype=np.int64)
-    sc = np.empty((n, k), dtype=np.float32)
-    for s in range(0, n, chunk):
-        sims = e[s : s + chunk].astype(np.float64) @ e.astype(np.float64).T  # [c, N]
-        rows = np.arange(sims.shape[0])
-        sims[rows, s + rows] = -np.inf  # exclude the query itself
-        sims = np.nan_to_num(sims, nan=-np.inf)
-        order = np.lexsort((np.broadcast_to(np.arange(n), sims.shape), -sims), axis=1)[:, :k]
-        idx[s : s + chunk] = order
-        sc[s : s + chunk] = np.take_along_axis(sims, order, axis=1)
-    return idx, sc
+    k = max(0, min(int(k), n - 1))
+    e32 = np.ascontiguousarray(e, dtype=np.float32)
+    sc, idx = topk_inner_product(e32, e32, k + 1, chunk_rows=chunk_rows)  # [N, k+1]
+    keep = idx != np.arange(n)[:, None]
+    keep[keep.all(axis=1), -1] = False  # the row itself is not among the k+1: drop the last instead
+    return sc[keep].reshape(n, k), idx[keep].reshape(n, k)
 
 
-def _knn_top1(nbr: np.ndarray, nbr_scores: np.ndarray, labels: np.ndarray, k: int = KNN_K, sigma: float = KNN_SIGMA) -> float:
+def _knn_top1(nbr: np.ndarray, nbr_scores: np.ndarray, labels: np.ndarray, k: int = KNN_K,
+              sigma: float = KNN_SIGMA) -> float:
     """Leave-one-out weighted kNN top-1 accuracy in percent (votes exp(sim / sigma))."""
     k = min(k, nbr.shape[1])
     n_cls = int(labels.max()) + 1
@@ -263,8 +274,8 @@ def compare(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None = None,
         cos = (ref * cand).sum(axis=1) / (nr * nc)
     cos = np.where(np.isfinite(cos), cos, -1.0)  # a NaN/Inf/zero row counts as the worst cosine
     kmax = max(k, KNN_K)
-    r_idx, r_sc = topk_neighbours(ref, kmax)
-    c_idx, c_sc = topk_neighbours(cand_safe, kmax)
+    r_sc, r_idx = neighbours_excluding_self(ref, kmax)
+    c_sc, c_idx = neighbours_excluding_self(cand_safe, kmax)
     kk = min(k, r_idx.shape[1])
     identical = np.zeros(len(ref), dtype=bool)
     top1 = np.zeros(len(ref), dtype=bool)
@@ -303,7 +314,8 @@ def compare(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None = None,
 
 def check_gate(metrics: dict[str, Any], gate: Gate) -> list[dict[str, Any]]:
     """One row per checked metric: {"metric", "value", "limit", "passed"}."""
-    rows: list[dict[str, Any]] = [{"metric": "nonfinite", "value": metrics["nonfinite"], "limit": "== 0", "passed": metrics["nonfinite"] == 0}]
+    rows: list[dict[str, Any]] = [
+        {"metric": "nonfinite", "value": metrics["nonfinite"], "limit": "== 0", "passed": metrics["nonfinite"] == 0}]
 
     def add(metric: str, limit: float | None, op: str) -> None:
         if limit is None:
@@ -314,7 +326,8 @@ def check_gate(metrics: dict[str, Any], gate: Gate) -> list[dict[str, Any]]:
                          "note": "not measurable: give labelled images (class subfolders) or a labelled --data source"})
             return
         ok = value <= limit if op == "<=" else value >= limit
-        rows.append({"metric": metric, "value": value, "limit": f"{op} {limit:g}", "passed": bool(ok and math.isfinite(value))})
+        rows.append({"metric": metric, "value": value, "limit": f"{op} {limit:g}",
+                     "passed": bool(ok and math.isfinite(value))})
 
     add("max_abs", gate.max_abs, "<=")
     add("min_cosine", gate.min_cosine, ">=")
@@ -340,16 +353,8 @@ class ParityReport:
     skipped_images: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        def clean(v: Any) -> Any:
-            if isinstance(v, float) and not math.isfinite(v):
-                return str(v)
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, list):
-                return [clean(x) for x in v]
-            return v
-
-        return clean(asdict(self))
+        """The report as plain JSON values (:func:`isfe_model.jsonsafe.json_safe`: non-finite metrics -> null)."""
+        return json_safe(asdict(self))
 
     def table(self) -> str:
         """A fixed-width text table of the checks."""
@@ -358,9 +363,10 @@ class ParityReport:
         shown = set()
         for c in self.checks:
             shown.add(c["metric"])
-            lines.append(f"  {c['metric']:<18} {_fmt(c['value'], c['metric']):>14}  {c['limit']:<12} {'ok' if c['passed'] else 'FAIL'}"
-                         + (f"  ({c['note']})" if c.get("note") else ""))
-        for key in ("max_abs", "min_cosine", "mean_cosine", "max_norm_dev", "top1_agreement", "topk_identical", "knn_top1_reference", "knn_top1_candidate"):
+            lines.append(f"  {c['metric']:<18} {_fmt(c['value'], c['metric']):>14}  {c['limit']:<12} "
+                         f"{'ok' if c['passed'] else 'FAIL'}" + (f"  ({c['note']})" if c.get("note") else ""))
+        for key in ("max_abs", "min_cosine", "mean_cosine", "max_norm_dev", "top1_agreement", "topk_identical",
+                    "knn_top1_reference", "knn_top1_candidate"):
             if key not in shown and key in self.metrics:
                 lines.append(f"  {key:<18} {_fmt(self.metrics[key], key):>14}  {'-':<12} info")
         lines.append(f"  => {'PASSED' if self.passed else 'FAILED'}")
@@ -414,7 +420,8 @@ def run_parity(
     except ExportError:
         raise
     except Exception as e:  # backend runtime errors (onnxruntime, TensorRT) come in many types
-        raise ExportError(f"{backend}: running {artifact} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ExportError(f"{backend}: running {artifact} failed ({type(e).__name__}: {first_line})") from None
     metrics = compare(reference, cand, images.labels, k=gate.k)
     checks = check_gate(metrics, gate)
     report = ParityReport(
@@ -430,9 +437,6 @@ def run_parity(
     if log is not None:
         log(report.table())
     if save:
-        write_json_atomic(report_path(artifact), report.to_json())
+        write_json(report_path(artifact), report.to_json())
     return report
 
-
-def passed_labels(reports: Sequence[ParityReport]) -> str:
-    return ", ".join(f"{r.backend}: {'passed' if r.passed else 'FAILED'}" for r in reports)

@@ -90,3 +90,15 @@ def test_nmi_perfect_and_against_sklearn():
 
     pred = KMeans(n_clusters=4, n_init=10, random_state=0).fit_predict(rnd.numpy().astype(np.float64))
     assert nmi(rnd, y) == pytest.approx(normalized_mutual_info_score(y.numpy(), pred))
+
+
+def test_recall_at_k_with_k_beyond_the_other_images():
+    # K >= N: every other image is a neighbour; a query whose class has no other image is never a hit
+    x = feats(4, 5, 12)
+    y = torch.tensor([0, 1, 2, 2])
+    ks = (1, 2, 4, 8)
+    fast = recall_at_k(x, y, ks)
+    slow = loop_recall(x, y, ks)
+    for k in ks:
+        assert fast[k] == pytest.approx(slow[k])
+    assert fast[4] == fast[8] == 50.0

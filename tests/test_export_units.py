@@ -11,7 +11,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.common import ExportError
-from export.parity import GATES, Gate, check_gate, compare, load_folder_images, run_parity, topk_neighbours, _knn_top1
+from export.parity import (
+    GATES,
+    Gate,
+    _knn_top1,
+    check_gate,
+    compare,
+    load_folder_images,
+    neighbours_excluding_self,
+    run_parity,
+)
 from isfe_model.preprocess import PreprocessSpec
 from tests.test_export_support import make_labelled_folder
 
@@ -24,10 +33,10 @@ def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------- parity metrics
 
 
-def test_topk_neighbours_matches_brute_force():
+def test_neighbours_excluding_self_matches_brute_force():
     e = unit_rows(57, 8, seed=1)
     e[10] = e[3]  # an exact tie
-    idx, sc = topk_neighbours(e, 5, chunk=16)
+    sc, idx = neighbours_excluding_self(e, 5, chunk_rows=16)
     sims = e.astype(np.float64) @ e.astype(np.float64).T
     for i in range(len(e)):
         order = sorted((j for j in range(len(e)) if j != i), key=lambda j: (-sims[i, j], j))[:5]
@@ -35,10 +44,24 @@ def test_topk_neighbours_matches_brute_force():
         np.testing.assert_allclose(sc[i], sims[i, order], rtol=1e-6)
 
 
+def test_neighbours_excluding_self_when_other_rows_outrank_the_row_itself():
+    e = unit_rows(12, 4, seed=3)
+    e[[4, 5, 6]] = 3 * e[0]  # not unit: they score 3 against row 0, above its self-similarity 1
+    e[9] = e[8]
+    sims = e.astype(np.float64) @ e.astype(np.float64).T
+    for k in (1, 2, 3, 11, 20):
+        sc, idx = neighbours_excluding_self(e, k, chunk_rows=5)
+        assert idx.shape == (12, min(k, 11))
+        for i in range(len(e)):
+            order = sorted((j for j in range(len(e)) if j != i), key=lambda j: (-sims[i, j], j))[: min(k, 11)]
+            assert idx[i].tolist() == order
+            np.testing.assert_allclose(sc[i], sims[i, order], rtol=1e-5, atol=1e-6)
+
+
 def test_knn_top1_matches_loop():
     e = unit_rows(40, 6, seed=2)
     labels = np.random.default_rng(2).integers(0, 3, 40)
-    idx, sc = topk_neighbours(e, 10)
+    sc, idx = neighbours_excluding_self(e, 10)
     sims = e.astype(np.float64) @ e.astype(np.float64).T
     correct = 0
     for i in range(40):
@@ -115,7 +138,7 @@ def test_run_parity_writes_report(tmp_path):
     assert "=> PASSED" in lines[0] and "max_abs" in lines[0]
     rep = run_parity("x", lambda b: embed(b) * 0 + np.nan, imgs, embed(x), tmp_path / "b.onnx", gate=Gate(min_cosine=0.9), log=None)
     assert not rep.passed
-    assert json.loads((tmp_path / "b.onnx.parity.json").read_text())["metrics"]["max_abs"] == "inf"
+    assert json.loads((tmp_path / "b.onnx.parity.json").read_text())["metrics"]["max_abs"] is None
 
 
 # --------------------------------------------------------------------------- images

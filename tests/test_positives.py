@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from isfe_model.preprocess import PreprocessSpec
 from training.evaluate import embed_images
 from training.model import ModelConfig, build_encoder
-from training.positives import PositiveSampler, bank_features, choose_positives, nearest_neighbours
+from training.positives import PositiveSampler, bank_features, choose_positives, neighbour_index
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -29,22 +29,22 @@ def loop_nearest(feats: torch.Tensor) -> list[int]:
     return out
 
 
-def test_nearest_neighbours_match_loop_and_exclude_self():
+def test_neighbour_index_match_loop_and_exclude_self():
     f = unit(50, 6, 0)
-    fast = nearest_neighbours(f, chunk_size=7)
+    fast = neighbour_index(f, chunk_size=7)
     assert fast.tolist() == loop_nearest(f)
     assert (fast != torch.arange(50)).all()
 
 
-def test_nearest_neighbours_ties_and_duplicates():
+def test_neighbour_index_ties_and_duplicates():
     base = unit(5, 4, 1)
     f = torch.cat([base, base[:2]])  # rows 5, 6 duplicate rows 0, 1: each other's nearest neighbours
-    nn = nearest_neighbours(f, chunk_size=3)
+    nn = neighbour_index(f, chunk_size=3)
     assert nn[0] == 5 and nn[5] == 0 and nn[1] == 6 and nn[6] == 1
     same = F.normalize(torch.ones(4, 3), dim=1)  # all tied: the lowest other index
-    assert nearest_neighbours(same).tolist() == [1, 0, 0, 0] == loop_nearest(same)
+    assert neighbour_index(same).tolist() == [1, 0, 0, 0] == loop_nearest(same)
     with pytest.raises(ValueError, match="at least 2"):
-        nearest_neighbours(base[:1])
+        neighbour_index(base[:1])
 
 
 def test_choose_positives_probability_0_and_1():

@@ -21,16 +21,16 @@ from sklearn.metrics import roc_auc_score
 from training.data import load_split
 from training.model import build_encoder, load_encoder
 from training.report import (
+    ReportError,
     RunRecord,
     curves_figure,
     figure_png,
     load_run,
-    nearest_neighbours,
+    main,
     read_metrics,
     roc_auc,
-    ReportError,
-    main,
 )
+from training.retrieval import topk_similar
 
 HOSTILE = 'abl<i>&"x'
 
@@ -184,13 +184,14 @@ def test_auc_matches_sklearn_with_ties():
         assert roc_auc(scores, y) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
 
 
-def test_nearest_neighbours_matches_brute_force():
+def test_report_float64_neighbours_match_brute_force():
     rng = np.random.default_rng(1)
     bank = rng.normal(size=(300, 16))
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     bank[7] = bank[3]  # an exact tie: the lower index comes first
     queries = bank[[3, 10, 50, 299]] + 0.01 * rng.normal(size=(4, 16))
-    sims, idx = nearest_neighbours(torch.from_numpy(bank).float(), torch.from_numpy(queries).float(), 6, chunk_size=3)
+    sims, idx = (t.numpy() for t in topk_similar(torch.from_numpy(queries).float(), torch.from_numpy(bank).float(), 6,
+                                                 chunk_size=3, dtype=torch.float64))  # the report's float64 neighbours
     b32 = torch.from_numpy(bank).float().double().numpy()
     q32 = torch.from_numpy(queries).float().double().numpy()
     ref = q32 @ b32.T
@@ -198,7 +199,7 @@ def test_nearest_neighbours_matches_brute_force():
     assert (idx == ref_idx).all() and np.allclose(sims, np.take_along_axis(ref, ref_idx, 1), atol=1e-12)
     assert list(idx[0, :2]) == [3, 7]
     ex = np.array([3, 10, 50, 299])
-    _, idx_ex = nearest_neighbours(bank, bank[ex], 4, exclude=ex)
+    _, idx_ex = (t.numpy() for t in topk_similar(bank[ex], bank, 4, exclude=ex, dtype=torch.float64))
     assert not (idx_ex == ex[:, None]).any()
 
 

@@ -19,6 +19,9 @@
   standardised features of the labelled training split, accuracy on the
   test split; solved full-batch with L-BFGS in torch (``fit_logistic``).
 
+The kNN bank search and the Recall@K rankings are :func:`training.retrieval.topk_similar`
+(exact, chunked, ties to the lower index); the embeddings :func:`training.retrieval.embed_images`.
+
 Seen vs unseen categories: when the training and test splits share no class
 (CUB-200 / Cars196 / Products protocol) kNN classification is meaningless and
 is skipped; Recall@K and NMI are computed on the test split.  The default
@@ -29,7 +32,6 @@ Recall@K values come from the dataset (``dataset.json`` written by
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Sequence
 
@@ -37,7 +39,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from isfe_model.preprocess import PreprocessSpec, center_crop_array
+from isfe_model.jsonsafe import dumps
+from training.data import DataError, load_split
+from training.model import CheckpointError, load_encoder
+from training.prepare import read_dataset_info
+from training.retrieval import embed_images, eval_tensors, topk_similar
 
 __all__ = [
     "RECALL_KS",
@@ -68,42 +74,6 @@ DEFAULT_RECALL_KS = (1, 2, 4, 8)
 SKLEARN_KMEANS_MAX_CLUSTERS = 512
 
 
-def eval_tensors(images: np.ndarray, spec: PreprocessSpec) -> Tensor:
-    """uint8 [N, R, R, 3] cache images -> float32 [N, 3, S, S] in [0, 1] (the evaluation transform)."""
-    x = center_crop_array(np.asarray(images), spec.input_size)
-    if not (x.flags.writeable and x.flags.c_contiguous):  # a read-only memmap of the cache: torch wants its own copy
-        x = np.array(x, order="C")
-    x = torch.from_numpy(x)
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-@torch.no_grad()
-def embed_images(
-    model: nn.Module,
-    images: np.ndarray | Tensor,
-    spec: PreprocessSpec,
-    batch_size: int = 512,
-    device: str | torch.device = "cpu",
-) -> Tensor:
-    """Embed uint8 [N, R, R, 3] images (numpy, or a tensor on any device) -> float32 [N, D] on ``device``."""
-    was_training = model.training
-    model.eval()
-    out = []
-    s = spec.input_size
-    n = images.shape[0]
-    for i in range(0, n, batch_size):
-        chunk = images[i : i + batch_size]
-        if isinstance(chunk, Tensor):
-            r = chunk.shape[1]
-            top, left = int(round((r - s) / 2.0)), int(round((chunk.shape[2] - s) / 2.0))
-            x = chunk[:, top : top + s, left : left + s].to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        else:
-            x = eval_tensors(chunk, spec).to(device)
-        out.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0, device=device)
-
-
 @torch.no_grad()
 def knn_scores(
     train_feats: Tensor,
@@ -114,7 +84,8 @@ def knn_scores(
     sigma: float = 0.1,
     chunk_size: int = 1024,
 ) -> Tensor:
-    """Weighted kNN class scores.
+    """Weighted kNN class scores (Wu et al. 2018): score[q, c] = sum over the k most similar bank rows j
+    of class c of exp(sim(q, j) / sigma).
 
     Args:
         train_feats: [N, D] unit rows (the memory bank).
@@ -125,20 +96,12 @@ def knn_scores(
         sigma: temperature of the weights exp(sim / sigma).
 
     Returns:
-        [M, C] float32 scores: sum over the top-k neighbours of exp(sim/sigma) per class.
+        [M, C] float32 scores on the bank's device.
     """
-    k = min(k, train_feats.shape[0])
-    labels = train_labels.to(train_feats.device)
-    bank_t = train_feats.float().t()  # [D, N], cast once
-    out = []
-    for i in range(0, test_feats.shape[0], chunk_size):
-        sims = test_feats[i : i + chunk_size].float() @ bank_t  # [m, N]
-        top_sim, top_idx = sims.topk(k, dim=1)
-        w = (top_sim / sigma).exp()
-        scores = torch.zeros(sims.shape[0], num_classes, device=sims.device)
-        scores.scatter_add_(1, labels[top_idx], w)
-        out.append(scores)
-    return torch.cat(out) if out else torch.zeros(0, num_classes)
+    sims, idx = topk_similar(test_feats, train_feats, k, chunk_size=chunk_size)  # [M, k] each
+    labels = train_labels.to(idx.device)
+    scores = torch.zeros(sims.shape[0], num_classes, device=sims.device)
+    return scores.scatter_add_(1, labels[idx], (sims / sigma).exp())
 
 
 def knn_accuracy(
@@ -150,7 +113,7 @@ def knn_accuracy(
     k: int = 200,
     sigma: float = 0.1,
 ) -> tuple[float, float]:
-    """(top-1, top-5) weighted-kNN accuracy in percent."""
+    """(top-1, top-5) weighted-kNN accuracy in percent: the true class among the 1 / 5 highest :func:`knn_scores`."""
     scores = knn_scores(train_feats, train_labels, test_feats, num_classes, k, sigma)
     labels = test_labels.to(scores.device)
     ranked = scores.argsort(dim=1, descending=True)
@@ -160,27 +123,20 @@ def knn_accuracy(
 
 
 @torch.no_grad()
-def recall_at_k(feats: Tensor, labels: Tensor, ks: Sequence[int] = (1, 2, 4, 8), chunk_size: int = 1024) -> dict[int, float]:
-    """Recall@K in percent; each query is excluded from its own ranking.
+def recall_at_k(feats: Tensor, labels: Tensor, ks: Sequence[int] = (1, 2, 4, 8),
+                chunk_size: int = 1024) -> dict[int, float]:
+    """Recall@K in percent: the share of queries with a same-class image among their K nearest others.
 
     Args:
-        feats: [N, D] unit rows; labels: [N].
+        feats: [N, D] unit rows, each both a query and a bank row (excluded from its own ranking); labels: [N].
     """
     n = feats.shape[0]
-    kmax = min(max(ks), n - 1)
-    labels = labels.to(feats.device)
-    hits = {k: 0 for k in ks}
-    f = feats.float()  # cast once
-    for i in range(0, n, chunk_size):
-        sims = f[i : i + chunk_size] @ f.t()
-        rows = torch.arange(sims.shape[0], device=sims.device)
-        sims[rows, rows + i] = float("-inf")  # exclude the query itself
-        idx = sims.topk(kmax, dim=1).indices
-        same = labels[idx] == labels[i : i + chunk_size, None]
-        first = torch.where(same.any(1), same.float().argmax(1), torch.full_like(rows, kmax + 1))
-        for k in ks:
-            hits[k] += int((first < k).sum())
-    return {k: 100.0 * hits[k] / n for k in ks}
+    _, idx = topk_similar(feats, feats, max(ks), exclude_self=True, chunk_size=chunk_size)  # [N, min(K, N-1)]
+    labels = labels.to(idx.device)
+    same = labels[idx] == labels[:, None]
+    # rank of the first same-class neighbour; max(ks) (never a hit) when there is none
+    first = torch.where(same.any(1), same.float().argmax(1), torch.full((n,), max(ks), device=idx.device))
+    return {k: 100.0 * int((first < k).sum()) / n for k in ks}
 
 
 @torch.no_grad()
@@ -281,8 +237,6 @@ def classes_disjoint(train, test) -> bool:
 
 def default_recall_ks(data: str | None) -> tuple[int, ...]:
     """The paper's K values for a dataset: its dataset.json (written by training.prepare), or its name."""
-    from training.prepare import read_dataset_info
-
     info = read_dataset_info(data)
     if info is not None:
         if info.get("recall_ks"):
@@ -301,7 +255,8 @@ def _standardise(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tensor]:
     return (train_x - mean) / std, (test_x - mean) / std
 
 
-def fit_logistic(x: Tensor, y: Tensor, num_classes: int, c: float = 1.0, max_iter: int = 500, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
+def fit_logistic(x: Tensor, y: Tensor, num_classes: int, c: float = 1.0, max_iter: int = 500,
+                 tol: float = 1e-7) -> tuple[Tensor, Tensor]:
     """Multinomial logistic regression, the objective of scikit-learn's ``LogisticRegression(C=c)``.
 
     Minimises ``sum_i CE(W x_i + b, y_i) + ||W||^2 / (2 c)`` (bias not
@@ -381,11 +336,10 @@ def evaluate_model(model: nn.Module, train, test, device: str | torch.device = "
         out["nmi"] = nmi(fte, yte)
     if probe is not None:
         if disjoint:
-            raise ValueError("the linear probe needs the same classes in the training and test splits; this dataset's are disjoint")
-        from training.positives import bank_features
-
-        xtr = bank_features(model, train.images, spec, probe, batch_size, device)
-        xte = bank_features(model, test.images, spec, probe, batch_size, device)
+            raise ValueError("the linear probe needs the same classes in the training and test splits; "
+                             "this dataset's are disjoint")
+        xtr = embed_images(model, train.images, spec, batch_size, device, features=probe)
+        xte = embed_images(model, test.images, spec, batch_size, device, features=probe)
         out.update(linear_probe(xtr, ytr, xte, yte, len(train.classes), probe_c))
         out["probe_features"] = f"{xtr.shape[1]}-d {probe}"
     return out
@@ -400,12 +354,11 @@ def monitor_metrics(model: nn.Module, train, test, device: str | torch.device, k
     """
     spec = model.cfg.preprocess
     device = torch.device(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        fte = embed_images(model, test.images, spec, batch_size, device).float()
-        disjoint = classes_disjoint(train, test)
-        if not disjoint:
-            bank = train_images if train_images is not None else train.images
-            ftr = embed_images(model, bank, spec, batch_size, device).float()
+    fte = embed_images(model, test.images, spec, batch_size, device, amp=amp)
+    disjoint = classes_disjoint(train, test)
+    if not disjoint:
+        bank = train_images if train_images is not None else train.images
+        ftr = embed_images(model, bank, spec, batch_size, device, amp=amp)
     yte = torch.from_numpy(np.asarray(test.labels)).to(device)
     if disjoint:
         return {"recall@1": round(recall_at_k(fte, yte, (1,))[1], 3)}
@@ -426,12 +379,11 @@ def format_metrics(row: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.data import DataError, load_split
-    from training.model import CheckpointError, load_encoder
-
-    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description="kNN accuracy, Recall@K, NMI and a linear probe of a trained encoder.")
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate",
+                                 description="kNN accuracy, Recall@K, NMI and a linear probe of a trained encoder.")
     ap.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its run folder)")
-    ap.add_argument("--data", default=None, help="dataset the kNN memory bank and queries come from (default: the checkpoint's training data)")
+    ap.add_argument("--data", default=None,
+                    help="dataset the kNN memory bank and queries come from (default: the checkpoint's training data)")
     ap.add_argument("--k", type=int, default=200)
     ap.add_argument("--sigma", type=float, default=0.1)
     ap.add_argument("--recall-ks", default=None,
@@ -439,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "1,2,4,8; Stanford Online Products 1,10,100)")
     ap.add_argument("--no-nmi", action="store_true", help="skip the k-means NMI")
     ap.add_argument("--linear-probe", action="store_true",
-                    help="also fit a linear classifier (logistic regression) on frozen features of the labelled training split "
+                    help="also fit a linear classifier (logistic regression) on frozen features of the labelled "
+                         "training split "
                          "and report its test accuracy (the paper's Table 2)")
     ap.add_argument("--probe-features", default="embedding", choices=["embedding", "backbone"],
                     help="features for the linear probe: the embedding (default) or the pooled backbone features")
@@ -454,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         print(f"error: --k and --recall-ks need positive integers, --sigma and --probe-c must be > 0 "
-              f"(got --k {args.k} --sigma {args.sigma} --recall-ks {args.recall_ks} --probe-c {args.probe_c})", file=sys.stderr)
+              f"(got --k {args.k} --sigma {args.sigma} --recall-ks {args.recall_ks} --probe-c {args.probe_c})",
+              file=sys.stderr)
         return 2
     try:
         model = load_encoder(args.checkpoint, map_location=args.device)
@@ -475,12 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          probe=probe, probe_c=args.probe_c)
     res["data"] = data or "digits"
     if args.json:
-        print(json.dumps(res))
+        print(dumps(res))  # strict JSON: a NaN metric prints as null
     else:
         print(f"data: {res['data']}  train {len(train)} / test {len(test)} images, "
               f"{len(train.classes)} / {len(test.classes)} classes ({res['protocol']} categories)")
         if "knn_top1" in res:
-            print(f"weighted kNN (k={args.k}, sigma={args.sigma}): top-1 {res['knn_top1']:.2f}%  top-5 {res['knn_top5']:.2f}%")
+            print(f"weighted kNN (k={args.k}, sigma={args.sigma}): "
+                  f"top-1 {res['knn_top1']:.2f}%  top-5 {res['knn_top5']:.2f}%")
         else:
             print("weighted kNN: skipped (train and test classes are disjoint)")
         print("Recall@K (test): " + "  ".join(f"R@{kk} {res[f'recall@{kk}']:.2f}%" for kk in ks))

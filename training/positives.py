@@ -7,7 +7,7 @@ instance and its corresponding nearest instance as positive".  So:
 * once per epoch, the whole training set is embedded with the evaluation
   transform (center crop of the cached images, model in eval mode) into a
   bank of unit rows, and every image gets its nearest neighbour in the bank,
-  itself excluded (``nearest_neighbours``);
+  itself excluded (``neighbour_index``, on :func:`training.retrieval.topk_similar`);
 * in each step, for every anchor, with probability ``p_nn`` (0.5) the image
   that makes the second view is that neighbour, else the anchor itself
   (``choose_positives``); the chosen image is then augmented like any view.
@@ -27,11 +27,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from isfe_model.preprocess import PreprocessSpec
 from training.model import unwrap
+from training.retrieval import BANK_FEATURES, embed_images, topk_similar
 
 __all__ = [
     "NN_FEATURES",
@@ -39,21 +39,13 @@ __all__ = [
     "PositiveSampler",
     "bank_features",
     "choose_positives",
-    "nearest_neighbours",
+    "neighbour_index",
 ]
 
 POSITIVE_MODES = ("aug", "nn-or-aug")
-NN_FEATURES = ("embedding", "backbone")
+NN_FEATURES = BANK_FEATURES
 
 
-def _center_crop_float(chunk: Tensor, size: int) -> Tensor:
-    """uint8 [B, R, R', 3] -> float32 [B, 3, S, S] in [0, 1], the central S x S window (as center_crop_array)."""
-    top = int(round((chunk.shape[1] - size) / 2.0))
-    left = int(round((chunk.shape[2] - size) / 2.0))
-    return chunk[:, top : top + size, left : left + size].permute(0, 3, 1, 2).float().div_(255.0)
-
-
-@torch.no_grad()
 def bank_features(
     model: nn.Module,
     images: Tensor | np.ndarray,
@@ -62,44 +54,23 @@ def bank_features(
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> Tensor:
-    """Features of every training image under the evaluation transform.
+    """Features of every training image under the evaluation transform (:func:`training.retrieval.embed_images`).
 
     Args:
-        model: an EmbeddingNet, or a DDP / compiled wrapper of one (``.features``
-            gives the pooled backbone output).
+        model: an EmbeddingNet, or a DDP / compiled wrapper of one.
         images: uint8 [N, R, R, 3] (numpy or a tensor on any device).
         spec: the model's preprocessing (center crop to ``spec.input_size``).
         features: ``"embedding"`` (the model output) or ``"backbone"``
             (pooled backbone features, L2-normalised).
 
     Returns:
-        float32 [N, D] unit rows on ``device`` (default: the images' device; CPU for numpy).
+        float32 [N, D] unit rows on ``device`` (default: the model's device).
     """
-    if features not in NN_FEATURES:
-        raise ValueError(f"features must be one of {NN_FEATURES}, got {features!r}")
-    if device is None:
-        device = images.device if isinstance(images, Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    model = unwrap(model)  # DDP / torch.compile wrappers: every rank embeds the whole set with the same weights
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for i in range(0, images.shape[0], batch_size):
-            chunk = images[i : i + batch_size]
-            if not isinstance(chunk, Tensor):  # numpy / read-only memmap: copy one chunk at a time
-                chunk = torch.from_numpy(np.array(chunk, dtype=np.uint8))
-            x = _center_crop_float(chunk.to(device), spec.input_size)
-            f = model(x) if features == "embedding" else F.normalize(model.features(x).float(), dim=1)
-            out.append(f.float())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0, device=device)
+    return embed_images(model, images, spec, batch_size, device, features=features)
 
 
-@torch.no_grad()
-def nearest_neighbours(feats: Tensor, chunk_size: int = 2048) -> Tensor:
-    """Index of each row's most similar other row (cosine = inner product of unit rows).
+def neighbour_index(feats: Tensor, chunk_size: int = 2048) -> Tensor:
+    """Index of each row's most similar other row: argmax_{j != i} <f_i, f_j> (cosine for unit rows).
 
     Args:
         feats: [N, D] unit rows, N >= 2.
@@ -110,17 +81,11 @@ def nearest_neighbours(feats: Tensor, chunk_size: int = 2048) -> Tensor:
     n = feats.shape[0]
     if n < 2:
         raise ValueError(f"nearest neighbours need at least 2 images, got {n}")
-    f = feats.float()
-    out = torch.empty(n, dtype=torch.int64, device=f.device)
-    for i in range(0, n, chunk_size):
-        sims = f[i : i + chunk_size] @ f.t()  # [m, N]
-        rows = torch.arange(sims.shape[0], device=f.device)
-        sims[rows, rows + i] = float("-inf")  # exclude the image itself
-        out[i : i + sims.shape[0]] = sims.argmax(dim=1)  # the first maximal index on ties (documented)
-    return out
+    return topk_similar(feats, feats, 1, exclude_self=True, chunk_size=chunk_size)[1][:, 0]
 
 
-def choose_positives(anchor_index: Tensor, nn_index: Tensor, p_nn: float, generator: torch.Generator | None = None) -> Tensor:
+def choose_positives(anchor_index: Tensor, nn_index: Tensor, p_nn: float,
+                     generator: torch.Generator | None = None) -> Tensor:
     """Source image of each anchor's positive view.
 
     Args:
@@ -169,7 +134,8 @@ class PositiveSampler:
         return self.mode == "nn-or-aug"
 
     def refresh(self, model: nn.Module, images: Tensor | np.ndarray, spec: PreprocessSpec,
-                log: Callable[[str], None] | None = None, device: str | torch.device | None = None, amp: bool = False) -> None:
+                log: Callable[[str], None] | None = None, device: str | torch.device | None = None,
+                amp: bool = False) -> None:
         """Recompute every training image's nearest neighbour with the current model (no-op for "aug").
 
         ``images``: uint8 [N, R, R, 3] on any device (or a host array, then
@@ -181,9 +147,8 @@ class PositiveSampler:
         if device is None:
             device = images.device if isinstance(images, Tensor) else next(unwrap(model).parameters()).device
         device = torch.device(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats = bank_features(model, images, spec, self.features, self.batch_size, device)
-        self.nn_index = nearest_neighbours(feats.float()).cpu()  # per-step choices index it on the host
+        feats = embed_images(model, images, spec, self.batch_size, device, features=self.features, amp=amp)
+        self.nn_index = neighbour_index(feats).cpu()  # per-step choices index it on the host
         self.last_refresh_seconds = time.time() - t0
         if log is not None:
             log(f"neighbour bank: {feats.shape[0]} images, {feats.shape[1]}-d {self.features} features, "

@@ -65,8 +65,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from isfe_model.atomic import atomic_write_bytes
+from isfe_model.jsonsafe import dumps
+from training.config import UsageError
+from training.data import DataError, load_split
+from training.model import CheckpointError, build_encoder, load_encoder
+from training.retrieval import embed_images, topk_similar
+from training.runtime import resolve_device
 
 __all__ = [
     "ReportError",
@@ -76,7 +83,6 @@ __all__ = [
     "curves_figure",
     "write_curves",
     "select_queries",
-    "nearest_neighbours",
     "roc_auc",
     "separation",
     "similarity_figure",
@@ -136,7 +142,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except ValueError as e:
             if i == len(lines) and not path.read_bytes().endswith(b"\n"):
                 continue  # the training run is writing this line right now
-            raise ReportError(f"{path} line {i} is not a metrics row ({e}); it is damaged — rerun the training or delete the line") from None
+            raise ReportError(f"{path} line {i} is not a metrics row ({e}); it is damaged — rerun the training "
+                              "or delete the line") from None
         rows.append(row)
     if not rows:
         raise ReportError(f"{path} has no metrics rows yet; wait for the run's first evaluation (epoch 0) or rerun it")
@@ -152,11 +159,14 @@ def load_run(path: str | Path, need_checkpoint: bool = True) -> RunRecord:
         if p.name in ("checkpoint.pt", "metrics.jsonl", "config.json") and p.parent.is_dir():
             p = p.parent
         else:
-            raise ReportError(f"--run {p} is a file, not a run folder; pass the folder that holds metrics.jsonl and checkpoint.pt")
+            raise ReportError(f"--run {p} is a file, not a run folder; pass the folder that holds metrics.jsonl "
+                              "and checkpoint.pt")
     if not (p / "metrics.jsonl").is_file():
-        raise ReportError(f"--run {p} has no metrics.jsonl; it is not a training run folder (or the run has not started)")
+        raise ReportError(f"--run {p} has no metrics.jsonl; it is not a training run folder "
+                          "(or the run has not started)")
     if need_checkpoint and not (p / "checkpoint.pt").is_file():
-        raise ReportError(f"--run {p} has no checkpoint.pt (the run has not finished); wait for it, or use --curves-only")
+        raise ReportError(f"--run {p} has no checkpoint.pt (the run has not finished); "
+                          "wait for it, or use --curves-only")
     rows = read_metrics(p / "metrics.jsonl")
     config: dict[str, Any] = {}
     if (p / "config.json").is_file():
@@ -201,7 +211,8 @@ def figure_png(fig) -> bytes:
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = sorted((int(r["epoch"]), float(r[key])) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool))
+    pts = sorted((int(r["epoch"]), float(r[key])) for r in rows
+                 if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool))
     return [e for e, _ in pts], [v for _, v in pts]
 
 
@@ -221,12 +232,14 @@ def curves_figure(runs: Sequence[RunRecord]):
         e, v = _series(run.rows, key)
         if e:
             shown.add(key)
-            ax_knn.plot(e, v, marker="o", markersize=3.5, linewidth=1.6, label=label if key == "knn_top1" else f"{label} (R@1)")
+            ax_knn.plot(e, v, marker="o", markersize=3.5, linewidth=1.6,
+                        label=label if key == "knn_top1" else f"{label} (R@1)")
     ax_loss.set_title("InvaSpread training loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("mean loss per step")
     if not any_loss:
-        ax_loss.text(0.5, 0.5, "no training epoch recorded yet", ha="center", va="center", transform=ax_loss.transAxes, color="0.4")
+        ax_loss.text(0.5, 0.5, "no training epoch recorded yet", ha="center", va="center", transform=ax_loss.transAxes,
+                     color="0.4")
     if shown == {"recall@1"}:
         ax_knn.set_title("Recall@1 (unseen test classes)")
         ax_knn.set_ylabel("Recall@1 (%)")
@@ -285,36 +298,14 @@ def select_queries(n: int, max_queries: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_queries, replace=False)).astype(np.int64)
 
 
-def nearest_neighbours(bank, queries, k: int, exclude: np.ndarray | None = None, chunk_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """k most cosine-similar bank rows per query (float64; ties -> lower bank index).
+def _float64_topk(queries: torch.Tensor, bank: torch.Tensor, k: int,
+                  exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The report's neighbours: :func:`training.retrieval.topk_similar` on the CPU in float64 -> numpy.
 
-    Args:
-        bank: [N, D] unit rows (torch tensor or numpy).
-        queries: [M, D] unit rows.
-        k: neighbours per query (clipped to the bank size).
-        exclude: optional int [M] bank index to leave out per query (the query itself).
-
-    Returns:
-        (sims float64 [M, k], idx int64 [M, k]), most similar first.
+    queries [M, D], bank [N, D] -> (sims float64 [M, k], idx int64 [M, k]), most similar first, ties -> lower index.
     """
-    import torch
-
-    b = torch.as_tensor(bank).detach().to("cpu", torch.float64)
-    q = torch.as_tensor(queries).detach().to("cpu", torch.float64)
-    n = b.shape[0] - (1 if exclude is not None else 0)
-    k = max(0, min(k, n))
-    sims_out, idx_out = [], []
-    for i in range(0, q.shape[0], chunk_size):
-        s = q[i : i + chunk_size] @ b.t()  # [m, N]
-        if exclude is not None:
-            rows = torch.arange(s.shape[0])
-            s[rows, torch.as_tensor(exclude[i : i + chunk_size], dtype=torch.long)] = float("-inf")
-        vals, idx = torch.sort(s, dim=1, descending=True, stable=True)
-        sims_out.append(vals[:, :k])
-        idx_out.append(idx[:, :k])
-    if not sims_out:
-        return np.zeros((0, k)), np.zeros((0, k), dtype=np.int64)
-    return torch.cat(sims_out).numpy(), torch.cat(idx_out).numpy().astype(np.int64)
+    sims, idx = topk_similar(queries.cpu(), bank.cpu(), k, exclude=exclude, chunk_size=256, dtype=torch.float64)
+    return sims.numpy(), idx.numpy()
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -465,7 +456,7 @@ def _table(rows: list[tuple[str, Any]]) -> str:
         if isinstance(v, float):
             text = f"{v:.4g}"
         elif isinstance(v, (dict, list, tuple)):
-            text = json.dumps(v)
+            text = dumps(v)
         else:
             text = "" if v is None else str(v)
         cells.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(text)}</td></tr>")
@@ -478,14 +469,16 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         if name not in pngs:
             return ""
         data = base64.b64encode(pngs[name]).decode("ascii")
-        return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+        return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(alt)}</figcaption></figure>")
 
     sim = report.get("similarity", {})
     sep_rows = []
     for which in ("random", "trained"):
         st = sim.get(which)
         if st:
-            sep_rows += [(f"{which}: mean same-class", st["mean_same"]), (f"{which}: mean other-class", st["mean_other"]),
+            sep_rows += [(f"{which}: mean same-class", st["mean_same"]),
+                         (f"{which}: mean other-class", st["mean_other"]),
                          (f"{which}: mean gap", st["mean_gap"]), (f"{which}: AUC", st["auc"])]
     final = report.get("final_metrics", {})
     cfg = report.get("config", {})
@@ -497,11 +490,13 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
         "img{max-width:100%;border:1px solid #ddd}figure{margin:1.5em 0}figcaption{color:#555;font-size:.9em}"
-        "table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}"
+        "th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;"
         "font-size:.9em;vertical-align:top}th{background:#f4f4f4;font-weight:600}td{font-family:ui-monospace,monospace;"
         "word-break:break-all}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>Run folder: <code>{html.escape(str(report.get('run', '')))}</code>; data: <code>{html.escape(str(report.get('data', '')))}</code>;"
+        f"<p>Run folder: <code>{html.escape(str(report.get('run', '')))}</code>; "
+        f"data: <code>{html.escape(str(report.get('data', '')))}</code>;"
         f" curves compare: {html.escape(runs)}.</p>",
         "<h2>Final metrics</h2>",
         _table(list(final.items())),
@@ -517,8 +512,9 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
     if sep_rows:
         parts += [
             "<h2>Similarity separation</h2>",
-            f"<p>Each of {sim.get('num_queries', '?')} test queries with its {sim.get('nn_k', '?')} nearest training images by cosine "
-            "similarity; pairs split by same vs other class. AUC: area under the ROC curve of &ldquo;same class&rdquo; vs similarity.</p>",
+            f"<p>Each of {sim.get('num_queries', '?')} test queries with its {sim.get('nn_k', '?')} nearest "
+            "training images by cosine similarity; pairs split by same vs other class. "
+            "AUC: area under the ROC curve of &ldquo;same class&rdquo; vs similarity.</p>",
             _table(sep_rows),
         ]
     parts += [
@@ -551,25 +547,10 @@ class ReportOptions:
 
 
 def _random_encoder(cfg, seed: int):
-    import torch
-
-    from training.model import build_encoder
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_encoder(cfg)
     return model.eval()
-
-
-def _json_safe(v: Any) -> Any:
-    """Non-finite floats -> None, so report.json stays strict JSON."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 def _summary(run: RunRecord) -> dict[str, Any]:
@@ -579,24 +560,80 @@ def _summary(run: RunRecord) -> dict[str, Any]:
             "knn_top5": last.get("knn_top5"), "loss": losses[-1] if losses else None}
 
 
+def _check_options(run_dirs: Sequence[str | Path], opts: ReportOptions) -> None:
+    if not run_dirs:
+        raise ReportError("give at least one --run FOLDER")
+    checks = (("--nn-k", opts.nn_k), ("--max-queries", opts.max_queries), ("--queries", opts.queries),
+              ("--top-k", opts.top_k), ("--batch-size", opts.batch_size))
+    for name, v in checks:
+        if v < 1:
+            raise ReportError(f"{name} must be >= 1, got {v}")
+
+
+def _load_inputs(first: RunRecord, opts: ReportOptions, log) -> tuple[torch.device, Any, str | None, Any, Any]:
+    """(device, trained model, data source, train split, test split).
+
+    Raises ReportError, DataError or CheckpointError.
+    """
+    try:
+        device = resolve_device(opts.device)
+    except UsageError as e:
+        raise ReportError(str(e)) from None
+    model = load_encoder(first.checkpoint, map_location=device)
+    config = first.config or dict(model.checkpoint.get("config") or {})
+    data = opts.data if opts.data is not None else config.get("data")
+    spec = model.cfg.preprocess
+    train = load_split(data, "train", resize_size=spec.resize_size)
+    test = load_split(data, "test", resize_size=spec.resize_size)
+    log(f"data {train.name}: {len(train)} train (memory bank) / {len(test)} test images; "
+        f"embedding with {model.cfg.arch} on {device}")
+    return device, model, data, train, test
+
+
+def _similarity(model, train, test, qidx: np.ndarray, opts: ReportOptions, device, run_name: str, log):
+    """Query-to-kNN separation for the random and the trained encoder.
+
+    Returns (similarity.png bytes, {"random": stats, "trained": stats}, trained test embeddings [N_test, D]).
+    """
+    spec = model.cfg.preprocess
+    ytr = np.asarray(train.labels, dtype=np.int64)
+    yte = np.asarray(test.labels, dtype=np.int64)
+    nets = {"random": _random_encoder(model.cfg, opts.seed).to(device), "trained": model}
+    panels, stats, fte = [], {}, None
+    for which, net in nets.items():
+        ftr = embed_images(net, train.images, spec, opts.batch_size, device)
+        fte = embed_images(net, test.images, spec, opts.batch_size, device)
+        sims, idx = _float64_topk(fte.cpu()[qidx], ftr, opts.nn_k)
+        same = ytr[idx] == yte[qidx][:, None]
+        st = stats[which] = separation(sims, same)
+        label = "random initialisation" if which == "random" else f"trained ({_plain(run_name)})"
+        panels.append((label, sims, same, st))
+        log(f"{which:>7}: same-class mean {_fmt(st['mean_same'])}  other-class mean {_fmt(st['mean_other'])}  "
+            f"gap {_fmt(st['mean_gap'])}  AUC {_fmt(st['auc'])}  ({st['n_same']} same / {st['n_other']} other pairs)")
+    return figure_png(similarity_figure(panels, opts.nn_k)), stats, fte
+
+
+def _retrieval(fte, test, opts: ReportOptions, run_name: str) -> tuple[bytes, dict[str, Any]]:
+    """The retrieval grid from the test split (query excluded): (retrieval.png bytes, its report section)."""
+    yte = np.asarray(test.labels, dtype=np.int64)
+    rq = retrieval_queries(yte, min(opts.queries, len(test)), opts.seed)
+    rsims, ridx = _float64_topk(fte.cpu()[rq], fte, opts.top_k, exclude=rq)
+    hits = float((yte[ridx] == yte[rq][:, None]).mean()) if ridx.size else 0.0
+    png = figure_png(retrieval_figure(
+        np.asarray(test.images), yte, test.classes, rq, ridx, rsims,
+        f"Top-{ridx.shape[1]} retrievals from the test split, {run_name} "
+        f"(green: same class, red: other class; {100 * hits:.0f}% same class)"))
+    section = {"gallery_split": "test (query excluded)", "query_indices": rq.tolist(),
+               "neighbour_indices": ridx.tolist(), "same_class_fraction": hits}
+    return png, section
+
+
 def build_report(run_dirs: Sequence[str | Path], opts: ReportOptions, log=print) -> dict[str, Any]:
     """Draw all figures and write report.json / report.html; returns the report dict.
 
     Raises ReportError, DataError or CheckpointError for bad input.
     """
-    import torch
-
-    from training.data import load_split
-    from training.evaluate import embed_images
-    from training.model import load_encoder
-    from training.train import UsageError, resolve_device
-
-    if not run_dirs:
-        raise ReportError("give at least one --run FOLDER")
-    for name, v, lo in (("--nn-k", opts.nn_k, 1), ("--max-queries", opts.max_queries, 1), ("--queries", opts.queries, 1),
-                        ("--top-k", opts.top_k, 1), ("--batch-size", opts.batch_size, 1)):
-        if v < lo:
-            raise ReportError(f"{name} must be >= {lo}, got {v}")
+    _check_options(run_dirs, opts)
     runs = [load_run(d, need_checkpoint=(i == 0 and not opts.curves_only)) for i, d in enumerate(run_dirs)]
     first = runs[0]
     out = Path(opts.out) if opts.out else first.path / "report"
@@ -619,48 +656,10 @@ def build_report(run_dirs: Sequence[str | Path], opts: ReportOptions, log=print)
         return report
 
     # everything that can be wrong with the input is found before anything is written
-    try:
-        device = resolve_device(opts.device)
-    except UsageError as e:
-        raise ReportError(str(e)) from None
-    model = load_encoder(first.checkpoint, map_location=device)
-    config = first.config or dict(model.checkpoint.get("config") or {})
-    data = opts.data if opts.data is not None else config.get("data")
-    spec = model.cfg.preprocess
-    train = load_split(data, "train", resize_size=spec.resize_size)
-    test = load_split(data, "test", resize_size=spec.resize_size)
-    log(f"data {train.name}: {len(train)} train (memory bank) / {len(test)} test images; embedding with {model.cfg.arch} on {device}")
-
+    device, model, data, train, test = _load_inputs(first, opts, log)
     qidx = select_queries(len(test), opts.max_queries, opts.seed)
-    ytr = np.asarray(train.labels, dtype=np.int64)
-    yte = np.asarray(test.labels, dtype=np.int64)
-    nets = {"random": _random_encoder(model.cfg, opts.seed).to(device), "trained": model}
-    sim_panels = []
-    sim_stats: dict[str, Any] = {}
-    test_feats = {}
-    for which, net in nets.items():
-        ftr = embed_images(net, train.images, spec, opts.batch_size, device)
-        fte = embed_images(net, test.images, spec, opts.batch_size, device)
-        test_feats[which] = fte
-        sims, idx = nearest_neighbours(ftr, fte[torch.as_tensor(qidx, device=fte.device)], opts.nn_k)
-        same = ytr[idx] == yte[qidx][:, None]
-        st = separation(sims, same)
-        sim_stats[which] = st
-        label = "random initialisation" if which == "random" else f"trained ({_plain(first.name)})"
-        sim_panels.append((label, sims, same, st))
-        log(f"{which:>7}: same-class mean {_fmt(st['mean_same'])}  other-class mean {_fmt(st['mean_other'])}  "
-            f"gap {_fmt(st['mean_gap'])}  AUC {_fmt(st['auc'])}  ({st['n_same']} same / {st['n_other']} other pairs)")
-    pngs["similarity.png"] = figure_png(similarity_figure(sim_panels, opts.nn_k))
-
-    rq = retrieval_queries(yte, min(opts.queries, len(test)), opts.seed)
-    fte = test_feats["trained"]
-    rsims, ridx = nearest_neighbours(fte, fte[torch.as_tensor(rq, device=fte.device)], opts.top_k, exclude=rq)
-    hits = float((yte[ridx] == yte[rq][:, None]).mean()) if ridx.size else 0.0
-    pngs["retrieval.png"] = figure_png(retrieval_figure(
-        np.asarray(test.images), yte, test.classes, rq, ridx, rsims,
-        f"Top-{ridx.shape[1]} retrievals from the test split, {first.name} "
-        f"(green: same class, red: other class; {100 * hits:.0f}% same class)"))
-
+    pngs["similarity.png"], sim_stats, fte = _similarity(model, train, test, qidx, opts, device, first.name, log)
+    pngs["retrieval.png"], retrieval = _retrieval(fte, test, opts, first.name)
     report.update({
         "data": data or "digits",
         "checkpoint": str(first.checkpoint),
@@ -669,7 +668,8 @@ def build_report(run_dirs: Sequence[str | Path], opts: ReportOptions, log=print)
         "similarity": {
             "definition": "queries: test split (seeded subset if larger than max_queries); bank: train split; "
                           "for each query its nn_k most cosine-similar bank images (float64, ties -> lower index); "
-                          "pairs labelled same/other class; mean_gap = mean_same - mean_other; auc = ROC AUC of same-class vs similarity",
+                          "pairs labelled same/other class; mean_gap = mean_same - mean_other; "
+                          "auc = ROC AUC of same-class vs similarity",
             "bank_split": "train",
             "query_split": "test",
             "nn_k": opts.nn_k,
@@ -681,27 +681,24 @@ def build_report(run_dirs: Sequence[str | Path], opts: ReportOptions, log=print)
             "random": sim_stats["random"],
             "trained": sim_stats["trained"],
         },
-        "retrieval": {
-            "gallery_split": "test (query excluded)",
-            "query_indices": rq.tolist(),
-            "neighbour_indices": ridx.tolist(),
-            "same_class_fraction": hits,
-        },
+        "retrieval": retrieval,
         "files": ["curves.png", "similarity.png", "retrieval.png", "report.json", "report.html"],
     })
     page = render_html(report, pngs).encode("utf-8")
+    text = (dumps(report, indent=2) + "\n").encode("utf-8")  # strict JSON (NaN/Inf -> null), built before any write
     out.mkdir(parents=True, exist_ok=True)
     for name, data_bytes in pngs.items():
         _write(out / name, data_bytes)
-    _write(out / "report.json", json.dumps(_json_safe(report), indent=2, allow_nan=False).encode("utf-8"))
+    _write(out / "report.json", text)
     _write(out / "report.html", page)
     log(f"wrote {', '.join(report['files'])} to {out}/")
     return report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training.report",
-                                 description="Learning curves, similarity histograms and retrieval grids for training runs.")
+    ap = argparse.ArgumentParser(
+        prog="python -m training.report",
+        description="Learning curves, similarity histograms and retrieval grids for training runs.")
     ap.add_argument("--run", action="append", required=True, metavar="FOLDER",
                     help="run folder (metrics.jsonl, checkpoint.pt); repeat to overlay several runs' curves")
     ap.add_argument("--data", default=None, help="dataset for similarity/retrieval (default: the run's config 'data')")
@@ -718,9 +715,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.data import DataError
-    from training.model import CheckpointError
-
     args = build_parser().parse_args(argv)
     opts = ReportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReportOptions)})
     try:
