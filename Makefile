@@ -23,11 +23,14 @@ test: venv
 	$(PY) -m pytest -q
 
 # Train on the embedded default (scikit-learn digits), export to ONNX with a parity
-# check, and index the test images as a gallery for the service and the demo.
+# check (also as the model package $(RUN)/package and its wheel in $(RUN)/dist, next to
+# the isfe-model wheel), and index the test images as a gallery for the service and the demo.
 quickstart: venv
 	rm -rf $(RUN)
 	$(PY) -m training --out $(RUN)
-	$(PY) -m export --checkpoint $(RUN)/checkpoint.pt --onnx $(RUN)/model.onnx
+	$(PY) -m export --checkpoint $(RUN)/checkpoint.pt --onnx $(RUN)/model.onnx \
+		--package $(RUN)/package --name quickstart --version 1 --wheel $(RUN)/dist
+	$(PY) -m build --wheel --no-isolation --outdir $(RUN)/dist .
 	$(PY) -m training.data --data digits --split test --write-folder $(RUN)/images
 	$(PY) -m isfe_model index $(RUN)/model.onnx $(RUN)/images -o $(RUN)/gallery --overwrite
 

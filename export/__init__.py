@@ -1,6 +1,12 @@
-"""ISFE export: PyTorch checkpoint -> ONNX / TensorRT / INT8 ONNX / Triton repository, each with a parity proof.
+"""ISFE export: checkpoint -> ONNX / INT8 ONNX / TensorRT / Triton repository / model package, each parity-gated.
 
-Run ``python -m export --help``.  Library use::
+Run ``python -m export --help``.  Library use (keyword arguments named like the flags)::
+
+    from export import export_checkpoint
+    result = export_checkpoint("runs/x/checkpoint.pt", onnx="model.onnx", int8="model-int8.onnx",
+                               package="runs/x/package", model_name="x", wheel="dist")
+
+or one step::
 
     from export.to_onnx import export_onnx, metadata_for_encoder
     from training.model import load_encoder
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_onnx", "metadata_for_encoder", "main"]
+__all__ = ["export_checkpoint", "export_onnx", "main", "metadata_for_encoder"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import export` stays cheap (no torch import)
@@ -20,8 +26,8 @@ def __getattr__(name: str) -> Any:  # lazy: `import export` stays cheap (no torc
         from . import to_onnx
 
         return getattr(to_onnx, name)
-    if name == "main":
-        from .cli import main
+    if name in ("main", "export_checkpoint"):
+        from . import cli
 
-        return main
+        return getattr(cli, name)
     raise AttributeError(name)

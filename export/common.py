@@ -7,15 +7,16 @@ so a final name never holds a half-written or unverified file.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from isfe_model.atomic import default_mode, output_target
+from isfe_model.jsonsafe import write_json
 
-__all__ = ["ExportError", "default_dir_mode", "check_output_path", "publish", "remove_quietly", "temp_path_for", "write_json_atomic"]
+__all__ = ["ExportError", "default_dir_mode", "check_output_path", "publish", "remove_quietly", "temp_path_for",
+           "write_json_atomic"]
 
 
 class ExportError(RuntimeError):
@@ -31,7 +32,8 @@ def check_output_path(path: str | os.PathLike, flag: str) -> Path:
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
-        raise ExportError(f"{flag} {p}: output directory {parent} does not exist; create it (mkdir -p {parent}) or pick another path")
+        raise ExportError(f"{flag} {p}: output directory {parent} does not exist; create it (mkdir -p {parent}) or "
+                          "pick another path")
     if not parent.is_dir():
         raise ExportError(f"{flag} {p}: {parent} is not a directory")
     if p.is_dir():
@@ -45,7 +47,8 @@ def check_output_path(path: str | os.PathLike, flag: str) -> Path:
 def temp_path_for(final: str | os.PathLike, suffix: str = "") -> Path:
     """A fresh, unused temporary path next to ``final`` (same folder => atomic rename)."""
     final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent if str(final.parent) else ".")
+    folder = final.parent if str(final.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     return Path(tmp)
 
@@ -77,12 +80,5 @@ def remove_quietly(*paths: str | os.PathLike | None) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON via a temporary file and a rename."""
-    path = Path(path)
-    tmp = temp_path_for(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-        return publish(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
+    """Write ``obj`` as indented strict JSON, atomically (:func:`isfe_model.jsonsafe.write_json`: NaN/Inf -> null)."""
+    return write_json(path, obj, indent=2)

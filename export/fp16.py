@@ -97,13 +97,15 @@ def convert_trunk_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                 elif x and x not in produced_in and x in floats:  # fp32 tensor entering the region
                     if x not in cast_in:
                         cast_in[x] = f"{x}__to_fp16"
-                        new_nodes.append(helper.make_node("Cast", [x], [cast_in[x]], to=TensorProto.FLOAT16, name=f"{x}__cast_fp16"))
+                        new_nodes.append(helper.make_node("Cast", [x], [cast_in[x]], to=TensorProto.FLOAT16,
+                                                          name=f"{x}__cast_fp16"))
                     n.input[j] = cast_in[x]
             new_nodes.append(n)
             for o in n.output:
                 if o in leaving and o in floats:  # float region output used in fp32 afterwards
                     n.output[list(n.output).index(o)] = f"{o}__fp16"
-                    new_nodes.append(helper.make_node("Cast", [f"{o}__fp16"], [o], to=TensorProto.FLOAT, name=f"{o}__cast_fp32"))
+                    new_nodes.append(helper.make_node("Cast", [f"{o}__fp16"], [o], to=TensorProto.FLOAT,
+                                                      name=f"{o}__cast_fp32"))
         else:
             new_nodes.append(n)
     # Region-internal consumers of a renamed output must read the fp16 name.

@@ -90,7 +90,8 @@ def quantize_int8(
         except Exception as e:  # pre-processing is an optimisation: quantize the original if it fails
             print(f"  note: quant_pre_process failed ({type(e).__name__}); quantizing the model as exported")
             model_in = Path(onnx_path)
-        calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
+        calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
         qlog.setLevel(logging.ERROR)
         logging.getLogger().setLevel(max(old_level, logging.WARNING))
         try:
@@ -105,14 +106,17 @@ def quantize_int8(
                 calibrate_method=calib,
             )
         except Exception as e:  # onnxruntime raises many types
-            raise ExportError(f"INT8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise ExportError(f"INT8 quantization failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
         q = onnx.load(str(tmp))
         versions = library_versions()
         extra = dict(meta.extra)
         extra.update(
             {
-                "isfe.int8_format": "QDQ, per-channel int8 weights, uint8 activations" if per_channel else "QDQ, per-tensor int8 weights, uint8 activations",
-                "isfe.int8_calibration": f"{method}, {len(calib_x)} images" + (f" from {calib_source}" if calib_source else ""),
+                "isfe.int8_format": f"QDQ, per-{'channel' if per_channel else 'tensor'} int8 weights, "
+                                    "uint8 activations",
+                "isfe.int8_calibration": f"{method}, {len(calib_x)} images"
+                                         + (f" from {calib_source}" if calib_source else ""),
                 "isfe.onnxruntime_version": versions["onnxruntime"],
                 "isfe.source_model_quantization": meta.quantization,
             }

@@ -171,13 +171,15 @@ def _check_signature(model: onnx.ModelProto, metadata: ModelMetadata) -> None:
     s = metadata.preprocess.input_size
     in_dims, out_dims = _dims(inputs[0]), _dims(g.output[0])
     if len(in_dims) != 4 or in_dims[1:] != [3, s, s] or len(out_dims) != 2 or out_dims[1] != metadata.embedding_dim:
-        raise ExportError(f"exported graph has input {in_dims} and output {out_dims}; expected [batch, 3, {s}, {s}] -> [batch, {metadata.embedding_dim}]")
+        raise ExportError(f"exported graph has input {in_dims} and output {out_dims}; "
+                          f"expected [batch, 3, {s}, {s}] -> [batch, {metadata.embedding_dim}]")
     if not isinstance(in_dims[0], str) or not isinstance(out_dims[0], str):
         raise ExportError(
             f"the exporter froze the batch axis (input {in_dims}, output {out_dims}); "
             "export with an example batch of at least 2 and a dynamic batch dimension"
         )
-    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT or g.output[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+    float32 = onnx.TensorProto.FLOAT
+    if inputs[0].type.tensor_type.elem_type != float32 or g.output[0].type.tensor_type.elem_type != float32:
         raise ExportError("exported graph input/output must be float32")
 
 
@@ -213,7 +215,8 @@ def check_dynamic_batch(
             return sess.run(None, {in_name: x})[0]
         except Exception as e:  # onnxruntime raises its own exception types
             raise ExportError(
-                f"{onnx_path}: ONNX Runtime failed at batch {len(x)} ({str(e).splitlines()[0]}); the batch axis is not dynamic"
+                f"{onnx_path}: ONNX Runtime failed at batch {len(x)} ({str(e).splitlines()[0]}); the batch axis is "
+                "not dynamic"
             ) from None
 
     single = np.concatenate([run(x_all[i : i + 1]) for i in range(min(bmax, 3))])
@@ -237,8 +240,10 @@ def check_dynamic_batch(
     if worst_b1 > atol:
         raise ExportError(f"{onnx_path}: rows differ by {worst_b1:.2e} between batch 1 and larger batches (> {atol:g})")
     if worst_torch > atol:
-        raise ExportError(f"{onnx_path}: ONNX Runtime differs from PyTorch by {worst_torch:.2e} on random input (> {atol:g})")
-    return {"batches": sorted(set(int(v) for v in batches)), "max_abs_vs_batch1": worst_b1, "max_abs_vs_torch": worst_torch if model is not None else None}
+        raise ExportError(f"{onnx_path}: ONNX Runtime differs from PyTorch by {worst_torch:.2e} on random input "
+                          f"(> {atol:g})")
+    return {"batches": sorted(set(int(v) for v in batches)), "max_abs_vs_batch1": worst_b1,
+            "max_abs_vs_torch": worst_torch if model is not None else None}
 
 
 def simplify_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -290,7 +295,8 @@ def export_onnx(
         ExportError: on a failed export or check (message names the problem).
     """
     if example_batch < 2:
-        raise ExportError(f"example_batch must be >= 2 (got {example_batch}); with a batch of 1 the exporter can freeze the batch axis")
+        raise ExportError(f"example_batch must be >= 2 (got {example_batch}); with a batch of 1 the exporter can "
+                          "freeze the batch axis")
     onnx_path = Path(onnx_path)
     parent = onnx_path.parent if str(onnx_path.parent) else Path(".")
     if not parent.is_dir():
@@ -316,7 +322,8 @@ def export_onnx(
                     verbose=False,
                 )
         except Exception as e:  # exporter failures come in many types
-            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
         proto = program.model_proto
         got_opset = {o.domain: o.version for o in proto.opset_import}.get("", None)
         if got_opset != int(opset):

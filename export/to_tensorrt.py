@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .common import ExportError
+from .fp16 import convert_trunk_to_fp16
 
 __all__ = [
     "BuildPlan",
@@ -71,7 +72,8 @@ class Profile:
 
     def __post_init__(self) -> None:
         if not (1 <= self.min <= self.opt <= self.max):
-            raise ExportError(f"batch profile needs 1 <= min <= opt <= max, got min={self.min}, opt={self.opt}, max={self.max}; fix --opt-batch/--max-batch")
+            raise ExportError(f"batch profile needs 1 <= min <= opt <= max, got min={self.min}, opt={self.opt}, "
+                              f"max={self.max}; fix --opt-batch/--max-batch")
 
 
 @dataclass(frozen=True)
@@ -188,8 +190,6 @@ def build_engine(
     plan = build_plan(trt_major(trt.__version__), precision)
     model = onnx.load(str(onnx_path))
     if plan.onnx_variant == "fp16-trunk":
-        from .fp16 import convert_trunk_to_fp16
-
         model = convert_trunk_to_fp16(model)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -207,14 +207,16 @@ def build_engine(
     for name in plan.set_flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
     if plan.pin_fp32_layers:
-        log(f"  TensorRT {trt.__version__}: fp16 with {_pin_fp32(network, trt)} normalisation/head layers pinned to fp32")
+        log(f"  TensorRT {trt.__version__}: fp16 with {_pin_fp32(network, trt)} normalisation/head layers pinned "
+            "to fp32")
     opt_profile = builder.create_optimization_profile()
     shape = (3, int(input_size), int(input_size))
     opt_profile.set_shape(input_name, (profile.min, *shape), (profile.opt, *shape), (profile.max, *shape))
     config.add_optimization_profile(opt_profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"TensorRT {trt.__version__} failed to build a {precision} engine from {onnx_path} (see the TensorRT log above)")
+        raise ExportError(f"TensorRT {trt.__version__} failed to build a {precision} engine from {onnx_path} (see the "
+                          "TensorRT log above)")
     return bytes(serialized), plan
 
 
@@ -245,7 +247,8 @@ class TrtRunner:
         torch = self._torch
         outs = []
         for s in range(0, x.shape[0], self.max_batch):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s : s + self.max_batch])).to("cuda", self.in_dtype).contiguous()
+            xb = torch.from_numpy(np.ascontiguousarray(x[s : s + self.max_batch]))
+            xb = xb.to("cuda", self.in_dtype).contiguous()
             self.context.set_input_shape(self.input_name, tuple(xb.shape))
             out_shape = tuple(self.context.get_tensor_shape(self.output_name))
             y = torch.empty(out_shape, dtype=self.out_dtype, device="cuda")
@@ -272,7 +275,3 @@ def sha256_bytes(data: bytes) -> str:
 
 def sidecar_path(engine_path: str | os.PathLike) -> Path:
     return Path(f"{engine_path}.meta.json")
-
-
-def as_dict(profile: Profile) -> dict[str, int]:
-    return asdict(profile)

@@ -2,6 +2,7 @@
 
 >>> from isfe_model import Encoder, Gallery
 >>> enc = Encoder("model.onnx")                    # reads dim + preprocessing from the model
+>>> enc = Encoder.from_pretrained("quickstart")    # an installed model wheel, a package folder or hf:ORG/REPO
 >>> x = enc.embed(["a.jpg", "b.png"])              # float32 [2, D], unit rows
 >>> gal = Gallery.build(enc, "photos/")            # ids = relative paths, labels = class folders
 >>> gal.save("photos.gallery"); gal = Gallery.load("photos.gallery", encoder=enc)
@@ -15,6 +16,7 @@ from ._version import __version__
 from .encoder import Encoder, ModelError, runtime_info
 from .gallery import Gallery, GalleryError, SearchResult
 from .metadata import MetadataError, ModelMetadata
+from .packages import ModelPackage, list_models
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, load_image, preprocess
 
 __all__ = [
@@ -26,8 +28,10 @@ __all__ = [
     "MetadataError",
     "ModelError",
     "ModelMetadata",
+    "ModelPackage",
     "PreprocessSpec",
     "SearchResult",
+    "list_models",
     "load_image",
     "preprocess",
     "runtime_info",

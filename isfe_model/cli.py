@@ -3,7 +3,7 @@
     isfe-embed  MODEL IMAGE... -o OUT.npy
     isfe-index  MODEL FOLDER -o GALLERY_DIR [--skip-bad] [--overwrite]
     isfe-search MODEL GALLERY_DIR IMAGE... [-k 10] [--json]
-    python -m isfe_model {embed,index,search,info} ...
+    python -m isfe_model {embed,index,search,info,models} ...
 
 Exit codes: 0 success; 1 bad input (image, model, gallery, output path) with
 one ``PROG: error: ...`` line on stderr naming the file and the fix; 2 bad
@@ -36,6 +36,7 @@ from .atomic import atomic_save_npy, output_target
 from .encoder import Encoder, runtime_info
 from .gallery import Gallery, GalleryError, _check_replaceable, printable
 from .jsonsafe import dumps
+from .packages import models_main
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, lift_pillow_pixel_limit
 from .progress import stderr_is_tty
 
@@ -408,18 +409,21 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "index": index_main,
     "search": search_main,
     "info": info_main,
+    "models": models_main,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m isfe_model {embed,index,search,info} ...``."""
+    """``python -m isfe_model {embed,index,search,info,models} ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m isfe_model {embed,index,search,info} ...\n\n"
+        print("usage: python -m isfe_model {embed,index,search,info,models} ...\n\n"
               "  embed   MODEL IMAGE... -o OUT.npy\n"
               "  index   MODEL FOLDER -o GALLERY_DIR [--skip-bad] [--overwrite]\n"
               "  search  MODEL GALLERY_DIR IMAGE... [-k 10] [--json]\n"
-              "  info    [MODEL]\n", file=sys.stderr if not argv else sys.stdout)
+              "  info    [MODEL]\n"
+              "  models  [--json]   list the installed model packages (name, version, dim, precisions)\n",
+              file=sys.stderr if not argv else sys.stdout)
         return EXIT_USAGE if not argv else EXIT_OK
     if argv[0] == "--version":
         print(f"isfe-model {__version__}")

@@ -10,7 +10,6 @@ ONNX Runtime runs the previous batch.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -24,7 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .metadata import ModelMetadata
+from .metadata import ModelError, ModelMetadata, short_repr
+from .packages import PRECISION_CHOICES, QUANTIZATION, ModelPackage, locate, sha256_file
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageInput, PreprocessSpec, describe_source, preprocess
 from .progress import Progress
 
@@ -42,7 +42,8 @@ logger = logging.getLogger("isfe_model")
 
 #: Order in which execution providers are picked when ``providers=None``.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider",
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
+                 "MIGraphXExecutionProvider",
                  "DmlExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider")
 #: Short names accepted for ``providers`` (and the CLI's ``--providers``).
 PROVIDER_ALIASES = {
@@ -64,10 +65,6 @@ TRT_MAX_BATCH = 256
 MIN_OUTPUT_NORM = 1e-12
 
 ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
-
-
-class ModelError(ValueError):
-    """A model file that is missing, corrupt, not an ONNX model or not an ISFE model; the message says the fix."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,7 +111,8 @@ def _provider_name(p: ProviderSpec) -> str:
     return p[0] if isinstance(p, tuple) else p
 
 
-def resolve_providers(providers: str | Sequence[ProviderSpec] | None, available: Sequence[str] | None = None) -> list[ProviderSpec]:
+def resolve_providers(providers: str | Sequence[ProviderSpec] | None,
+                      available: Sequence[str] | None = None) -> list[ProviderSpec]:
     """Turn ``providers`` into ONNX Runtime's list (CPU always last as the fallback).
 
     Args:
@@ -153,14 +151,6 @@ def resolve_providers(providers: str | Sequence[ProviderSpec] | None, available:
     return chosen
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dim(d: Any) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
@@ -178,17 +168,49 @@ def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
     return [images]
 
 
+def _check_model_file(path: Path) -> None:
+    """ModelError unless ``path`` is a non-empty regular file (a FIFO would block, /dev/zero never ends)."""
+    fix = "export one with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`"
+    if not path.exists():
+        raise ModelError(f"model {path}: no such file; {fix}")
+    if path.is_dir():
+        raise ModelError(f"model {path} is a folder; pass the .onnx file inside it")
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(f"model {path} is not a regular file (a device, FIFO or socket); pass the .onnx file")
+    if st.st_size == 0:
+        raise ModelError(f"model {path} is empty (0 bytes); the copy or export did not finish — {fix}")
+
+
+def _precision_of(md: ModelMetadata, precision: str, path: Path, package: ModelPackage | None) -> str:
+    """The precision of the loaded file ("fp32"/"int8", or the file's quantization); checks a requested one."""
+    actual = next((p for p, q in QUANTIZATION.items() if q == md.quantization), md.quantization)
+    if package is None and precision != "auto" and precision != actual:
+        raise ModelError(f"model {path} is {actual} (metadata isfe.quantization {md.quantization!r}), not {precision}; "
+                         f"pass precision='auto' or the file of that precision")
+    return actual
+
+
 class Encoder:
     """Embeds images with an exported ISFE ONNX model.
 
     Args:
-        model_path: the ``.onnx`` file written by ``python -m export``.
+        model_path: the ``.onnx`` file written by ``python -m export``, a model
+            package folder (``python -m export --package DIR``), the name of an
+            installed model wheel, or ``hf:ORG/REPO[@REVISION]`` (see
+            :mod:`isfe_model.packages`).
         providers: ONNX Runtime execution providers; None picks TensorRT ->
             CUDA -> CPU among those installed (see :func:`resolve_providers`).
         threads: intra-op threads of ONNX Runtime (None: its default, all cores).
         max_pixels: refuse images with more decoded pixels (decompression
             bombs); None disables the check.
         workers: threads that decode/preprocess images (None: min(4, cores)).
+        precision: for a package: "fp32", "int8" or "auto" (INT8 when the
+            first provider is the CPU and the package has a gated INT8 model);
+            for a .onnx file "auto" or the file's own precision.
 
     Attributes:
         metadata: :class:`ModelMetadata` read from the model.
@@ -198,6 +220,8 @@ class Encoder:
         fingerprint: the training checkpoint's sha256 (same for the fp32,
             INT8 and TensorRT versions of one model).
         model_sha256: sha256 of this ONNX file.  model_path: its path.
+        precision: "fp32" or "int8" (the loaded file's).  package: the
+            :class:`~isfe_model.packages.ModelPackage` it came from, or None.
 
     Raises:
         ModelError: missing, empty or corrupt file, not an ONNX model, or
@@ -207,33 +231,33 @@ class Encoder:
     """
 
     def __init__(self, model_path: str | os.PathLike, providers: str | Sequence[ProviderSpec] | None = None,
-                 threads: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None):
-        path = Path(model_path)
-        fix = "export one with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`"
-        if not path.exists():
-            raise ModelError(f"model {path}: no such file; {fix}")
-        if path.is_dir():
-            raise ModelError(f"model {path} is a folder; pass the .onnx file inside it")
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from None
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never ends
-            raise ModelError(f"model {path} is not a regular file (a device, FIFO or socket); pass the .onnx file")
-        size = st.st_size
-        if size == 0:
-            raise ModelError(f"model {path} is empty (0 bytes); the copy or export did not finish — {fix}")
+                 threads: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                 precision: str = "auto"):
+        located = locate(model_path)
+        self.package: ModelPackage | None = located if isinstance(located, ModelPackage) else None
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if max_pixels is not None and int(max_pixels) < 1:
             raise ValueError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+        if precision not in PRECISION_CHOICES:
+            raise ModelError(f"precision {short_repr(precision)} is not known; choose one of "
+                             f"{', '.join(PRECISION_CHOICES)}")
+        if self.package is not None:
+            requested = resolve_providers(providers)
+            precision = self.package.choose(precision, cpu_first=_provider_name(requested[0]) == "CPUExecutionProvider")
+            path = self.package.model_file(precision)
+        else:
+            path = located
+        _check_model_file(path)
         self.model_path = path
         self.max_pixels = None if max_pixels is None else int(max_pixels)
         self.workers = max(1, int(workers) if workers is not None else min(4, os.cpu_count() or 1))
         try:
-            self.model_sha256 = _sha256(path)
+            self.model_sha256 = sha256_file(path)
         except OSError as e:
             raise ModelError(f"model {path}: cannot read it ({e.strerror or e})") from None
+        if self.package is not None:
+            self.package.check_sha256(precision, path, self.model_sha256)
 
         packages = onnxruntime_packages()
         if len(packages) > 1:
@@ -253,6 +277,9 @@ class Encoder:
         session = self._open(path, so, ["CPUExecutionProvider"] if use_trt else requested)
         meta_props = session.get_modelmeta().custom_metadata_map
         self.metadata: ModelMetadata = ModelMetadata.from_props(meta_props, source=f"model {path}")
+        if self.package is not None:
+            self.package.check_metadata(precision, path, self.metadata)
+        self.precision: str = _precision_of(self.metadata, precision, path, self.package)
         self.dim: int = self.metadata.embedding_dim
         self.spec: PreprocessSpec = self.metadata.preprocess
         if use_trt:
@@ -264,6 +291,17 @@ class Encoder:
         self.requested_providers = [_provider_name(p) for p in requested]
         self.providers: list[str] = list(session.get_providers())
         self._log_providers()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, precision: str = "auto",
+                        providers: str | Sequence[ProviderSpec] | None = None, **kwargs: Any) -> "Encoder":
+        """An installed model package by name, a package folder, a .onnx file or ``hf:ORG/REPO[@REVISION]``.
+
+        ``precision``: "fp32", "int8", or "auto" (INT8 when the first execution
+        provider is the CPU and the package has a gated INT8 model, else fp32).
+        Other keyword arguments as for :class:`Encoder`.
+        """
+        return cls(name_or_path, providers=providers, precision=precision, **kwargs)
 
     # ------------------------------------------------------------------ setup
 
@@ -311,27 +349,34 @@ class Encoder:
         inputs = self._session.get_inputs()
         names = [i.name for i in inputs]
         if md.input_name not in names:
-            raise ModelError(f"model {path}: metadata names input {md.input_name!r} but the graph's inputs are {names}; re-export it")
+            raise ModelError(f"model {path}: metadata names input {md.input_name!r} but the graph's inputs are "
+                             f"{names}; re-export it")
         if len(inputs) != 1:
-            raise ModelError(f"model {path} has {len(inputs)} inputs {names}; an ISFE model has exactly one; re-export it")
+            raise ModelError(f"model {path} has {len(inputs)} inputs {names}; an ISFE model has exactly one; "
+                             "re-export it")
         inp = inputs[0]
         shape = list(inp.shape)
         s = self.spec.input_size
         if len(shape) != 4 or (_dim(shape[1]) not in (None, 3)) or any(_dim(v) not in (None, s) for v in shape[2:]):
-            raise ModelError(f"model {path}: input {inp.name!r} has shape {shape}, but its metadata says [B, 3, {s}, {s}]; re-export it")
+            raise ModelError(f"model {path}: input {inp.name!r} has shape {shape}, "
+                             f"but its metadata says [B, 3, {s}, {s}]; re-export it")
         if inp.type not in ("tensor(float)", "tensor(float16)"):
-            raise ModelError(f"model {path}: input {inp.name!r} is {inp.type}; ISFE models take tensor(float) [B, 3, {s}, {s}] in [0, 1]")
+            raise ModelError(f"model {path}: input {inp.name!r} is {inp.type}; "
+                             f"ISFE models take tensor(float) [B, 3, {s}, {s}] in [0, 1]")
         self._input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         self._fixed_batch = _dim(shape[0])
         outs = self._session.get_outputs()
         onames = [o.name for o in outs]
         if md.output_name not in onames:
-            raise ModelError(f"model {path}: metadata names output {md.output_name!r} but the graph's outputs are {onames}; re-export it")
+            raise ModelError(f"model {path}: metadata names output {md.output_name!r} but the graph's outputs are "
+                             f"{onames}; re-export it")
         out = outs[onames.index(md.output_name)]
         oshape = list(out.shape)
         if len(oshape) != 2 or _dim(oshape[1]) not in (None, self.dim):
-            raise ModelError(f"model {path}: output {out.name!r} has shape {oshape}, but its metadata says [B, {self.dim}]; re-export it")
-        self._max_batch = self._fixed_batch or (TRT_MAX_BATCH if "TensorrtExecutionProvider" in self._session.get_providers() else None)
+            raise ModelError(f"model {path}: output {out.name!r} has shape {oshape}, "
+                             f"but its metadata says [B, {self.dim}]; re-export it")
+        on_trt = "TensorrtExecutionProvider" in self._session.get_providers()
+        self._max_batch = self._fixed_batch or (TRT_MAX_BATCH if on_trt else None)
 
     def _log_providers(self) -> None:
         wanted_gpu = [p for p in self.requested_providers if p in GPU_PROVIDERS]
@@ -340,12 +385,12 @@ class Encoder:
                     self.spec.input_size, self.spec.input_size, ort.__version__, ", ".join(self.providers))
         missing = [p for p in wanted_gpu if p not in self.providers]
         if missing:
-            logger.warning("onnxruntime could not start %s and runs model %s on %s instead (check the CUDA/cuDNN/TensorRT "
-                           "libraries that onnxruntime-gpu %s needs)", ", ".join(missing), self.model_path,
-                           ", ".join(self.providers), ort.__version__)
+            logger.warning("onnxruntime could not start %s and runs model %s on %s instead (check the "
+                           "CUDA/cuDNN/TensorRT libraries that onnxruntime-gpu %s needs)", ", ".join(missing),
+                           self.model_path, ", ".join(self.providers), ort.__version__)
         elif not used_gpu and not wanted_gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
-            logger.info("running on CPU: this onnxruntime build has no GPU providers (install onnxruntime-gpu instead of "
-                        "onnxruntime to use an NVIDIA GPU)")
+            logger.info("running on CPU: this onnxruntime build has no GPU providers (install onnxruntime-gpu instead "
+                        "of onnxruntime to use an NVIDIA GPU)")
 
     @property
     def on_gpu(self) -> bool:
@@ -357,6 +402,8 @@ class Encoder:
         md = self.metadata
         return {
             "model_path": str(self.model_path),
+            "precision": self.precision,
+            "package": None if self.package is None else self.package.summary(),
             "model_sha256": self.model_sha256,
             "fingerprint": self.fingerprint,
             "model_name": md.model_name,
@@ -376,7 +423,7 @@ class Encoder:
 
     def __repr__(self) -> str:
         return (f"Encoder({str(self.model_path)!r}, dim={self.dim}, input={self.spec.input_size}, "
-                f"providers={self.providers}, fingerprint={self.fingerprint[:12]})")
+                f"precision={self.precision}, providers={self.providers}, fingerprint={self.fingerprint[:12]})")
 
     # ------------------------------------------------------------------ inference
 
@@ -409,7 +456,8 @@ class Encoder:
         if not np.isfinite(x).all():
             raise ValueError("embed_arrays input contains NaN or infinite values")
         step = self._max_batch or x.shape[0]
-        outs = [self._run(x[i : i + step], None if names is None else names[i : i + step]) for i in range(0, x.shape[0], step)]
+        outs = [self._run(x[i : i + step], None if names is None else names[i : i + step])
+                for i in range(0, x.shape[0], step)]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _run(self, x: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
@@ -426,11 +474,12 @@ class Encoder:
         try:
             out = self._session.run([self.metadata.output_name], {self.metadata.input_name: feed})[0]
         except Exception as e:  # onnxruntime's own exception types
-            raise ModelError(f"model {self.model_path}: onnxruntime failed on a batch of {b} "
-                             f"({str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__})") from None
+            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ModelError(f"model {self.model_path}: onnxruntime failed on a batch of {b} ({why})") from None
         out = np.asarray(out, dtype=np.float32)[:b]
         if out.shape != (b, self.dim):
-            raise ModelError(f"model {self.model_path} returned shape {list(out.shape)}, expected [{b}, {self.dim}]; re-export it")
+            raise ModelError(f"model {self.model_path} returned shape {list(out.shape)}, expected [{b}, {self.dim}]; "
+                             "re-export it")
         finite = np.isfinite(out).all(axis=1)
         # float64: the squares of large float32 values would overflow to inf (and the row become 0)
         norms = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float64))
@@ -445,7 +494,8 @@ class Encoder:
                              f"(re-export it with `python -m export`)")
         return (out / norms[:, None]).astype(np.float32)
 
-    def embed(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def embed(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 64,
+              progress: bool = False) -> np.ndarray:
         """Images -> float32 [N, D] unit rows, in input order.
 
         Args:
@@ -497,7 +547,8 @@ class Encoder:
                 return ImageError(name, "not enough memory to decode this image; lower max_pixels or free memory")
 
         starts = list(range(0, n, batch_size))
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="isfe-preprocess") if self.workers > 1 and n > 1 else None
+        threaded = self.workers > 1 and n > 1
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="isfe-preprocess") if threaded else None
 
         def submit(start: int) -> list[Future | np.ndarray | ImageError]:
             idx = range(start, min(start + batch_size, n))

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from .preprocess import PreprocessSpec
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_EMBEDDING_DIM", "MAX_IMAGE_SIDE", "MetadataError", "ModelMetadata",
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_EMBEDDING_DIM", "MAX_IMAGE_SIDE", "MetadataError", "ModelError",
+           "ModelMetadata",
            "REQUIRED_KEYS"]
 
 FORMAT = "isfe-embedding-model"
@@ -49,6 +50,10 @@ REQUIRED_KEYS = (
 
 class MetadataError(ValueError):
     """The model file lacks, or has unreadable, ISFE metadata."""
+
+
+class ModelError(ValueError):
+    """A model file or package that is missing, corrupt, not ONNX or not an ISFE model; the message says the fix."""
 
 
 _repr = reprlib.Repr()
@@ -129,35 +134,8 @@ class ModelMetadata:
                 f"{source}: model metadata format version {props['isfe.format_version']!r} is not supported "
                 f"by this isfe_model (supports {FORMAT_VERSION!r}); upgrade isfe-model or re-export the model"
             )
-        fix = "re-export the model with `python -m export`"
-        sizes = {}
-        for key in ("isfe.input_size", "isfe.resize_size", "isfe.embedding_dim"):
-            limit = MAX_EMBEDDING_DIM if key == "isfe.embedding_dim" else MAX_IMAGE_SIDE
-            raw = props[key]
-            try:
-                value = int(raw)
-            except (ValueError, TypeError):
-                raise MetadataError(f"{source}: metadata {key} is {short_repr(raw)}, not an integer; {fix}") from None
-            if not 1 <= value <= limit:
-                what = "pixels per side" if limit == MAX_IMAGE_SIDE else "dimensions"
-                raise MetadataError(f"{source}: metadata {key} is {value}; it must be between 1 and {limit} {what} "
-                                    f"(the file is damaged or was edited); {fix}")
-            sizes[key] = value
-        norm = {}
-        for key in ("isfe.mean", "isfe.std"):
-            try:
-                values = json.loads(props[key])
-            except RecursionError:
-                raise MetadataError(f"{source}: metadata {key} is nested too deeply to be read; {fix}") from None
-            except (ValueError, TypeError) as e:
-                raise MetadataError(f"{source}: metadata {key} is not JSON ({e}); {fix}") from None
-            if (not isinstance(values, list) or len(values) != 3
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-                    or (key == "isfe.std" and not all(v > 0 for v in values))):
-                need = "3 positive numbers" if key == "isfe.std" else "3 finite numbers"
-                raise MetadataError(f"{source}: metadata {key} is {short_repr(props[key])}; it must be a JSON list of {need} "
-                                    f"(one per RGB channel); {fix}")
-            norm[key] = tuple(float(v) for v in values)
+        fix = FIX
+        sizes, norm = _sizes(props, source), _normalisation(props, source)
         try:
             spec = PreprocessSpec(
                 input_size=sizes["isfe.input_size"],
@@ -170,21 +148,17 @@ class ModelMetadata:
         except (ValueError, TypeError) as e:
             raise MetadataError(f"{source}: unreadable ISFE metadata ({e}); {fix}") from None
         dim = sizes["isfe.embedding_dim"]
-        try:
-            train_config = json.loads(props.get("isfe.train_config", "{}") or "{}")
-        except RecursionError:
-            raise MetadataError(f"{source}: metadata isfe.train_config is nested too deeply to be read; {fix}") from None
-        except (ValueError, TypeError) as e:
-            raise MetadataError(f"{source}: metadata isfe.train_config is not JSON ({e}); {fix}") from None
+        train_config = _json(props.get("isfe.train_config", "{}") or "{}", "isfe.train_config", source)
         sha = props["isfe.checkpoint_sha256"]
         if not isinstance(sha, str) or not sha.strip() or len(sha) > MAX_FINGERPRINT_LEN or not sha.isprintable():
             raise MetadataError(
                 f"{source}: metadata isfe.checkpoint_sha256 (the model's fingerprint) is "
-                f"{'empty' if not (isinstance(sha, str) and sha.strip()) else short_repr(sha)}; it must be the training "
-                f"checkpoint's sha256 (galleries use it to tell models apart) — re-export the model from its checkpoint "
-                f"with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`"
+                f"{'empty' if not (isinstance(sha, str) and sha.strip()) else short_repr(sha)}; it must be the "
+                "training checkpoint's sha256 (galleries use it to tell models apart) — re-export the model from its "
+                "checkpoint with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`"
             )
-        known = set(REQUIRED_KEYS) | {"isfe.model_name", "isfe.model_version", "isfe.arch", "isfe.quantization", "isfe.train_config"}
+        known = set(REQUIRED_KEYS) | {"isfe.model_name", "isfe.model_version", "isfe.arch", "isfe.quantization",
+                                      "isfe.train_config"}
         return cls(
             embedding_dim=dim,
             preprocess=spec,
@@ -198,3 +172,49 @@ class ModelMetadata:
             train_config=train_config if isinstance(train_config, dict) else {},
             extra={k: v for k, v in props.items() if k not in known},
         )
+
+
+FIX = "re-export the model with `python -m export`"
+
+
+def _json(text: str, key: str, source: str) -> Any:
+    """``json.loads`` of a metadata value; MetadataError naming the key when it is not JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise MetadataError(f"{source}: metadata {key} is nested too deeply to be read; {FIX}") from None
+    except (ValueError, TypeError) as e:
+        raise MetadataError(f"{source}: metadata {key} is not JSON ({e}); {FIX}") from None
+
+
+def _sizes(props: Mapping[str, str], source: str) -> dict[str, int]:
+    """input_size, resize_size (1..MAX_IMAGE_SIDE) and embedding_dim (1..MAX_EMBEDDING_DIM) as integers."""
+    sizes = {}
+    for key in ("isfe.input_size", "isfe.resize_size", "isfe.embedding_dim"):
+        limit = MAX_EMBEDDING_DIM if key == "isfe.embedding_dim" else MAX_IMAGE_SIDE
+        raw = props[key]
+        try:
+            value = int(raw)
+        except (ValueError, TypeError):
+            raise MetadataError(f"{source}: metadata {key} is {short_repr(raw)}, not an integer; {FIX}") from None
+        if not 1 <= value <= limit:
+            what = "pixels per side" if limit == MAX_IMAGE_SIDE else "dimensions"
+            raise MetadataError(f"{source}: metadata {key} is {value}; it must be between 1 and {limit} {what} "
+                                f"(the file is damaged or was edited); {FIX}")
+        sizes[key] = value
+    return sizes
+
+
+def _normalisation(props: Mapping[str, str], source: str) -> dict[str, tuple[float, ...]]:
+    """mean (3 finite numbers) and std (3 positive numbers), one per RGB channel."""
+    norm = {}
+    for key in ("isfe.mean", "isfe.std"):
+        values = _json(props[key], key, source)
+        if (not isinstance(values, list) or len(values) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                or (key == "isfe.std" and not all(v > 0 for v in values))):
+            need = "3 positive numbers" if key == "isfe.std" else "3 finite numbers"
+            raise MetadataError(f"{source}: metadata {key} is {short_repr(props[key])}; it must be a JSON list of "
+                                f"{need} (one per RGB channel); {FIX}")
+        norm[key] = tuple(float(v) for v in values)
+    return norm

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import stat
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from export.common import ExportError
 from isfe_model.metadata import ModelMetadata
 from tests.test_export_support import make_checkpoint, make_labelled_folder
 
@@ -261,8 +261,8 @@ def test_corrupt_checkpoint(exported, tmp_path, capsys):
 
 
 def test_checkpoint_of_another_architecture(tmp_path, capsys):
-    from training.model import build_encoder, save_checkpoint
     from tests.test_export_support import small_config
+    from training.model import build_encoder, save_checkpoint
 
     # weights of a 64-d encoder saved under a model_config that declares 32-d
     save_checkpoint(tmp_path / "c.pt", build_encoder(small_config(embedding_dim=64)), small_config(embedding_dim=32), {})
@@ -400,3 +400,29 @@ def test_int8_needs_labelled_images(exported, tmp_path, capsys):
     rc, cap = _run_cli(["--checkpoint", exported["ckpt"], "--onnx", out / "m.onnx", "--images", flat, "--int8", out / "q.onnx"], capsys)
     assert rc == 2 and "labelled parity images" in cap.err
     assert list(out.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- the library call and the options
+
+
+def test_library_call_takes_the_flags_as_keywords(tmp_path):
+    from export.cli import ExportOptions, _validate, build_parser, export_checkpoint, options_from_args
+
+    with pytest.raises(ExportError, match="unknown export option.*bogus"):
+        export_checkpoint(tmp_path / "c.pt", onnx=tmp_path / "m.onnx", bogus=1)
+    opts = options_from_args(build_parser().parse_args(["--checkpoint", "c.pt", "--onnx", str(tmp_path / "m.onnx"), "--int8"]))
+    assert opts == ExportOptions(checkpoint="c.pt", onnx=str(tmp_path / "m.onnx"), int8="")
+    _validate(opts)  # a bare --int8 is named after --onnx
+    assert opts.int8 == str(tmp_path / "m-int8.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_list_order_and_which_are_enabled():
+    """ONNX first and required (the rest is built from the verified file); INT8, TensorRT, Triton when asked for."""
+    from export.cli import STAGES, ExportOptions
+
+    assert [s.name for s in STAGES] == ["onnx", "int8", "tensorrt", "triton"]
+    assert [s.required for s in STAGES] == [True, False, False, False]
+    on = ExportOptions(checkpoint="c", onnx="m.onnx", int8="q.onnx", trt="e.plan", triton_repo="t")
+    assert all(s.enabled(on) for s in STAGES)
+    assert [s.name for s in STAGES if s.enabled(ExportOptions(checkpoint="c", onnx="m.onnx"))] == ["onnx"]
