@@ -199,8 +199,6 @@ def test_cache_without_room_decodes_in_memory(tmp_path, monkeypatch, capsys):
     import errno
     import os
 
-    import training.data as data
-
     root = _varied_folder(tmp_path / "data", n_per_class=2)
 
     def no_space(fd, offset, length):

@@ -142,7 +142,8 @@ def cars_mat(path: Path, records: list[tuple[str, int]], class_names: list[str])
 
 
 def test_cars196_first_half_of_class_ids_train(tmp_path):
-    class_names = ["AM General Hummer SUV 2000", "Ram C/V Cargo Van Minivan 2012", "Acura RL Sedan 2012", "Audi R8 Coupe 2012"]
+    class_names = ["AM General Hummer SUV 2000", "Ram C/V Cargo Van Minivan 2012", "Acura RL Sedan 2012", "Audi R8 "
+                                                                                                          "Coupe 2012"]
     records = [(f"car_ims/{i + 1:06d}.jpg", cls) for i, cls in enumerate([1, 2, 3, 4, 1, 3, 4, 2, 4])]
     arc = make_tgz(tmp_path / "car_ims.tgz", {rel: jpeg(i) for i, (rel, _) in enumerate(records)})
     cars_mat(tmp_path / "cars_annos.mat", records, class_names)

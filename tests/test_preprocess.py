@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import struct
 import zlib
 from pathlib import Path
-
-import importlib
 
 import numpy as np
 import pytest
@@ -265,8 +264,7 @@ def test_max_pixels_is_configurable():
 
 def test_resize_and_crop_equal_torchvision_on_many_sizes():
     """The slow twin: torchvision's Resize(R) + CenterCrop(R) + CenterCrop(S) on the PIL image."""
-    from torchvision.transforms import CenterCrop, Resize
-    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
     rng = np.random.default_rng(0)
     for _ in range(60):

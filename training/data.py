@@ -47,13 +47,21 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from isfe_model.atomic import atomic_save_npy, atomic_write_bytes
-from isfe_model.preprocess import ImageError, PreprocessSpec, load_image, to_uint8_square
+from isfe_model.atomic import atomic_save_npy
+from isfe_model.jsonsafe import write_json
+from isfe_model.preprocess import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    PreprocessSpec,
+    load_image,
+    read_image_file,
+    to_uint8_square,
+)
+from isfe_model.walk import printable
 
-__all__ = ["DataError", "ImageDataset", "IMAGE_EXTENSIONS", "UNLABELED_CLASS", "default_spec", "has_split",
-           "is_unlabeled_folder", "load_split", "cache_dir"]
+__all__ = ["DataError", "ImageDataset", "IMAGE_EXTENSIONS", "MIN_TRAIN_IMAGES", "Skipped", "UNLABELED_CLASS",
+           "default_spec", "has_split", "is_unlabeled_folder", "load_split", "cache_dir", "read_capped", "walk_files"]
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CACHE_VERSION = "2"
 DECODE_CHUNK = 256  # images per decoding task
 DECODE_WORKERS = 8  # decoding threads at most (and at most the CPU count)
@@ -63,6 +71,8 @@ DIGITS_MEAN = (0.19, 0.19, 0.19)
 DIGITS_STD = (0.31, 0.31, 0.31)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The instance loss contrasts each image with the others of its batch: one image has no negative.
+MIN_TRAIN_IMAGES = 2
 
 
 class DataError(ValueError):
@@ -95,6 +105,119 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ISFE_CACHE", Path.home() / ".cache" / "isfe"))
 
 
+# --------------------------------------------------------------------------- walking folders, reading files
+
+
+class Skipped:
+    """Paths a folder walk or an archive listing left out, by reason (for one line of the log)."""
+
+    SHOWN = 3  # names shown per reason
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, list[str]] = {}
+
+    def add(self, reason: str, path: str) -> None:
+        self.by_reason.setdefault(reason, []).append(path)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_reason.values())
+
+    def summary(self, where: str) -> str | None:
+        """``left out N paths under WHERE: 2 symlinked folders (not followed): 'a', 'b'; ...`` (names escaped)."""
+        if not self.by_reason:
+            return None
+        parts = []
+        for reason, paths in sorted(self.by_reason.items()):
+            shown = ", ".join(f"'{printable(p)}'" for p in paths[: self.SHOWN])
+            parts.append(f"{len(paths):,} {reason}: {shown}" + (", ..." if len(paths) > self.SHOWN else ""))
+        return f"note: left out {len(self):,} path(s) under {printable(where)}: " + "; ".join(parts)
+
+    def log(self, where: str) -> None:
+        line = self.summary(where)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+
+
+def walk_files(root: Path, skipped: Skipped | None = None, rel_to: Path | None = None) -> list[Path]:
+    """Every regular file below ``root`` (any depth), sorted; an explicit stack, so 10,000 nested folders are fine.
+
+    Policy: names starting with "." (hidden files and folders) are left out; a symlink to a
+    file is followed (the file is read), a symlink to a folder is not (a link can loop or lead
+    out of the dataset); folders that cannot be listed (no permission, a path longer than the OS
+    allows), broken symlinks and special files (FIFOs, devices, sockets) are left out.  Every
+    path left out is added to ``skipped`` with its reason (relative to ``rel_to``, default ``root``).
+    """
+    skipped = skipped if skipped is not None else Skipped()
+    base = rel_to or root
+    files: list[Path] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            skipped.add(f"unreadable folder(s) ({e.strerror or e})", _rel(folder, base))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                skipped.add("hidden (name starts with '.')", _rel(path, base))
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                elif entry.is_symlink() and os.path.isdir(path):
+                    skipped.add("symlinked folder(s) (not followed)", _rel(path, base))
+                elif entry.is_file():  # follows a symlink to a file
+                    files.append(path)
+                elif entry.is_symlink():
+                    skipped.add("broken symlink(s)", _rel(path, base))
+                else:
+                    skipped.add("special file(s) (FIFO, device or socket)", _rel(path, base))
+            except OSError as e:
+                skipped.add(f"unreadable path(s) ({e.strerror or e})", _rel(path, base))
+    return sorted(files)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else "."
+
+
+def _image_files(root: Path, skipped: Skipped, rel_to: Path | None = None) -> list[Path]:
+    """The files of :func:`walk_files` with an image extension (others are added to ``skipped``)."""
+    out = []
+    for p in walk_files(root, skipped, rel_to):
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            out.append(p)
+        else:
+            skipped.add("file(s) without an image extension", _rel(p, rel_to or root))
+    return out
+
+
+def read_capped(f, cap: int) -> bytes | None:
+    """The rest of file object ``f`` if it is at most ``cap`` bytes, else None.
+
+    Reads (inflates) at most cap + 1 bytes, in steps of 1 MiB.
+    """
+    parts, total = [], 0
+    while total <= cap:
+        block = f.read(min(1 << 20, cap + 1 - total))
+        if not block:
+            return b"".join(parts)
+        parts.append(block)
+        total += len(block)
+    return None
+
+
+def _read_file(path: Path, display: str) -> bytes:
+    """A training image's bytes with isfe_model's checks (a regular file of at most MAX_FILE_BYTES)."""
+    try:
+        return read_image_file(path, display)
+    except ImageError as e:
+        raise DataError(f"{e}. Remove or replace this file, then run again.") from None
+
+
 #: File name endings read as archives (tar with any of Python's compressions, and zip).
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 #: An archive member larger than this is refused before it is read (a compressed "image" that
@@ -110,37 +233,74 @@ def _is_zip(path: Path) -> bool:
     return path.name.lower().endswith(".zip")
 
 
+def _wanted(name: str) -> bool:
+    """An archive member that is read as an image: an image extension and no hidden folder or name."""
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not _hidden(Path(name))
+
+
+def _oversized(archive: Path, name: str, size: int) -> DataError:
+    return DataError(f"{printable(archive)}:{printable(name)} is {size / 2**20:.0f} MiB, larger than any image this "
+                     f"reads ({MAX_MEMBER_BYTES >> 20} MiB); remove it from the archive")
+
+
+def _list_members(archive: Path, kind: str) -> tuple[zipfile.ZipFile | tarfile.TarFile, list[tuple[str, int, object]]]:
+    """(open handle, [(name, size, member)]) of an archive's regular files.
+
+    An image member over MAX_MEMBER_BYTES is refused as its header is read: a tar stream
+    (``getmembers()`` would inflate the whole archive first) is never inflated past it.
+    """
+    handle = zipfile.ZipFile(archive) if kind == "zip" else tarfile.open(archive, "r:*")
+    try:
+        if kind == "zip":
+            items = ((i.filename, i.file_size, i) for i in handle.infolist() if not i.is_dir())
+        else:
+            items = ((m.name, m.size, m) for m in handle if m.isfile())
+        members = []
+        for name, size, m in items:
+            if size > MAX_MEMBER_BYTES and _wanted(name):
+                raise _oversized(archive, name, size)
+            members.append((name, size, m))
+    except BaseException:
+        handle.close()
+        raise
+    return handle, members
+
+
 @contextlib.contextmanager
 def _archive_members(archive: Path) -> Iterator[list[tuple[str, int, Callable[[], bytes]]]]:
     """The regular files of a tar or zip archive as (name, size, read); the archive stays open inside the ``with``.
 
     Links, devices and folders are skipped; names are only used to pick files
-    and labels, nothing is written to the disk.
+    and labels, nothing is written to the disk.  ``read()`` inflates at most
+    MAX_MEMBER_BYTES + 1 bytes and refuses the member by name beyond that.
     """
     kind = "zip" if _is_zip(archive) else "tar"
     try:
-        if kind == "zip":
-            handle = zipfile.ZipFile(archive)
-            infos = [i for i in handle.infolist() if not i.is_dir()]
-            members = [(i.filename, i.file_size, i) for i in infos]
-        else:
-            handle = tarfile.open(archive, "r:*")
-            members = [(m.name, m.size, m) for m in handle.getmembers() if m.isfile()]
+        handle, members = _list_members(archive, kind)
+    except DataError:
+        raise
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
-        raise DataError(f"{archive} is not a readable {kind} archive ({e}); pass an intact archive "
+        raise DataError(f"{printable(archive)} is not a readable {kind} archive ({e}); pass an intact archive "
                         f"({', '.join(ARCHIVE_SUFFIXES)}) or an extracted folder") from None
 
     def reader(name: str, size: int, m) -> Callable[[], bytes]:
         def read() -> bytes:
             if size > MAX_MEMBER_BYTES:
-                raise DataError(f"{archive}:{name} is {size / 2**20:.0f} MiB, larger than any image this reads "
-                                f"({MAX_MEMBER_BYTES >> 20} MiB); remove it from the archive")
+                raise _oversized(archive, name, size)
             try:
-                data = handle.read(m) if kind == "zip" else handle.extractfile(m).read()
+                if kind == "zip":
+                    with handle.open(m) as f:
+                        data = read_capped(f, MAX_MEMBER_BYTES)
+                else:
+                    data = read_capped(handle.extractfile(m), MAX_MEMBER_BYTES)
             except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError,
                     NotImplementedError) as e:  # RuntimeError: encrypted zip member
-                raise DataError(f"{archive}:{name} cannot be read ({e}); the archive is damaged or encrypted, "
-                                f"copy it again or extract it") from None
+                raise DataError(f"{printable(archive)}:{printable(name)} cannot be read ({e}); the archive is damaged "
+                                f"or encrypted, copy it again or extract it") from None
+            if data is None:
+                raise DataError(f"{printable(archive)}:{printable(name)} inflates to more than "
+                                f"{MAX_MEMBER_BYTES >> 20} MiB, larger than any image this reads; remove it from "
+                                f"the archive")
             return data
         return read
 
@@ -174,27 +334,30 @@ def default_spec(data: str | None, input_size: int | None = None, resize_size: i
 
 
 def _first_image_side(path: Path) -> int:
-    """Shorter side of the first training image (streams archives: reads only what it needs)."""
+    """Shorter side of the first training image (streams archives: reads only what it needs).
+
+    The image gets every limit of isfe_model (pixels, decode memory and work, file or member size).
+    """
     try:
         if _is_archive(path) and _is_zip(path):
             unlabeled = not _layout_splits(path)
             with _archive_members(path) as members:
                 for name, _, read in members:
-                    if ((unlabeled or "train" in Path(name).parts[:-1]) and not _hidden(Path(name))
-                            and Path(name).suffix.lower() in IMAGE_EXTENSIONS):
-                        return min(load_image(read(), max_pixels=None).size)
+                    if (unlabeled or "train" in Path(name).parts[:-1]) and _wanted(name):
+                        return min(load_image(read(), name=name).size)
             return 32
         if _is_archive(path):
             unlabeled = not _layout_splits(path)  # then any image is a training image
             with tarfile.open(path, "r|*") as tf:
                 for m in tf:
-                    if (m.isfile() and (unlabeled or "train" in Path(m.name).parts[:-1])
-                            and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS):
-                        return min(load_image(tf.extractfile(m).read(), max_pixels=None).size)
+                    if m.isfile() and (unlabeled or "train" in Path(m.name).parts[:-1]) and _wanted(m.name):
+                        data = read_capped(tf.extractfile(m), MAX_MEMBER_BYTES) if m.size <= MAX_MEMBER_BYTES else None
+                        if data is None:
+                            raise _oversized(path, m.name, m.size)
+                        return min(load_image(data, name=m.name).size)
             return 32
-        for _, _, _, read in _iter_folder_split(path, "train"):
-            im = load_image(read(), max_pixels=None)
-            return min(im.size)
+        for _, _, display, read in _iter_folder_split(path, "train"):
+            return min(load_image(read(), name=display).size)
     except (DataError, ImageError, OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error):
         pass  # load_split reports the real problem
     return 32
@@ -243,6 +406,8 @@ def _archive_splits(path: str, size: int, mtime_ns: int) -> frozenset[str]:
             return frozenset(found)
         with tarfile.open(path, "r:*") as tf:
             for m in tf:
+                if m.isfile() and m.size > MAX_MEMBER_BYTES and _wanted(m.name):
+                    break  # refused by name when the split is opened; never inflated to be skipped
                 if m.isfile():
                     found.update(s for s in ("train", "test") if s in Path(m.name).parts[:-1])
                     if len(found) == 2:
@@ -281,62 +446,78 @@ def has_split(data: str | os.PathLike | None, split: str) -> bool:
 
 
 @contextlib.contextmanager
-def _open_split(root: Path, split: str) -> Iterator[list[Entry]]:
+def _open_split(root: Path, split: str, log: bool = True) -> Iterator[list[Entry]]:
     """The image files of a split, sorted by (class, path); archives stay open inside the ``with``.
 
     A folder without ``train/`` and ``test/`` is an unlabelled set: its
     ``train`` split is every image below it (one class, ``UNLABELED_CLASS``).
+    Folders are walked by :func:`walk_files` (its symlink policy; a class
+    folder that is itself a symlink is followed); with ``log`` the paths left
+    out are summed up on stderr (count, reason, first names, escaped).
     """
     if _is_archive(root):
-        with _open_archive_split(root, split) as entries:
+        with _open_archive_split(root, split, log) as entries:
             yield entries
         return
     base = root / split
+    skipped = Skipped()
     if not base.is_dir():
         if split == "train" and is_unlabeled_folder(root):
-            files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not _hidden(p.relative_to(root)))
-            yield [(UNLABELED_CLASS, str(p.relative_to(root)), str(p), p.read_bytes) for p in files]
+            entries = [_folder_entry(UNLABELED_CLASS, p, root) for p in _image_files(root, skipped)]
+            if log:
+                skipped.log(str(root))
+            yield entries
             return
-        raise DataError(f"{root} has no '{split}/' folder; give a folder with train/<class>/ and test/<class>/ image "
-                        f"folders (the test split is only for evaluation), or a folder of images with neither for "
-                        f"unlabelled training")
+        raise DataError(f"{printable(root)} has no '{split}/' folder; give a folder with train/<class>/ and "
+                        f"test/<class>/ image folders (the test split is only for evaluation), or a folder of images "
+                        f"with neither for unlabelled training")
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{base} has no class folders; put images in {base}/<class>/ (any class name)")
+        raise DataError(f"{printable(base)} has no class folders; put images in {printable(base)}/<class>/ "
+                        f"(any class name)")
     entries: list[Entry] = []
     for c in classes:
-        for p in sorted((base / c).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p.relative_to(base)):
-                entries.append((c, str(p.relative_to(base)), str(p), p.read_bytes))
+        entries.extend(_folder_entry(c, p, base) for p in _image_files(base / c, skipped, rel_to=base))
+    if log:
+        skipped.log(str(base))
     yield entries
 
 
+def _folder_entry(cls: str, path: Path, base: Path) -> Entry:
+    display = printable(path)
+    return (cls, str(path.relative_to(base)), display, functools.partial(_read_file, path, display))
+
+
 def _iter_folder_split(root: Path, split: str) -> Iterator[Entry]:
-    """Yield the entries of :func:`_open_split` one by one."""
-    with _open_split(root, split) as entries:
+    """Yield the entries of :func:`_open_split` one by one (nothing logged)."""
+    with _open_split(root, split, log=False) as entries:
         yield from entries
 
 
 @contextlib.contextmanager
-def _open_archive_split(archive: Path, split: str) -> Iterator[list[Entry]]:
+def _open_archive_split(archive: Path, split: str, log: bool = True) -> Iterator[list[Entry]]:
     with _archive_members(archive) as members:
         entries = []
+        skipped = Skipped()
         unlabeled = split == "train" and not _layout_splits(archive)
         for name, _, read in members:
             parts = Path(name).parts
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS or any(q.startswith(".") for q in parts):
+            if not _wanted(name):
+                skipped.add("hidden member(s)" if _hidden(Path(name)) else "member(s) without an image extension", name)
                 continue
             if unlabeled:
-                entries.append((UNLABELED_CLASS, name, f"{archive}:{name}", read))
+                entries.append((UNLABELED_CLASS, name, f"{printable(archive)}:{printable(name)}", read))
             elif split in parts[:-1]:
                 i = len(parts) - 1 - parts[::-1].index(split)
                 rest = parts[i + 1 :]
                 if len(rest) >= 2:
-                    entries.append((rest[0], "/".join(rest), f"{archive}:{name}", read))
+                    entries.append((rest[0], "/".join(rest), f"{printable(archive)}:{printable(name)}", read))
         if not entries:
-            raise DataError(f"{archive} holds no images under a '{split}/<class>/' folder; the archive needs "
-                            f"<root>/{split}/<class>/*.jpg (or images without train/ and test/ folders for unlabelled training)")
+            raise DataError(f"{printable(archive)} holds no images under a '{split}/<class>/' folder; the archive "
+                            f"needs <root>/{split}/<class>/*.jpg (or images without train/ and test/ folders for "
+                            f"unlabelled training)")
+        if log and split == "train":  # once per archive (the listing is the same for both splits)
+            skipped.log(str(archive))
         entries.sort(key=lambda e: (e[0], e[1]))
         yield entries
 
@@ -355,10 +536,12 @@ def _source_key(data: str, split: str, resize_size: int) -> str:
             base = p
         h.update(str(p.resolve()).encode())
         if base.is_dir():
-            for f in sorted(base.rglob("*")):
-                if f.is_file():
+            for f in walk_files(base):
+                try:
                     st = f.stat()
-                    h.update(f"{f.relative_to(base)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    continue  # vanished: the decode reports it
+                h.update(f"{f.relative_to(base)}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:24]
 
 
@@ -417,8 +600,11 @@ def _decode_folder(data: str, split: str, resize_size: int, cache_entry: Path | 
     root = Path(data)
     with _open_split(root, split) as entries:
         if not entries:
-            where = f"{root} (at any depth)" if split == "train" and is_unlabeled_folder(root) else f"{root}/{split}/<class>/"
-            raise DataError(f"no images found under {where} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            unlabeled = split == "train" and is_unlabeled_folder(root)
+            where = f"{root} (at any depth)" if unlabeled else f"{root}/{split}/<class>/"
+            raise DataError(f"no images found under {printable(where)} "
+                            f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        _check_count(len(entries), str(root), split)
         classes = list(dict.fromkeys(e[0] for e in entries))
         index = {c: i for i, c in enumerate(classes)}
         labels = np.asarray([index[e[0]] for e in entries], dtype=np.int64)
@@ -446,13 +632,20 @@ def _decode_folder(data: str, split: str, resize_size: int, cache_entry: Path | 
             try:
                 atomic_save_npy(cache_entry / "labels.npy", labels)
                 meta = {"source": str(root), "split": split, "resize_size": r, "count": n, "classes": classes}
-                atomic_write_bytes(cache_entry / "meta.json", json.dumps(meta).encode())  # last: marks the entry complete
+                write_json(cache_entry / "meta.json", meta, indent=None)  # last: marks the entry complete
             except OSError:
                 pass  # without meta.json the entry is not used; the next run decodes again
             images = np.load(cache_entry / "images.npy", mmap_mode="r", allow_pickle=False)
         if big:
             print(f"decoded {n:,} images in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     return images, labels, classes
+
+
+def _check_count(n: int, name: str, split: str) -> None:
+    """A training split needs MIN_TRAIN_IMAGES images: the loss contrasts each image with the others."""
+    if split == "train" and n < MIN_TRAIN_IMAGES:
+        raise DataError(f"{printable(name)} (train) has {n} image{'s' if n != 1 else ''}; training needs at least "
+                        f"{MIN_TRAIN_IMAGES} (each image needs another as its negative)")
 
 
 def _create_cache_array(cache_entry: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, Path] | None:
@@ -525,13 +718,15 @@ def load_split(
     if key_name not in ("digits", "cifar10"):
         p = Path(key_name)
         if not p.exists():
-            raise DataError(f"--data {key_name}: no such file or folder; give an image folder with train/ and test/ class subfolders, a .tar.gz or .zip of one, 'cifar10' or 'digits'")
+            raise DataError(f"--data {printable(key_name)}: no such file or folder; give an image folder with train/ "
+                            f"and test/ class subfolders, a .tar.gz or .zip of one, 'cifar10' or 'digits'")
         if not p.is_dir() and not _is_archive(p):
-            raise DataError(f"--data {key_name}: not a folder or a supported archive (a file named "
+            raise DataError(f"--data {printable(key_name)}: not a folder or a supported archive (a file named "
                             f"{', '.join('*' + x for x in ARCHIVE_SUFFIXES)}); extract it and pass the folder, "
                             f"or give an image folder with train/ and test/ class subfolders")
         if p.is_dir() and not any(p.iterdir()):
-            raise DataError(f"--data {key_name}: the folder is empty; it needs train/<class>/ and test/<class>/ image folders")
+            raise DataError(f"--data {printable(key_name)}: the folder is empty; it needs train/<class>/ and "
+                            f"test/<class>/ image folders")
     spec = default_spec(key_name, None, resize_size)
     r = spec.resize_size
     if key_name == "digits":
@@ -543,14 +738,18 @@ def load_split(
 
     cdir = cache_dir() / "datasets" / _source_key(key_name, split, r)
     if use_cache and (cdir / "meta.json").exists():
+        cached = None
         try:
             meta = json.loads((cdir / "meta.json").read_text())
             x = np.load(cdir / "images.npy", mmap_mode="r", allow_pickle=False)
             y = np.load(cdir / "labels.npy", allow_pickle=False)
             if x.shape[0] == y.shape[0] == meta["count"]:
-                return ImageDataset(x, y, list(meta["classes"]), key_name, spec)
+                cached = ImageDataset(x, y, list(meta["classes"]), key_name, spec)
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             pass  # damaged cache entry: rebuild it below
+        if cached is not None:
+            _check_count(len(cached), key_name, split)
+            return cached
     if key_name != "cifar10":
         x, y, classes = _decode_folder(key_name, split, r, cdir if use_cache else None)
         return ImageDataset(x, y, classes, key_name, spec)
@@ -561,7 +760,7 @@ def load_split(
             atomic_save_npy(cdir / "images.npy", x)
             atomic_save_npy(cdir / "labels.npy", y)
             meta = {"source": key_name, "split": split, "resize_size": r, "count": int(len(y)), "classes": classes}
-            atomic_write_bytes(cdir / "meta.json", json.dumps(meta).encode())  # written last: marks the entry complete
+            write_json(cdir / "meta.json", meta, indent=None)  # written last: marks the entry complete
         except OSError:
             pass  # a read-only cache is not fatal
     return ImageDataset(x, y, classes, key_name, spec)
@@ -583,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m training.data", description="Decode (and cache) a dataset split; optionally write it as an image folder.")
+    ap = argparse.ArgumentParser(prog="python -m training.data", description="Decode (and cache) a dataset split; "
+                                 "optionally write it as an image folder.")
     ap.add_argument("--data", default=None, help="digits (default), cifar10, an image folder or a .tar.gz of one")
     ap.add_argument("--split", default="test", choices=["train", "test"])
     ap.add_argument("--resize-size", type=int, default=None)
@@ -592,9 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ds = load_split(args.data, args.split, args.resize_size)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
-    print(f"{ds.name} {args.split}: {len(ds)} images {ds.images.shape[1]}x{ds.images.shape[2]}, {len(ds.classes)} classes")
+    print(f"{ds.name} {args.split}: {len(ds)} images {ds.images.shape[1]}x{ds.images.shape[2]}, "
+          f"{len(ds.classes)} classes")
     if args.write_folder:
         n = write_folder(ds, args.write_folder)
         print(f"wrote {n} PNG files under {args.write_folder}/<class>/")

@@ -54,7 +54,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from isfe_model.preprocess import ImageError, load_image
+from isfe_model.jsonsafe import write_json
+from isfe_model.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
+from isfe_model.walk import printable
+from training.data import MAX_MEMBER_BYTES, Skipped, read_capped, walk_files
 
 __all__ = [
     "DATASET_INFO",
@@ -135,15 +138,20 @@ class Source:
 
 
 class FolderSource(Source):
+    """An extracted folder, walked iteratively (:func:`training.data.walk_files`: any depth, symlinked
+    folders not followed); the paths left out are summed up on stderr."""
+
     def __init__(self, path: Path):
         super().__init__(path)
-        self._names = sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
+        skipped = Skipped()
+        self._names = sorted(p.relative_to(path).as_posix() for p in walk_files(path, skipped))
+        skipped.log(str(path))
 
     def names(self) -> list[str]:
         return self._names
 
     def read(self, name: str) -> bytes:
-        return (self.path / name).read_bytes()
+        return _read_file(self.path / name)
 
     def file_path(self, name: str) -> Path | None:
         return self.path / name
@@ -163,9 +171,17 @@ class ZipSource(Source):
 
     def read(self, name: str) -> bytes:
         try:
-            return self._zip.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
-            raise PrepareError(f"{self.path}: cannot read {name} ({e}); the archive is damaged — download it again") from None
+            info = self._zip.getinfo(name)
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise _oversized(self.path, name)
+            with self._zip.open(info) as f:
+                data = read_capped(f, MAX_MEMBER_BYTES)  # inflates at most the cap + 1 bytes
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError, RuntimeError, NotImplementedError) as e:
+            raise PrepareError(f"{printable(self.path)}: cannot read {printable(name)} ({e}); the archive is damaged "
+                               f"or encrypted — download it again") from None
+        if data is None:
+            raise _oversized(self.path, name)
+        return data
 
 
 class TarSource(Source):
@@ -187,6 +203,8 @@ class TarSource(Source):
                     if not m.isfile():
                         continue
                     name = _clean(m.name)
+                    if m.size > MAX_MEMBER_BYTES and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                        raise _oversized(path, name)  # refused at its header: the stream is not inflated past it
                     self._names.append(name)
                     if name.lower().endswith(self._META) and m.size < (64 << 20):
                         self._small[name] = tf.extractfile(m).read()
@@ -214,11 +232,73 @@ class TarSource(Source):
                     name = _clean(m.name)
                     if m.isfile() and name in wanted:
                         wanted.discard(name)
-                        yield name, tf.extractfile(m).read()
+                        data = read_capped(tf.extractfile(m), MAX_MEMBER_BYTES) if m.size <= MAX_MEMBER_BYTES else None
+                        if data is None:
+                            raise _oversized(self.path, name)
+                        yield name, data
         except (tarfile.TarError, OSError, EOFError) as e:
             raise PrepareError(f"{self.path}: the archive is truncated or damaged ({e}); download it again") from None
         if wanted:
-            raise PrepareError(f"{self.path}: {len(wanted)} listed files are missing from the archive (e.g. {sorted(wanted)[0]})")
+            raise PrepareError(f"{self.path}: {len(wanted)} listed files are missing from the archive (e.g. "
+                               f"{sorted(wanted)[0]})")
+
+
+def _read_file(path: Path) -> bytes:
+    """A source file's bytes, at most MAX_MEMBER_BYTES (like an archive member)."""
+    try:
+        with open(path, "rb") as f:
+            data = read_capped(f, MAX_MEMBER_BYTES)
+    except OSError as e:
+        raise PrepareError(f"{printable(path)}: cannot read it ({e.strerror or e})") from None
+    if data is None:
+        raise PrepareError(f"{printable(path)} is larger than any file this reads ({MAX_MEMBER_BYTES >> 20} MiB); "
+                           f"remove it from the source")
+    return data
+
+
+def _oversized(archive: Path, name: str) -> PrepareError:
+    return PrepareError(f"{printable(archive)}: member {printable(name)} is larger than any file this reads "
+                        f"({MAX_MEMBER_BYTES >> 20} MiB); the archive is not the official download — download it again")
+
+
+def _makedirs(path: Path) -> None:
+    """``mkdir -p`` without recursion (pathlib and os.makedirs recurse once per missing level: 1,100 nested
+    folders of a source would be a RecursionError)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass  # another writer thread made it
+
+
+def remove_tree(top: Path) -> None:
+    """Delete a folder tree of any depth without recursion (shutil.rmtree recurses once per level:
+    1,100 nested folders are a RecursionError): a stack of open folder descriptors, each step relative."""
+    stack = [(os.open(top, os.O_RDONLY | os.O_DIRECTORY), -1, "")]
+    try:
+        while stack:
+            fd, parent, name = stack[-1]
+            sub = None
+            for entry in os.scandir(fd):
+                if entry.is_dir(follow_symlinks=False):
+                    sub = entry.name
+                    break
+                os.unlink(entry.name, dir_fd=fd)
+            if sub is not None:
+                stack.append((os.open(sub, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd, sub))
+                continue
+            os.close(fd)
+            stack.pop()
+            if parent >= 0:
+                os.rmdir(name, dir_fd=parent)
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+    os.rmdir(top)
 
 
 def _clean(name: str) -> str:
@@ -261,7 +341,8 @@ class Writer:
                  skip_bad: bool = False, log: Callable[[str], None] = print):
         self.out = Path(out)
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise PrepareError(f"--out {self.out} already exists and is not an empty folder; choose another --out or delete it")
+            raise PrepareError(f"--out {self.out} already exists and is not an empty folder; choose another --out "
+                               "or delete it")
         if resize < 0:
             raise PrepareError(f"--resize must be >= 0 (0 keeps the original files), got {resize}")
         self.resize, self.link, self.skip_bad, self.log = int(resize), link, skip_bad, log
@@ -269,7 +350,7 @@ class Writer:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+            remove_tree(self.tmp)
         self.tmp.mkdir()
         self.counts: dict[str, dict[str, int]] = {}
         self.skipped: list[dict[str, str]] = []
@@ -292,7 +373,7 @@ class Writer:
 
     def _write_bytes(self, item: Item, data: bytes, display: str) -> None:
         dest = self._dest(item)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _makedirs(dest.parent)
         if self.resize:
             from PIL import Image
 
@@ -311,7 +392,7 @@ class Writer:
 
     def _place_file(self, item: Item, path: Path) -> None:
         dest = self._dest(item)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _makedirs(dest.parent)
         if self.link:
             try:
                 os.link(path, dest)
@@ -352,7 +433,8 @@ class Writer:
                 else:
                     for name, data in source.iter_read(list(by_name)):
                         for it in by_name[name]:
-                            pending.append(pool.submit(self._write_bytes, it, data, f"{source.path}:{name}"))
+                            shown = f"{printable(source.path)}:{printable(name)}"
+                            pending.append(pool.submit(self._write_bytes, it, data, shown))
                         drain(4 * self.workers)
                 drain(0)
             finally:
@@ -365,7 +447,7 @@ class Writer:
         from PIL import Image
 
         dest = self._dest(item).with_suffix(".png")
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _makedirs(dest.parent)
         Image.fromarray(np.ascontiguousarray(image)).save(dest, format="PNG")
         self._count(item)
 
@@ -378,14 +460,17 @@ class Writer:
                                f"the source holds no images of that split")
         info = {"format": "isfe-dataset", "version": 1, **info, "splits": splits, "resize": self.resize or None,
                 "skipped": self.skipped, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (self.tmp / DATASET_INFO).write_text(json.dumps(info, indent=2))
+        write_json(self.tmp / DATASET_INFO, info)
         if self.out.exists():
             self.out.rmdir()  # empty (checked in __init__)
         os.replace(self.tmp, self.out)
         return info
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            remove_tree(self.tmp)
+        except OSError:
+            pass  # already gone, or not ours to remove: the next run with this --out replaces it
 
 
 def _run(writer: Writer, body: Callable[[Writer], dict]) -> dict:
@@ -418,7 +503,8 @@ def prepare_cub200(src: str | os.PathLike, writer: Writer) -> dict:
         labels = {int(r[0]): int(r[1]) for r in _text_lines(source, labels_txt)}
         classes = {int(r[0]): r[1] for r in _text_lines(source, classes_txt)}
     except (ValueError, IndexError):
-        raise PrepareError(f"{src}: images.txt / image_class_labels.txt / classes.txt are not in the CUB format ('<id> <value>' lines)") from None
+        raise PrepareError(f"{src}: images.txt / image_class_labels.txt / classes.txt are not in the CUB format "
+                           "('<id> <value>' lines)") from None
     if set(paths) != set(labels):
         raise PrepareError(f"{src}: images.txt and image_class_labels.txt list different image ids")
     n_train = _by_class_rule(len(classes))
@@ -431,7 +517,8 @@ def prepare_cub200(src: str | os.PathLike, writer: Writer) -> dict:
         member = f"{root}images/{paths[i]}"
         if member not in names:
             raise PrepareError(f"{src}: {member} (listed in images.txt) is missing; the download is incomplete")
-        items.append(Item("train" if cid <= n_train else "test", safe_name(classes[cid]), safe_name(Path(paths[i]).name), member))
+        split = "train" if cid <= n_train else "test"
+        items.append(Item(split, safe_name(classes[cid]), safe_name(Path(paths[i]).name), member))
     writer.write_items(source, items)
     return {"name": "cub200", "protocol": "unseen", "recall_ks": RECALL_KS["cub200"], "source": str(src),
             "class_rule": f"classes 1-{n_train} train, {n_train + 1}-{len(classes)} test (by class id)"}
@@ -468,7 +555,8 @@ def prepare_cars196(srcs: Sequence[str | os.PathLike], writer: Writer) -> dict:
         class_names = [_mat_str(c) for c in mat["class_names"].ravel()]
         records = [(_mat_str(a["relative_im_path"]), int(np.ravel(a["class"])[0])) for a in ann]
     except Exception as e:  # scipy raises many types for a wrong file
-        raise PrepareError(f"cars_annos.mat is not the Cars196 annotation file ({type(e).__name__}: {e}); {how}") from None
+        raise PrepareError(f"cars_annos.mat is not the Cars196 annotation file ({type(e).__name__}: {e}); "
+                           f"{how}") from None
     n_train = _by_class_rule(len(class_names))
     names = image_source.names()
     prefix = ""
@@ -482,11 +570,13 @@ def prepare_cars196(srcs: Sequence[str | os.PathLike], writer: Writer) -> dict:
             raise PrepareError(f"cars_annos.mat: image {rel} has class {cid} outside 1..{len(class_names)}")
         member = prefix + _clean(rel)
         if member not in name_set:
-            raise PrepareError(f"{image_source.path}: {rel} (listed in cars_annos.mat) is missing; the download is incomplete")
+            raise PrepareError(f"{image_source.path}: {rel} (listed in cars_annos.mat) is missing; the download is "
+                               "incomplete")
         cls = f"{cid:03d}.{safe_name(class_names[cid - 1])}"
         items.append(Item("train" if cid <= n_train else "test", cls, safe_name(Path(rel).name), member))
     writer.write_items(image_source, items)
-    return {"name": "cars196", "protocol": "unseen", "recall_ks": RECALL_KS["cars196"], "source": ", ".join(map(str, srcs)),
+    return {"name": "cars196", "protocol": "unseen", "recall_ks": RECALL_KS["cars196"],
+            "source": ", ".join(map(str, srcs)),
             "class_rule": f"classes 1-{n_train} train, {n_train + 1}-{len(class_names)} test (by class id)"}
 
 
@@ -512,11 +602,13 @@ def prepare_sop(src: str | os.PathLike, writer: Writer) -> dict:
                 raise PrepareError(f"{src}: {txt}: malformed line {' '.join(r)!r}") from None
             member = root + rel
             if member not in name_set:
-                raise PrepareError(f"{src}: {member} (listed in {Path(txt).name}) is missing; the download is incomplete")
+                raise PrepareError(f"{src}: {member} (listed in {Path(txt).name}) is missing; the download is "
+                                   "incomplete")
             ids.add(cid)
             items.append(Item(split, f"{cid:05d}", safe_name(Path(rel).name), member))
     if not class_sets["train"].isdisjoint(class_sets["test"]):
-        raise PrepareError(f"{src}: Ebay_train.txt and Ebay_test.txt share classes; these are not the official split files")
+        raise PrepareError(f"{src}: Ebay_train.txt and Ebay_test.txt share classes; these are not the official "
+                           "split files")
     writer.write_items(source, items)
     return {"name": "sop", "protocol": "unseen", "recall_ks": RECALL_KS["sop"], "source": str(src),
             "class_rule": "Ebay_train.txt classes train, Ebay_test.txt classes test (official split)"}
@@ -527,7 +619,8 @@ def _stl10_dir(root: Path) -> Path:
         if (cand / "train_X.bin").exists():
             return cand
     raise PrepareError(
-        f"{root} holds no STL-10 binaries (stl10_binary/train_X.bin); pass the folder torchvision's STL10 downloads into, "
+        f"{root} holds no STL-10 binaries (stl10_binary/train_X.bin); pass the folder torchvision's STL10 downloads "
+        "into, "
         f"add --download (needs a network), or extract stl10_binary.tar.gz there first"
     )
 
@@ -554,7 +647,8 @@ def read_stl10_binary(folder: str | os.PathLike, split: str) -> tuple[np.ndarray
         return images, None
     y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
     if y.shape[0] != images.shape[0] or y.min(initial=0) < 0 or y.max(initial=0) > 9:
-        raise PrepareError(f"{y_path} does not match {x_path.name} ({y.shape[0]} labels for {images.shape[0]} images, or labels outside 1..10)")
+        raise PrepareError(f"{y_path} does not match {x_path.name} ({y.shape[0]} labels for {images.shape[0]} "
+                           "images, or labels outside 1..10)")
     return images, y
 
 
@@ -574,7 +668,9 @@ def prepare_stl10(src: str | os.PathLike, writer: Writer, unlabeled: bool = True
                                f"elsewhere, extract it into {root} and run again without --download") from None
     folder = _stl10_dir(root)
     names_file = folder / "class_names.txt"
-    classes = [c.strip() for c in names_file.read_text().splitlines() if c.strip()] if names_file.exists() else STL10_CLASSES
+    classes = STL10_CLASSES
+    if names_file.exists():
+        classes = [c.strip() for c in names_file.read_text().splitlines() if c.strip()]
     if len(classes) != 10:
         raise PrepareError(f"{names_file} lists {len(classes)} classes; STL-10 has 10")
     classes = [safe_name(c) for c in classes]
@@ -595,7 +691,8 @@ def prepare_stl10(src: str | os.PathLike, writer: Writer, unlabeled: bool = True
             for j in tqdm(jobs, desc=f"stl10 {s}", unit="img", disable=None, file=sys.stderr):
                 j.result()
     return {"name": "stl10", "protocol": "seen", "recall_ks": RECALL_KS["stl10"], "source": str(folder),
-            "class_rule": "official train/test split; unlabeled/ has no classes (train on it with --train-split train+unlabeled)"}
+            "class_rule": "official train/test split; unlabeled/ has no classes (train on it with --train-split "
+                          "train+unlabeled)"}
 
 
 def prepare_split_classes(src: str | os.PathLike, writer: Writer, train_classes: int | None = None) -> dict:
@@ -604,8 +701,6 @@ def prepare_split_classes(src: str | os.PathLike, writer: Writer, train_classes:
     A folder with ``train/`` and ``test/`` class subfolders is pooled per
     class first (its images keep a ``train/`` or ``test/`` subfolder).
     """
-    from training.data import IMAGE_EXTENSIONS
-
     root = Path(src)
     if not root.is_dir():
         raise PrepareError(f"split-classes needs a folder of class subfolders, got {root}")
@@ -613,18 +708,22 @@ def prepare_split_classes(src: str | os.PathLike, writer: Writer, train_classes:
     if (root / "train").is_dir() and any(p.is_dir() for p in (root / "train").iterdir()):
         bases = [b for b in (root / "train", root / "test") if b.is_dir()]
     per_class: dict[str, list[tuple[Path, str]]] = {}
+    skipped = Skipped()
     for base in bases:
         tag = base.name + "/" if base is not root else ""
         for cdir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = [f for f in sorted(cdir.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")]
+            files = [f for f in walk_files(cdir, skipped, rel_to=root) if f.suffix.lower() in IMAGE_EXTENSIONS]
             if files:
                 per_class.setdefault(cdir.name, []).extend((f, tag + f.relative_to(cdir).as_posix()) for f in files)
+    skipped.log(str(root))
     classes = sorted(per_class)
     if len(classes) < 2:
-        raise PrepareError(f"{root} has {len(classes)} class folder(s) with images; splitting by class needs at least 2")
+        raise PrepareError(f"{root} has {len(classes)} class folder(s) with images; splitting by class needs at "
+                           f"least 2")
     n_train = _by_class_rule(len(classes)) if train_classes is None else int(train_classes)
     if not 1 <= n_train < len(classes):
-        raise PrepareError(f"--train-classes must be between 1 and {len(classes) - 1} ({len(classes)} classes), got {n_train}")
+        raise PrepareError(f"--train-classes must be between 1 and {len(classes) - 1} ({len(classes)} classes), got "
+                           f"{n_train}")
     items, files = [], {}
     for i, c in enumerate(classes):
         for f, rel in per_class[c]:
@@ -637,14 +736,15 @@ def prepare_split_classes(src: str | os.PathLike, writer: Writer, train_classes:
             return list(files)
 
         def read(self, name: str) -> bytes:
-            return files[name].read_bytes()
+            return _read_file(files[name])
 
         def file_path(self, name: str) -> Path | None:
             return files[name]
 
     writer.write_items(_Files(root), items)
     return {"name": "split-classes", "protocol": "unseen", "recall_ks": [1, 2, 4, 8], "source": str(root),
-            "class_rule": f"first {n_train} of {len(classes)} classes (sorted by name) train, the other {len(classes) - n_train} test",
+            "class_rule": f"first {n_train} of {len(classes)} classes (sorted by name) train, the other "
+                          f"{len(classes) - n_train} test",
             "train_classes": classes[:n_train], "test_classes": classes[n_train:]}
 
 
@@ -698,16 +798,21 @@ def load_unlabeled(data: str | os.PathLike, resize_size: int) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.prepare",
-                                 description="Turn a dataset download into train/<class>/ and test/<class>/ image folders.")
+                                 description="Turn a dataset download into train/<class>/ and test/<class>/ image "
+                                             "folders.")
     sub = ap.add_subparsers(dest="dataset", required=True, metavar="DATASET")
 
     def common(p: argparse.ArgumentParser, resize_default: int) -> None:
         p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
         p.add_argument("--resize", type=int, default=resize_default,
-                       help=f"squash every image to NxN JPEG (the paper: 256); 0 keeps the original files (default {resize_default})")
-        p.add_argument("--copy", action="store_true", help="copy original files instead of hard-linking them (with --resize 0)")
-        p.add_argument("--workers", type=int, default=None, help="threads for decoding/resizing (default: CPU count, at most 8)")
-        p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (listed in dataset.json) instead of stopping")
+                       help="squash every image to NxN JPEG (the paper: 256); 0 keeps the original files (default "
+                            f"{resize_default})")
+        p.add_argument("--copy", action="store_true", help="copy original files instead of hard-linking them (with "
+                                                           "--resize 0)")
+        p.add_argument("--workers", type=int, default=None, help="threads for decoding/resizing (default: CPU "
+                                                                 "count, at most 8)")
+        p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (listed in "
+                                                               "dataset.json) instead of stopping")
 
     p = sub.add_parser("cub200", help="CUB-200-2011 (CUB_200_2011.tgz or its folder)")
     p.add_argument("source")
@@ -724,9 +829,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download through torchvision first (needs a network)")
     p.add_argument("--no-unlabeled", action="store_true", help="skip the 100,000 unlabeled images")
     p.add_argument("--workers", type=int, default=None)
-    p = sub.add_parser("split-classes", help="any folder of class subfolders: first half of the classes train, rest test")
+    p = sub.add_parser("split-classes", help="any folder of class subfolders: first half of the classes train, rest "
+                                             "test")
     p.add_argument("source")
-    p.add_argument("--train-classes", type=int, default=None, help="number of (sorted) classes for training (default: half)")
+    p.add_argument("--train-classes", type=int, default=None, help="number of (sorted) classes for training "
+                                                                   "(default: half)")
     common(p, 0)
     return ap
 
@@ -748,13 +855,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             }[args.dataset]
             info = _run(writer, body)
     except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written at {args.out}", file=sys.stderr)
         return 130
     sp = info["splits"]
-    line = "  ".join(f"{s} {v['images']} images" + (f" / {v['classes']} classes" if "classes" in v else "") for s, v in sp.items())
+    line = "  ".join(f"{s} {v['images']} images" + (f" / {v['classes']} classes" if "classes" in v else "")
+                     for s, v in sp.items())
     print(f"{info['name']} -> {args.out}: {line}  ({time.time() - t0:.0f} s)")
     print(f"split: {info['class_rule']}")
     expected = PAPER_COUNTS.get(info["name"])
