@@ -198,7 +198,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 def build_reference(workdir: Path) -> tuple[str, str, list[Path]]:
     """32x32 ResNet18 (random init) -> ONNX; 96 generated images -> gallery."""
     from isfe_model import Encoder, Gallery
-    from serving.sample import build_model, make_images
+    from tests.helpers_models import build_model, make_images
 
     model = build_model(workdir / "model.onnx", arch="resnet18", embedding_dim=128, input_size=32, max_batch=64)
     images = make_images(workdir / "images", per_class=32, size=48)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             model, gallery, queries = build_reference(tmpdir)
             setup = f"random-init resnet18 32x32 128-d, 96 generated 48x48 images ({time.perf_counter() - t0:.0f} s to build)"
         if not queries:
-            from serving.sample import make_images
+            from tests.helpers_models import make_images
             queries = make_images(tmpdir / "queries", per_class=8, size=48, seed=1)
         payloads = [(q.name, q.read_bytes()) for q in queries[:64]]
 
@@ -359,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"serve_bench-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    from benchmarks.common import write_result
+
+    write_result(out, result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
     return 0

@@ -4,18 +4,89 @@ Loads the model and the gallery first (a bad path, a non-ISFE model or a
 gallery built with another model ends here with one line on stderr and exit
 code 2), then serves with uvicorn.  ``--workers N`` starts N processes that
 share the port, each with its own model copy, batcher and metrics.
+
+Against slow and abusive clients: idle, header and body deadlines
+(``--timeout-keep-alive``, ``--timeout-headers``, ``--timeout-body``; see
+:mod:`serving.protocol` and :mod:`serving.guard`), decoding in killable worker
+processes with a per-image time and memory limit (``--decode-timeout``,
+``--decode-memory-mb``; :mod:`serving.decodepool`), a Host allow-list
+(``--allowed-hosts``; the loopback names when bound to a loopback address) and
+no CORS unless ``--cors-origin`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import ipaddress
 import logging
+import math
 import os
 import sys
 
 from isfe_model.argtypes import nonneg_float, port_or_zero, positive_int
 
 from .app import CONFIG_ENV, ServeConfig, create_app, load_artifacts
+from .guard import LOOPBACK_HOSTS, host_of
+from .protocol import GuardedH11Protocol
+
+#: Most bytes of request line + headers (h11's incomplete-event limit; over it: 400 and close).
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
+    return v
+
+
+def host_list(text: str) -> list[str]:
+    """``--allowed-hosts``: comma-separated host names / IP literals, ``*.domain``, or ``*``."""
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected at least one host name (or * for any)")
+    for item in items:
+        name = item[2:] if item.startswith("*.") else item
+        if item != "*" and host_of(name) is None:
+            raise argparse.ArgumentTypeError(f"not a host name: {item!r} (use names like localhost, api.example.com, *.example.com, or *)")
+    return items
+
+
+def origin_list(text: str) -> list[str]:
+    """``--cors-origin``: comma-separated origins like ``https://app.example.com`` (scheme://host[:port]), or ``*``."""
+    items = [t.strip().rstrip("/") for t in text.split(",") if t.strip()]
+    for item in items:
+        scheme, sep, rest = item.partition("://")
+        if item != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
+            raise argparse.ArgumentTypeError(f"not an origin: {item!r} (use scheme://host[:port], e.g. https://app.example.com)")
+    if not items:
+        raise argparse.ArgumentTypeError("expected an origin like https://app.example.com")
+    return items
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 __all__ = ["build_parser", "main"]
 
@@ -40,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-k", type=positive_int, default=100, help="largest k for /v1/search (default 100)")
     lim.add_argument("--default-k", type=positive_int, default=10, help="k when the request gives none (default 10)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--decode-threads", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="threads decoding and preprocessing uploads")
+    r.add_argument("--decode-workers", "--decode-threads", dest="decode_workers", type=positive_int, metavar="N",
+                   default=max(4, min(8, os.cpu_count() or 2)),
+                   help="worker processes that parse JSON bodies and decode uploads (default max(4, min(8, CPUs)); "
+                        "--decode-threads is the old name)")
+    r.add_argument("--decode-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
+                   help="most seconds one image (or JSON body) may take to decode; its worker is then killed and "
+                        "replaced and the request gets 422 decode_timeout (default 10)")
+    r.add_argument("--decode-memory-mb", type=nonneg_int, default=2048, metavar="MIB",
+                   help="address-space limit of each decode worker in MiB; a decode that needs more gets 413 (default 2048; 0: none)")
     r.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
     r.add_argument("--providers", default=None, help="comma-separated ONNX Runtime execution providers (default: TensorRT, CUDA, CPU as available)")
     r.add_argument("--backend", choices=("numpy", "faiss"), default="numpy", help="gallery search backend (default numpy, exact)")
@@ -48,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit-concurrency", type=positive_int, default=None,
                    help="most connections+requests at once per worker; beyond it uvicorn answers 503 (default: no limit)")
     r.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    c = p.add_argument_group("clients")
+    c.add_argument("--timeout-keep-alive", type=positive_seconds, default=5.0, metavar="SECONDS",
+                   help="close a connection idle this many seconds, also before its first request (default 5)")
+    c.add_argument("--timeout-headers", type=positive_seconds, default=10.0, metavar="SECONDS",
+                   help="request line and headers must arrive within this many seconds of their first byte, "
+                        "else 408 and close (default 10)")
+    c.add_argument("--timeout-body", type=positive_seconds, default=60.0, metavar="SECONDS",
+                   help="the whole request body must arrive within this many seconds of the headers, else 408 and close (default 60)")
+    c.add_argument("--allowed-hosts", type=host_list, default=None, metavar="HOSTS",
+                   help="comma-separated Host names the server answers to (others: 421), *.domain for subdomains, * for any "
+                        "(default: localhost,127.0.0.1,::1 when --host is a loopback address, else *)")
+    c.add_argument("--cors-origin", type=origin_list, action="extend", default=None, metavar="ORIGIN",
+                   help="allow browser pages from this origin (scheme://host[:port]; repeat or comma-separate; * for any) "
+                        "to call the API; default: no CORS headers at all")
     return p
 
 
@@ -65,7 +158,15 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_pixels=args.max_pixels,
         max_k=args.max_k,
         default_k=min(args.default_k, args.max_k),
-        decode_threads=args.decode_threads,
+        decode_workers=args.decode_workers,
+        decode_timeout_s=args.decode_timeout,
+        decode_memory_mb=args.decode_memory_mb,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_headers=args.timeout_headers,
+        timeout_body=args.timeout_body,
+        allowed_hosts=args.allowed_hosts if args.allowed_hosts is not None
+        else (list(LOOPBACK_HOSTS) if is_loopback(args.host) else ["*"]),
+        cors_origins=args.cors_origin or None,
         threads=args.threads,
         providers=[s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None,
         backend=args.backend,
@@ -105,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(cfg.host):
         logging.getLogger("serving").warning("binding to %s: the API is reachable from other machines and has no authentication", cfg.host)
+    guards = dict(http=functools.partial(GuardedH11Protocol, timeout_headers=cfg.timeout_headers),
+                  timeout_keep_alive=cfg.timeout_keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     if cfg.workers > 1:
         # Each worker process loads its own copy; the parent only validated the files.
         del encoder, gallery
@@ -120,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             limit_concurrency=cfg.limit_concurrency,
             log_level=cfg.log_level,
             timeout_graceful_shutdown=10,
+            **guards,
         )
         return 0
     app = create_app(encoder, gallery, cfg)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=10,
-                            limit_concurrency=cfg.limit_concurrency, lifespan="on")
+                            limit_concurrency=cfg.limit_concurrency, lifespan="on", **guards)
     server = uvicorn.Server(config)
     try:
         server.run()

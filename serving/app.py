@@ -9,11 +9,15 @@ Endpoints::
     POST /v1/embed    images -> unit vectors                 {"embeddings": [[...], ...], ...}
     POST /v1/search   one image (+ k) -> ranked gallery hits {"hits": [{"rank","id","score","label","metadata"}], ...}
     GET  /metrics     Prometheus text format
+    GET  /docs        the API reference, one self-contained page (no CDN); /openapi.json the schema
 
-Request flow: the event loop parses the body; decoding/preprocessing runs in a
-thread pool; the preprocessed images go to :class:`serving.batcher.MicroBatcher`
-whose worker thread runs ``Encoder.embed_arrays`` on stacked batches; the
-gallery search runs in a thread too.  The event loop never does CPU-heavy work.
+Request flow: :class:`serving.guard.GuardedApp` checks the Host header, reads
+the body within its size limit and deadline, and replays it to FastAPI; a JSON
+body is parsed, and every image decoded and preprocessed, in the decode worker
+processes of :class:`serving.decodepool.DecodePool` (time-limited, killable);
+the preprocessed images go to :class:`serving.batcher.MicroBatcher` whose
+worker thread runs ``Encoder.embed_arrays`` on stacked batches; the gallery
+search runs in a thread too.  The event loop never does CPU-heavy work.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator
 
@@ -33,10 +36,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from isfe_model.jsonsafe import json_safe
 
 from .batcher import BatcherClosed, BatcherFull, MicroBatcher
+from .decodepool import DecodePool
+from .docs import docs_response
 from .errors import ApiError
-from .inputs import Limits, decode_image, lift_pillow_pixel_limit, parse_k, parse_request
+from .guard import GuardedApp
+from .inputs import Limits, lift_pillow_pixel_limit, parse_k, parse_request
 from .metrics import CONTENT_TYPE, ServingMetrics
 
 __all__ = ["ENDPOINTS", "ServeConfig", "ServerState", "create_app", "create_app_from_env", "load_artifacts"]
@@ -44,7 +53,7 @@ __all__ = ["ENDPOINTS", "ServeConfig", "ServerState", "create_app", "create_app_
 log = logging.getLogger("serving")
 
 #: Paths that get their own metrics label; anything else is counted as "other".
-ENDPOINTS = ("/healthz", "/readyz", "/v1/info", "/v1/embed", "/v1/search", "/metrics")
+ENDPOINTS = ("/healthz", "/readyz", "/v1/info", "/v1/embed", "/v1/search", "/metrics", "/docs", "/openapi.json")
 #: Environment variable that carries the configuration to uvicorn worker processes.
 CONFIG_ENV = "ISFE_SERVE_CONFIG"
 
@@ -65,7 +74,16 @@ class ServeConfig:
     max_pixels: int = 50_000_000
     max_k: int = 100
     default_k: int = 10
-    decode_threads: int = 2
+    decode_workers: int = 2
+    decode_timeout_s: float = 10.0
+    decode_memory_mb: int = 2048
+    timeout_keep_alive: float = 5.0
+    timeout_headers: float = 10.0
+    timeout_body: float = 60.0
+    #: Host names answered (None: any; ``python -m serving`` defaults to the loopback names on a loopback address).
+    allowed_hosts: list[str] | None = None
+    #: Origins allowed to call the API from a browser (CORS); none by default.
+    cors_origins: list[str] | None = None
     threads: int | None = None
     providers: list[str] | None = None
     backend: str = "numpy"
@@ -116,28 +134,34 @@ class ServerState:
         )
         self.metrics = ServingMetrics(queue_depth=lambda: self.batcher.queue_depth)
         self.batcher.on_batch = self.metrics.record_batch
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: DecodePool | None = None
 
     def start(self) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.decode_threads), thread_name_prefix="isfe-decode")
+        self.pool = DecodePool(
+            self.spec, self.limits.max_pixels, workers=max(1, self.cfg.decode_workers), time_limit_s=self.cfg.decode_timeout_s,
+            memory_mb=self.cfg.decode_memory_mb, on_restart=lambda reason: self.metrics.decode_restarts.inc((reason,)),
+        ).start()
         self.batcher.start()
 
     def stop(self) -> None:
         self.batcher.stop()
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.stop()
             self.pool = None
+
+    async def parse_json(self, raw: bytes, max_images: int) -> tuple[list[Any], dict[str, Any]]:
+        """A JSON body parsed in a decode worker (time-limited, off the event loop)."""
+        if self.pool is None:
+            raise ApiError(503, "not_ready", "server is starting or shutting down; retry")
+        return await self.pool.parse_json(raw, max_images)
 
     # ------------------------------------------------------------------ work
     async def embed_uploads(self, uploads: list[Any]) -> np.ndarray:
-        """Decode (thread pool) and embed (micro-batcher) uploads -> float32 [n, D]."""
-        if self.pool is None:
+        """Decode (worker processes) and embed (micro-batcher) uploads -> float32 [n, D]."""
+        pool = self.pool
+        if pool is None:
             raise ApiError(503, "not_ready", "server is starting or shutting down; retry")
-        loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, decode_image, u, self.spec, self.limits.max_pixels) for u in uploads),
-            return_exceptions=True,
-        )
+        results = await asyncio.gather(*(pool.decode(u) for u in uploads), return_exceptions=True)
         for r in results:  # report the first bad upload, in request order
             if isinstance(r, ApiError):
                 self.metrics.image_errors.inc((r.code,))
@@ -171,7 +195,10 @@ class ServerState:
                 "max_wait_ms": self.cfg.max_wait_ms,
                 "max_queue": self.cfg.max_queue,
             },
-            "limits": asdict(self.limits),
+            "limits": {**asdict(self.limits), "decode_timeout_s": self.cfg.decode_timeout_s,
+                       "decode_memory_mb": self.cfg.decode_memory_mb, "timeout_headers_s": self.cfg.timeout_headers,
+                       "timeout_body_s": self.cfg.timeout_body, "timeout_keep_alive_s": self.cfg.timeout_keep_alive},
+            "decode_workers": self.cfg.decode_workers,
             "uptime_s": round(time.time() - self.started, 3),
             "pid": os.getpid(),
         }
@@ -181,85 +208,34 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
-class _ObservedApp:
-    """Outermost ASGI layer: request metrics and the request-body size limit.
-
-    A body whose Content-Length is over the limit is refused with 413 before
-    it is read; a chunked body is counted while it streams and refused the
-    moment it passes the limit.
-    """
-
-    def __init__(self, app: FastAPI, state: ServerState):
-        self.app = app
-        self.state = state
-
-    def __getattr__(self, name: str) -> Any:  # .state, .router, ... of the FastAPI app
-        return getattr(self.app, name)
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        metrics = self.state.metrics
-        path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else "other"
-        method = scope.get("method", "GET")
-        status_holder = {"status": 500, "started": False}
-        t0 = time.perf_counter()
-        metrics.in_flight.inc()
-
-        async def send_wrapper(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
-                status_holder["started"] = True
-            await send(message)
-
-        limit = self.state.limits.max_body_bytes
-        received = 0
-
-        async def receive_wrapper() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise ApiError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes")
-            return message
-
-        try:
-            length = _content_length(scope)
-            if length is not None and length > limit:
-                resp = _error(413, "body_too_large", f"request body is {length:,} bytes, over the limit of {limit:,}; send smaller or fewer images")
-                resp.headers["Connection"] = "close"
-                await resp(scope, receive, send_wrapper)
-            else:
-                await self.app(scope, receive_wrapper, send_wrapper)
-        except ApiError as e:
-            if not status_holder["started"]:
-                await _error(e.status, e.code, e.detail)(scope, receive, send_wrapper)
-        finally:
-            metrics.in_flight.dec()
-            status = str(status_holder["status"])
-            metrics.requests.inc((endpoint, method, status))
-            metrics.latency.observe(time.perf_counter() - t0, (endpoint,))
-
-
 def _options() -> Response:
     """OPTIONS on a probe endpoint: 204 with the methods it answers."""
     return Response(status_code=204, headers={"Allow": "GET, HEAD, OPTIONS"})
 
 
-def _content_length(scope: dict) -> int | None:
-    for k, v in scope.get("headers", []):
-        if k == b"content-length":
-            try:
-                return int(v)
-            except ValueError:
-                return None
-    return None
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error response is ``{"error": code, "detail": message}``; unexpected exceptions are 500 and logged."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid_request", "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, "internal_error", f"internal server error ({type(exc).__name__}); see the server log")
 
 
-def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
+def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> GuardedApp:
     """The ASGI application for an already-loaded encoder and gallery."""
     # --max-pixels above Pillow's own limit (~89.5 M pixels): ours is the one that counts.
     lift_pillow_pixel_limit(cfg.max_pixels)
@@ -283,28 +259,20 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
         version="1",
         description="Image embeddings (ISFE) and gallery search.",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # FastAPI's Swagger UI loads from a CDN; /docs below is self-contained
         redoc_url=None,
     )
     app.state.isfe = state
+    if cfg.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+                           allow_headers=["content-type"], max_age=600)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.detail)
+    _install_error_handlers(app)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "invalid_request", "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request")
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return _error(500, "internal_error", f"internal server error ({type(exc).__name__}); see the server log")
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        """The API reference as one self-contained HTML page (no CDN; see serving.docs)."""
+        return docs_response(app.openapi())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -314,7 +282,7 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         """Readiness: model and gallery loaded and the inference worker running."""
-        ok = state.batcher.alive and state.pool is not None
+        ok = state.batcher.alive and state.pool is not None and state.pool.alive
         body = {
             "ready": ok,
             "model": encoder.fingerprint,
@@ -342,7 +310,7 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
     @app.post("/v1/embed")
     async def embed(request: Request) -> JSONResponse:
         """Images (multipart ``file``/``files`` or JSON base64 ``image``/``images``) -> unit vectors."""
-        parsed = await parse_request(request, state.limits)
+        parsed = await parse_request(request, state.limits, json_parser=state.parse_json)
         emb = await state.embed_uploads(parsed.uploads)
         return JSONResponse(
             {
@@ -357,7 +325,7 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
     @app.post("/v1/search")
     async def search(request: Request) -> JSONResponse:
         """One image (multipart ``file`` or JSON ``image``) and ``k`` -> ranked gallery hits."""
-        parsed = await parse_request(request, state.limits, max_images=1)
+        parsed = await parse_request(request, state.limits, max_images=1, json_parser=state.parse_json)
         k = parse_k(parsed.fields, dict(request.query_params), cfg.default_k, state.limits.max_k)
         emb = await state.embed_uploads(parsed.uploads)
         result = await asyncio.to_thread(gallery.search, emb[0], k)
@@ -367,7 +335,7 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
                 "k": k,
                 "count": int(result.indices.shape[1]),
                 "query": parsed.uploads[0].name,
-                "hits": _jsonable(result.hits(0)),
+                "hits": json_safe(result.hits(0)),
             }
         )
 
@@ -376,21 +344,11 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> _ObservedApp:
         """Prometheus text exposition."""
         return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    return _ObservedApp(app, state)
+    return GuardedApp(app, state.metrics, ENDPOINTS, cfg.max_body_bytes, timeout_body=cfg.timeout_body,
+                      allowed_hosts=cfg.allowed_hosts)
 
 
-def _jsonable(obj: Any) -> Any:
-    """numpy scalars -> Python numbers, recursively."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def create_app_from_env() -> _ObservedApp:
+def create_app_from_env() -> GuardedApp:
     """App factory for uvicorn worker processes (``--workers N``): config from ``$ISFE_SERVE_CONFIG``."""
     text = os.environ.get(CONFIG_ENV)
     if not text:

@@ -7,38 +7,34 @@ Two request shapes are accepted:
 * ``application/json`` ``{"image": "<base64>"}`` or ``{"images": ["<base64>", ...]}``
   (data URLs ``data:image/png;base64,...`` are accepted too), plus e.g. ``"k": 5``.
 
-:func:`decode_image` classifies what is wrong with an upload:
-empty -> 400, not an image -> 415, too many pixels -> 413, corrupt -> 422.
+The request body has already been read whole (and its size checked) by
+:class:`serving.guard.GuardedApp`; it is replayed here in small pieces, so that
+the multipart parser gives the event loop a turn between pieces.  JSON bodies
+are parsed by ``json_parser`` (in the server: a decode worker process, see
+:mod:`serving.decodepool`), never on the event loop.  The image and JSON
+decoders themselves live in :mod:`serving.decoding` (re-exported here).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import json
 import reprlib
-import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from isfe_model.preprocess import SUPPORTED_FORMATS, ImageError, PreprocessSpec, lift_pillow_pixel_limit, preprocess
+from isfe_model.preprocess import lift_pillow_pixel_limit
 
+from .decoding import MAX_JSON_INT_DIGITS, Upload, check_count, decode_image, parse_json_body
 from .errors import ApiError
 
 __all__ = ["Limits", "ParsedRequest", "Upload", "decode_image", "lift_pillow_pixel_limit", "parse_k", "parse_request"]
 
 FILE_FIELDS = ("file", "files")
-#: Longest integer literal accepted in a JSON body (Python refuses over 4,300 digits; no field needs more than a few).
-MAX_JSON_INT_DIGITS = 100
-#: How the accepted formats are named in error messages.
-_FORMAT_NAMES = ", ".join(SUPPORTED_FORMATS)
+#: ``json_parser(raw, max_images) -> (uploads, fields)``, awaited (e.g. in a worker process).
+JsonParser = Callable[[bytes, int], Awaitable[tuple[list[Upload], dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -52,14 +48,6 @@ class Limits:
 
 
 @dataclass
-class Upload:
-    """One uploaded image: a display name (file name or ``images[i]``) and its bytes."""
-
-    name: str
-    data: bytes
-
-
-@dataclass
 class ParsedRequest:
     uploads: list[Upload]
     fields: dict[str, Any] = field(default_factory=dict)
@@ -69,8 +57,12 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def parse_request(request: Request, limits: Limits, max_images: int | None = None) -> ParsedRequest:
+async def parse_request(request: Request, limits: Limits, max_images: int | None = None,
+                        json_parser: JsonParser | None = None) -> ParsedRequest:
     """Read the image uploads and plain fields of a request (multipart or JSON).
+
+    ``json_parser`` parses JSON bodies (default: :func:`serving.decoding.parse_json_body`
+    in this thread; the server passes its decode pool's).
 
     Raises:
         ApiError: 415 for other content types, 400 for malformed bodies or a
@@ -81,7 +73,12 @@ async def parse_request(request: Request, limits: Limits, max_images: int | None
     if media == "multipart/form-data":
         return await _parse_multipart(request, max_images)
     if media == "application/json":
-        return await _parse_json(request, max_images)
+        raw = await request.body()
+        if json_parser is None:
+            uploads, fields = parse_json_body(raw, max_images)
+        else:
+            uploads, fields = await json_parser(raw, max_images)
+        return ParsedRequest(uploads, fields)
     raise ApiError(
         415,
         "unsupported_content_type",
@@ -90,20 +87,9 @@ async def parse_request(request: Request, limits: Limits, max_images: int | None
     )
 
 
-def _check_count(n: int, max_images: int) -> None:
-    if n == 0:
-        raise ApiError(
-            400,
-            "missing_image",
-            "no image in the request; send it as multipart file field 'file' (several: 'files') or JSON {\"image\": \"<base64>\"}",
-        )
-    if n > max_images:
-        raise ApiError(413, "too_many_images", f"{n} images in one request, over the limit of {max_images}; split the request")
-
-
 async def _parse_multipart(request: Request, max_images: int) -> ParsedRequest:
     try:
-        # max_files + 1 so that one image too many is reported by _check_count (413)
+        # max_files + 1 so that one image too many is reported by check_count (413)
         form = await request.form(max_files=max_images + 1, max_fields=32)
     except HTTPException as e:
         detail = str(e.detail)
@@ -125,96 +111,8 @@ async def _parse_multipart(request: Request, max_images: int) -> ParsedRequest:
                 fields[key] = value
     finally:
         await form.close()
-    _check_count(len(uploads), max_images)
+    check_count(len(uploads), max_images)
     return ParsedRequest(uploads, fields)
-
-
-def _b64decode(text: Any, name: str) -> bytes:
-    if not isinstance(text, str):
-        raise ApiError(400, "bad_base64", f"{name} must be a base64 string, got {type(text).__name__}")
-    if text.startswith("data:"):
-        head, sep, rest = text.partition(",")
-        if not sep or ";base64" not in head:
-            raise ApiError(400, "bad_base64", f"{name}: data URL must be base64-encoded (data:<type>;base64,<data>)")
-        text = rest
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(400, "bad_base64", f"{name} is not valid base64 ({e})") from None
-
-
-def _json_int(text: str) -> int:
-    """``parse_int`` hook for :func:`json.loads`: refuses absurdly long integers with a clear 400."""
-    digits = len(text.lstrip("-"))
-    if digits > MAX_JSON_INT_DIGITS:
-        raise ApiError(400, "malformed_json",
-                       f"request body has an integer with {digits:,} digits; numbers are limited to {MAX_JSON_INT_DIGITS} digits")
-    return int(text)
-
-
-async def _parse_json(request: Request, max_images: int) -> ParsedRequest:
-    raw = await request.body()
-    try:
-        doc = json.loads(raw, parse_int=_json_int)
-    except RecursionError:
-        raise ApiError(
-            400, "malformed_json", 'JSON body is nested too deeply; send a flat object like {"image": "<base64>"} or {"images": [...]}'
-        ) from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (both ValueErrors) and any other refusal of json.loads
-        raise ApiError(400, "malformed_json", f"request body is not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "malformed_json", 'JSON body must be an object like {"image": "<base64>"} or {"images": [...]}')
-    images: list[tuple[str, Any]] = []
-    if "image" in doc:
-        images.append(("image", doc["image"]))
-    if "images" in doc:
-        lst = doc["images"]
-        if not isinstance(lst, list):
-            raise ApiError(400, "malformed_json", '"images" must be a list of base64 strings')
-        _check_count(len(images) + len(lst), max_images)
-        images.extend((f"images[{i}]", v) for i, v in enumerate(lst))
-    _check_count(len(images), max_images)
-    uploads = [Upload(name, _b64decode(v, name)) for name, v in images]
-    fields = {k: v for k, v in doc.items() if k not in ("image", "images")}
-    return ParsedRequest(uploads, fields)
-
-
-def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
-    """Bytes -> float32 [3, S, S] via :func:`isfe_model.preprocess.preprocess`.
-
-    Runs in a worker thread (decoding is CPU work). Raises :class:`ApiError`
-    with 400 (empty), 415 (not an image), 413 (too many pixels) or 422
-    (corrupt / undecodable); never anything else for bad bytes.
-    """
-    name, data = upload.name, upload.data
-    if not data:
-        raise ApiError(400, "empty_file", f"{name}: empty upload (0 bytes)")
-    # Classify from the header first (cheap, decodes no pixels), with the same
-    # decoders as isfe_model.preprocess.load_image: no other Pillow plugin ever
-    # parses an upload, and formats Pillow knows but we refuse are "not an image".
-    try:
-        with warnings.catch_warnings():
-            # Pillow's DecompressionBombWarning (over Image.MAX_IMAGE_PIXELS): our
-            # max_pixels check below is the limit that counts (see lift_pillow_pixel_limit).
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
-                w, h = im.size
-    except UnidentifiedImageError:
-        raise ApiError(415, "not_an_image", f"{name}: not a recognised image format (supported: {_FORMAT_NAMES})") from None
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, "image_too_large", f"{name}: image too large ({e})") from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is the upload's fault
-        raise ApiError(422, "corrupt_image", f"{name}: cannot read image header ({type(e).__name__}: {e})") from None
-    if w * h > max_pixels:
-        raise ApiError(
-            413, "image_too_large", f"{name}: image is {w}x{h} = {w * h:,} pixels, over the server limit of {max_pixels:,}; downscale it"
-        )
-    try:
-        return preprocess(data, spec, max_pixels=max_pixels, name=name)
-    except ImageError as e:
-        raise ApiError(422, "corrupt_image", str(e)) from None
-    except Exception as e:  # noqa: BLE001
-        raise ApiError(422, "corrupt_image", f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def parse_k(fields: dict[str, Any], query: dict[str, str], default: int, max_k: int) -> int:

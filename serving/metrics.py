@@ -15,6 +15,10 @@ The exposition is the Prometheus text format, version 0.0.4
 
 All metric objects are thread-safe: the event loop records requests while the
 inference worker thread records batch sizes.
+
+Label values come from bounded sets only, so no client can grow the
+exposition: endpoints outside the API's paths are "other", and so are HTTP
+methods outside :data:`METHODS` (see :func:`method_label`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = [
     "Registry",
     "ServingMetrics",
     "format_value",
+    "method_label",
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -41,6 +46,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 LabelValues = tuple[str, ...]
+
+#: HTTP methods that get their own metrics label; any other method name is counted as "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label for a request: the method if it is in :data:`METHODS`, else ``"other"``."""
+    return method if method in METHODS else "other"
 
 
 def format_value(v: float) -> str:
@@ -249,6 +262,9 @@ class ServingMetrics:
         )
         self.images = r.register(Counter("isfe_images_embedded_total", "Images embedded by the model."))
         self.image_errors = r.register(Counter("isfe_image_errors_total", "Uploads refused, by reason.", ("reason",)))
+        self.decode_restarts = r.register(
+            Counter("isfe_decode_worker_restarts_total", "Decode worker processes replaced, by reason (timeout, crash, demoted).", ("reason",))
+        )
         self.queue_depth = r.register(
             Gauge("isfe_queue_depth", "Images waiting for the inference worker.", callback=queue_depth or (lambda: 0.0))
         )

@@ -363,7 +363,7 @@ SERVER_LIMITS = {"max_body_mb": 0.25, "max_images": 4, "max_pixels": 1_000_000, 
 def artifacts(tmp_path_factory):
     """A tiny exported model (ResNet18, 16x16 input, 32-d), 24 images, their gallery."""
     from isfe_model import Encoder, Gallery
-    from serving.sample import build_model, make_images
+    from tests.helpers_models import build_model, make_images
 
     root = tmp_path_factory.mktemp("serving")
     model = build_model(root / "model.onnx", arch="resnet18", embedding_dim=32, input_size=16)

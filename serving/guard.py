@@ -1,0 +1,214 @@
+"""The outermost ASGI layer: Host check, request-body limit and deadline, request metrics.
+
+For every HTTP request, in this order:
+
+1. **Host** (against DNS rebinding): with an allow-list, a missing or malformed
+   ``Host`` header is 400 ``bad_host`` and a name not on the list is 421
+   ``host_not_allowed``.  Entries are host names or IP literals (any port),
+   ``*.example.com`` for a domain and its subdomains, or ``*`` for any.
+2. **Body size**: a ``Content-Length`` over ``max_body_bytes`` is 413 before a
+   byte of the body is read; a chunked body is counted while it streams and
+   refused with 413 the moment it passes the limit.
+3. **Body deadline**: the whole body must arrive within ``timeout_body``
+   seconds of the headers, or 408 ``body_timeout``.
+
+Each refusal carries ``Connection: close``; the protocol
+(:class:`serving.protocol.GuardedH11Protocol`) then drains what the client is
+still sending for a bounded time and closes.  The body is read whole here (it
+is at most ``max_body_bytes``, which the endpoints would hold in memory anyway)
+and replayed to the application in pieces of :data:`REPLAY_CHUNK` bytes with a
+yield to the event loop between pieces, so parsing a large multipart body never
+holds the loop for long.
+
+Metric labels are bounded: endpoints outside the known list are "other", and
+so are HTTP methods outside :data:`serving.metrics.METHODS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Sequence
+
+from starlette.responses import JSONResponse
+
+from .errors import ApiError
+from .metrics import ServingMetrics, method_label
+
+__all__ = ["REPLAY_CHUNK", "GuardedApp", "HostPolicy", "LOOPBACK_HOSTS", "host_of"]
+
+#: Size of the pieces in which a buffered body is handed to the application.
+REPLAY_CHUNK = 64 * 1024
+#: Host names a loopback-bound server answers to by default.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_of(value: str) -> str | None:
+    """``Host`` header value -> lower-case host name or IP literal without port/brackets; None if malformed.
+
+    ``"Example.com:8000"`` -> ``"example.com"``, ``"[::1]:8000"`` -> ``"::1"``, ``"a:b"`` -> None.
+    """
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        name, rest = (v[1:end], v[end + 1:]) if end > 0 else ("", "")
+    else:
+        name, sep, port = v.partition(":")
+        rest = sep + port
+    if rest and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit()):
+        return None
+    name = name.rstrip(".")
+    if not name or any(c.isspace() or c in "/\\@?#" for c in name):
+        return None
+    return name
+
+
+class HostPolicy:
+    """An allow-list of Host names (``None`` or a list containing ``*``: any host)."""
+
+    def __init__(self, allowed: Sequence[str] | None):
+        entries = [a.strip().lower() for a in (allowed or ["*"]) if a.strip()]
+        self.any = not entries or "*" in entries
+        self.exact = {host_of(e) or e for e in entries if not e.startswith("*.")}
+        self.suffixes = tuple(e[1:] for e in entries if e.startswith("*."))  # ".example.com"
+        self.shown = ", ".join(entries) or "*"
+
+    def check(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Raises :class:`ApiError` 400 (missing/malformed/several Host headers) or 421 (not allowed)."""
+        if self.any:
+            return
+        values = [v for k, v in headers if k == b"host"]
+        if len(values) != 1:
+            raise ApiError(400, "bad_host", f"the request has {len(values)} Host headers; send exactly one")
+        raw = values[0].decode("latin-1")
+        name = host_of(raw)
+        if name is None:
+            raise ApiError(400, "bad_host", f"malformed Host header {raw[:100]!r}; send Host: name[:port]")
+        if name in self.exact or name.endswith(self.suffixes) or ("." + name) in self.suffixes:
+            return
+        raise ApiError(421, "host_not_allowed", f"this server does not answer to Host {name[:100]!r} (allowed: {self.shown}); "
+                                                f"an operator can add it with --allowed-hosts")
+
+
+def _error(status: int, code: str, detail: str, close: bool = False) -> JSONResponse:
+    resp = JSONResponse({"error": code, "detail": detail}, status_code=status)
+    if close:
+        resp.headers["Connection"] = "close"
+    return resp
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body was complete: nothing to answer."""
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for k, v in headers:
+        if k == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+class GuardedApp:
+    """ASGI wrapper around the FastAPI app (see the module docstring for what it checks)."""
+
+    def __init__(self, app: Any, metrics: ServingMetrics, endpoints: Sequence[str], max_body_bytes: int,
+                 timeout_body: float = 60.0, allowed_hosts: Sequence[str] | None = None):
+        self.app = app
+        self.metrics = metrics
+        self.endpoints = frozenset(endpoints)
+        self.max_body_bytes = int(max_body_bytes)
+        self.timeout_body = float(timeout_body)
+        self.hosts = HostPolicy(allowed_hosts)
+
+    def __getattr__(self, name: str) -> Any:  # .state, .router, ... of the FastAPI app
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in self.endpoints else "other"
+        status = {"status": 500}
+        t0 = time.perf_counter()
+        self.metrics.in_flight.inc()
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self._serve(scope, receive, send_wrapper)
+        except _ClientGone:
+            status["status"] = 499  # nginx's "client closed request"; nothing is sent
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.inc((endpoint, method_label(scope.get("method", "")), str(status["status"])))
+            self.metrics.latency.observe(time.perf_counter() - t0, (endpoint,))
+
+    async def _serve(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = scope.get("headers", [])
+        try:
+            self.hosts.check(headers)
+        except ApiError as e:
+            await _error(e.status, e.code, e.detail, close=True)(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        length = _content_length(headers)
+        if length is not None and length > limit:
+            await _error(413, "body_too_large", f"request body is {length:,} bytes, over the limit of {limit:,}; "
+                                                "send smaller or fewer images", close=True)(scope, receive, send)
+            return
+        try:
+            body = await self._read_body(receive)
+        except ApiError as e:
+            await _error(e.status, e.code, e.detail, close=True)(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, receive: Any) -> bytes:
+        """The whole request body, within the size limit and the deadline (raises ApiError 413/408, _ClientGone)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout_body
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, end - loop.time()))
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body_timeout", f"request body not received within {self.timeout_body:g} s "
+                                                    f"(received {size:,} bytes); send the whole request at once") from None
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            piece = message.get("body", b"")
+            size += len(piece)
+            if size > self.max_body_bytes:
+                raise ApiError(413, "body_too_large", f"request body is over the limit of {self.max_body_bytes:,} bytes "
+                                                      f"(sent without Content-Length, refused at {size:,}); send smaller or fewer images")
+            if piece:
+                chunks.append(piece)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that hands out ``body`` in pieces (yielding to the loop before each), then defers to ``receive``."""
+    view = memoryview(body)
+    pos = 0
+    done = False
+
+    async def replay() -> dict:
+        nonlocal pos, done
+        if done:
+            return await receive()  # waits for the disconnect, as the server's receive does
+        await asyncio.sleep(0)
+        piece = bytes(view[pos:pos + REPLAY_CHUNK])
+        pos += len(piece)
+        done = pos >= len(body)
+        return {"type": "http.request", "body": piece, "more_body": not done}
+
+    return replay
