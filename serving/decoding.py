@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from isfe_model.preprocess import SUPPORTED_FORMATS, ImageError, PreprocessSpec, preprocess
+from isfe_model.preprocess import SUPPORTED_FORMATS, ImageError, PreprocessSpec, check_image_bytes, preprocess
 
 from .errors import ApiError
 
@@ -129,6 +129,16 @@ def parse_json_body(raw: bytes, max_images: int) -> tuple[list[Upload], dict[str
     return uploads, fields
 
 
+# ImageError.kind of a refused structure -> (HTTP status, error code)
+_STRUCTURE_STATUS = {
+    "empty": (400, "empty_file"),
+    "not_an_image": (415, "not_an_image"),
+    "too_large": (413, "image_too_large"),
+    "too_complex": (422, "image_too_complex"),
+    "corrupt": (422, "corrupt_image"),
+}
+
+
 def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
     """Bytes -> float32 [3, S, S] via :func:`isfe_model.preprocess.preprocess`.
 
@@ -138,6 +148,13 @@ def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.nd
     name, data = upload.name, upload.data
     if not data:
         raise ApiError(400, "empty_file", f"{name}: empty upload (0 bytes)")
+    # The structure walk (scan, chunk, frame counts) comes before any Pillow parsing:
+    # Image.open alone decodes an icon's embedded image and walks PNG/GIF/TIFF blocks.
+    try:
+        check_image_bytes(data, max_pixels, name)
+    except ImageError as e:
+        status, code = _STRUCTURE_STATUS.get(e.kind, (422, "corrupt_image"))
+        raise ApiError(status, code, str(e)) from None
     # Classify from the header first (cheap, decodes no pixels), with the same
     # decoders as isfe_model.preprocess.load_image: no other Pillow plugin ever
     # parses an upload, and formats Pillow knows but we refuse are "not an image".

@@ -504,3 +504,23 @@ def test_decode_pool_memory_limit_is_a_413_and_the_worker_survives():
     finally:
         pool.stop()
     np.testing.assert_array_equal(x, decode_image(Upload("small.png", small), SPEC, 50_000_000))
+
+
+def test_upload_structure_is_checked_before_the_header_probe():
+    """The server's header probe (Image.open) would decode an icon's embedded image and walk every
+    PNG/JPEG block: the shared structure check runs first and maps its kinds to 4xx statuses."""
+    from tests import test_hostile_decode as hostile  # the generated hostile files of the decoder tests
+
+    spec = SPEC
+    big_png = hostile._encode(Image.new("RGB", (1200, 1000)), "PNG")
+    scans, _ = hostile._many_scans(2000, 1000)
+    cases = [(hostile._ico([big_png], [16]), 1_000_000, 413, "image_too_large"),
+             (scans, 50_000_000, 422, "image_too_complex")]
+    for data, max_pixels, status, code in cases:
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as e:
+            decode_image(Upload("upload", data), spec, max_pixels)
+        assert (e.value.status, e.value.code) == (status, code), e.value
+        assert time.monotonic() - t0 < 1.0  # refused from the structure, nothing decoded
+    ok = decode_image(Upload("ok.png", hostile._encode(Image.new("RGB", (20, 20), (1, 2, 3)), "PNG")), spec, 1_000_000)
+    assert ok.shape == (3, 16, 16)
