@@ -1,4 +1,12 @@
-"""``python -m demo --model MODEL.onnx --gallery GALLERY_DIR [--images-root DIR] [--port 7860]``."""
+"""``python -m demo --model MODEL.onnx --gallery GALLERY_DIR [--images-root DIR] [--port 7860] [--allow-indexing ROOT]``.
+
+Exit codes: 0 after Ctrl-C / SIGTERM, 2 for a user error (one line on stderr:
+missing files, a gallery whose ids leave its image folder, a folder that is too
+broad to publish or index, a port in use).
+
+Unless ``GRADIO_TEMP_DIR`` is set, Gradio's temporary files (uploads, result
+images, example copies) go to a private folder that is removed at exit.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
 import logging
+import math
+import shutil
+import signal
 import sys
+import tempfile
+from pathlib import Path
 
 from isfe_model.argtypes import port, positive_int
 
@@ -27,29 +40,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=positive_int, default=4, help="searches served at once (default 4, at least 2)")
     p.add_argument("--examples", type=int, default=6, help="how many gallery images to offer as examples (default 6)")
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--allow-indexing", metavar="ROOT", default=None,
+                   help="let visitors index folders under ROOT (and save galleries below it) from the Gallery tab "
+                        "(default: indexing off)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0,
+                   help="largest query upload in MiB (default 20); larger uploads get HTTP 413")
+    p.add_argument("--temp-minutes", type=positive_float, default=30.0,
+                   help="delete uploads and result images once older than this (default 30); all at exit")
     return p
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
 def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bool = False) -> tuple[object, str]:
-    """Load, build and launch; returns (blocks, url). Raises ValueError/OSError for user errors."""
+    """Load, check, build and launch; returns (blocks, url). Raises ValueError/OSError for user errors.
+
+    Refused before anything is served: an image folder or indexing ROOT that
+    is too broad (``/``, system folders, the home folder), and a gallery with
+    any id that leaves its image folder (``..``, absolute, symlinks).  Gradio's
+    ``allowed_paths`` are exactly the example images; the model and gallery
+    files are on ``blocked_paths``.
+    """
     from isfe_model import Encoder, Gallery
 
-    from .app import DemoState, build_ui, launch, pick_examples, resolve_image_root
+    from .app import DemoState, build_ui, check_gallery, launch, pick_examples, resolve_image_root
+    from .paths import bind_warning, check_folder
 
+    index_root = None
+    if args.allow_indexing is not None:
+        index_root = check_folder(args.allow_indexing, "--allow-indexing", "give the folder that holds the image folders")
     encoder = Encoder(args.model, threads=args.threads)
     gallery = Gallery.load(args.gallery, encoder=encoder)
     root = resolve_image_root(gallery, args.images_root, args.gallery)
-    state = DemoState(encoder, gallery, root, f"loaded from {args.gallery}", max_k=args.max_k)
+    root = check_folder(root, "the gallery's image folder", "pass --images-root DIR, the folder the images are in")
+    check_gallery(gallery, root, f"gallery {args.gallery}")
+    state = DemoState(encoder, gallery, root, f"loaded from {args.gallery}", max_k=args.max_k, index_root=index_root,
+                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     examples = pick_examples(gallery, root, max(0, args.examples))
-    blocks = build_ui(state, examples, default_k=args.default_k)
-    url = launch(blocks, args.host, args.port, allowed_paths=[str(root)], concurrency=args.concurrency,
-                 prevent_thread_lock=prevent_thread_lock, quiet=quiet)
+    blocks = build_ui(state, examples, default_k=args.default_k, temp_seconds=args.temp_minutes * 60)
+    warning = bind_warning(args.host, index_root)
+    if warning:
+        logging.getLogger("demo").warning(warning)
+    gallery_dir = Path(args.gallery).resolve()
+    blocked = [str(Path(args.model).resolve())] + [str(gallery_dir / f) for f in ("embeddings.npy", "items.jsonl", "manifest.json")]
+    url = launch(blocks, args.host, args.port, allowed_paths=examples, concurrency=args.concurrency,
+                 prevent_thread_lock=prevent_thread_lock, quiet=quiet, blocked_paths=blocked,
+                 max_upload_bytes=state.max_upload_bytes)
     return blocks, url
+
+
+def _private_temp_dir() -> str | None:
+    """Point Gradio at a new private (0700) temporary folder unless GRADIO_TEMP_DIR is set; returns it."""
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="isfe-demo-")
+    os.environ["GRADIO_TEMP_DIR"] = path
+    return path
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    temp_dir = _private_temp_dir()
+    try:  # SIGTERM: close the server and clean up as Ctrl-C does (only possible in the main thread)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:
+        previous = None
     try:
         start(args)
     except (ValueError, OSError) as e:  # ModelError, GalleryError, DemoError, port in use
@@ -57,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if temp_dir:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+            shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
 
 

@@ -29,7 +29,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     from isfe_model import Encoder, Gallery
-    from serving.sample import build_model, make_images
+    from tests.helpers_models import build_model, make_images
 
     root = tmp_path_factory.mktemp("demo")
     model = build_model(root / "model.onnx", arch="resnet18", embedding_dim=32, input_size=16)
@@ -46,7 +46,9 @@ def demo(artifacts):
 
     port = free_port()
     args = build_parser().parse_args(["--model", artifacts["model"], "--gallery", artifacts["gallery"], "--port", str(port),
-                                      "--max-k", "20", "--concurrency", "3"])
+                                      "--max-k", "20", "--concurrency", "3",
+                                      # the Gallery tab indexes (and saves) only under this folder: pytest's base temp
+                                      "--allow-indexing", str(artifacts["root"].parent)])
     blocks, url = start(args, prevent_thread_lock=True, quiet=True)
     try:
         assert url.startswith(f"http://127.0.0.1:{port}")
