@@ -91,7 +91,9 @@ def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bo
     if warning:
         logging.getLogger("demo").warning(warning)
     gallery_dir = Path(args.gallery).resolve()
-    blocked = [str(Path(args.model).resolve())] + [str(gallery_dir / f) for f in ("embeddings.npy", "items.jsonl", "manifest.json")]
+    # the ONNX file the encoder really runs (--model may be a package folder or an installed name)
+    model_file = Path(encoder.model_path).resolve()
+    blocked = [str(model_file)] + [str(gallery_dir / f) for f in ("embeddings.npy", "items.jsonl", "manifest.json")]
     url = launch(blocks, args.host, args.port, allowed_paths=examples, concurrency=args.concurrency,
                  prevent_thread_lock=prevent_thread_lock, quiet=quiet, blocked_paths=blocked,
                  max_upload_bytes=state.max_upload_bytes)
