@@ -1,8 +1,9 @@
 """Visual reports (training/report.py) on a real short training run.
 
 The numbers in report.json are recomputed here independently: embeddings with
-a plain forward pass, neighbours with a numpy brute force, the means with
-numpy and the AUC with scikit-learn's roc_auc_score.
+a plain forward pass, neighbours with a numpy brute force (Fig. 5: each
+query's nearest within its class and within the other classes, by a plain
+loop), the means with numpy and the AUC with scikit-learn's roc_auc_score.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from sklearn.metrics import roc_auc_score
 
 from training.data import load_split
 from training.model import build_encoder, load_encoder
+import training.report as report_module
 from training.report import (
     ReportError,
     RunRecord,
+    class_neighbours,
     curves_figure,
     figure_png,
     load_run,
@@ -98,6 +101,29 @@ def _embed(net, images):
         return net(x).double().numpy()
 
 
+def loop_fig5(s: np.ndarray, yq: np.ndarray, yb: np.ndarray, k: int, exclude=None):
+    """The paper's Fig. 5 by a plain loop over a score matrix s [M, N]: per query, the k best bank columns of its
+    class (itself excluded) and the k best of the other classes -> ([(j, score), ...] same, [...] other) per query."""
+    same, other = [], []
+    for i in range(s.shape[0]):
+        own = [j for j in range(s.shape[1]) if yb[j] == yq[i] and (exclude is None or j != exclude[i])]
+        rest = [j for j in range(s.shape[1]) if yb[j] != yq[i]]
+        same.append([(j, s[i, j]) for j in sorted(own, key=lambda j: (-s[i, j], j))[:k]])
+        other.append([(j, s[i, j]) for j in sorted(rest, key=lambda j: (-s[i, j], j))[:k]])
+    return same, other
+
+
+def _check_stats(st, same, other):
+    a = np.array([v for row in same for _, v in row])
+    b = np.array([v for row in other for _, v in row])
+    assert st["n_same"] == a.size and st["n_other"] == b.size and st["n_pairs"] == a.size + b.size
+    assert st["mean_same"] == pytest.approx(a.mean(), abs=1e-6)
+    assert st["mean_other"] == pytest.approx(b.mean(), abs=1e-6)
+    assert st["mean_gap"] == pytest.approx(a.mean() - b.mean(), abs=1e-6)
+    y = np.r_[np.ones(a.size, bool), np.zeros(b.size, bool)]
+    assert st["auc"] == pytest.approx(roc_auc_score(y, np.r_[a, b]), abs=1e-6)
+
+
 def test_report_json_numbers_recomputed_independently(run_dir, report_dir):
     rep = json.loads((report_dir / "report.json").read_text())
     sim = rep["similarity"]
@@ -106,22 +132,62 @@ def test_report_json_numbers_recomputed_independently(run_dir, report_dir):
     train, test = load_split(None, "train", 8), load_split(None, "test", 8)
     q = np.sort(np.random.default_rng(0).choice(len(test), size=100, replace=False))
     assert sim["query_indices"] == q.tolist() and sim["num_queries"] == 100 and sim["nn_k"] == 5
+    assert sim["bank_split"] == "train" and "WITHIN ITS OWN CLASS" in sim["definition"]
     torch.manual_seed(0)
     random_net = build_encoder(model.cfg).eval()
     for which, net in (("trained", model), ("random", random_net)):
         bank, queries = _embed(net, train.images), _embed(net, test.images)[q]
-        s = queries @ bank.T  # [100, N] cosine (unit rows)
-        idx = np.argsort(-s, axis=1, kind="stable")[:, :5]
-        nn_sims = np.take_along_axis(s, idx, axis=1)
-        same = train.labels[idx] == test.labels[q][:, None]
-        st = sim[which]
-        assert st["n_same"] == int(same.sum()) and st["n_other"] == int((~same).sum()) and st["n_pairs"] == 500
-        assert st["mean_same"] == pytest.approx(np.mean(nn_sims[same]), abs=1e-6)
-        assert st["mean_other"] == pytest.approx(np.mean(nn_sims[~same]), abs=1e-6)
-        assert st["mean_gap"] == pytest.approx(np.mean(nn_sims[same]) - np.mean(nn_sims[~same]), abs=1e-6)
-        assert st["auc"] == pytest.approx(roc_auc_score(same.ravel(), nn_sims.ravel()), abs=1e-6)
+        same, other = loop_fig5(queries @ bank.T, test.labels[q], train.labels, 5)
+        assert sim[which]["n_same"] == sim[which]["n_other"] == 500  # 5 of each per query: every class has >= 5
+        _check_stats(sim[which], same, other)
     assert rep["final_metrics"] == json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert rep["config"]["epochs"] == 1 and rep["data"] == "digits"
+
+
+def test_report_with_the_test_split_as_bank(run_dir, tmp_path):
+    """--bank test: queries search the test split itself, each excluded from its own neighbours."""
+    out = tmp_path / "rep"
+    assert main(["--run", str(run_dir), "--out", str(out), "--bank", "test", "--max-queries", "60", "--nn-k", "3"]) == 0
+    sim = json.loads((out / "report.json").read_text())["similarity"]
+    assert sim["bank_split"] == "test" and sim["nn_k"] == 3
+    model = load_encoder(run_dir / "checkpoint.pt")
+    test = load_split(None, "test", 8)
+    q = np.array(sim["query_indices"])
+    feats = _embed(model, test.images)
+    same, other = loop_fig5(feats[q] @ feats.T, test.labels[q], test.labels, 3, exclude=q)
+    assert all(j != qi for row, qi in zip(same, q) for j, _ in row)
+    _check_stats(sim["trained"], same, other)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_class_neighbours_match_a_loop(exclude_self, monkeypatch):
+    """Exact same-class / other-class top-k, ties by the lower bank index, rows with fewer candidates padded."""
+    rng = np.random.default_rng(5)
+    n, d, k = 90, 6, 4
+    bank = rng.integers(-2, 3, size=(n, d)).astype(np.float32)  # small integers: exact scores, many ties
+    yb = rng.integers(0, 4, size=n)
+    yb[:3] = 7  # a class with 3 (< k) bank rows
+    yb[3] = 8  # a class with a single row: with self-exclusion it has no same-class neighbour
+    if exclude_self:
+        qi = np.r_[0, 1, 3, rng.choice(np.arange(4, n), 30, replace=False)]
+        queries, yq, ex = bank[qi], yb[qi], qi
+    else:
+        queries = rng.integers(-2, 3, size=(25, d)).astype(np.float32)
+        yq = np.r_[7, 8, 9, rng.integers(0, 4, size=22)]  # class 9: not in the bank at all
+        ex = None
+    monkeypatch.setattr(report_module, "_CANDIDATE_BUDGET", 20)  # several row slices per class
+    ss, si, os_, oi = class_neighbours(torch.from_numpy(queries), torch.from_numpy(bank), yq, yb, k, ex,
+                                       chunk_size=3)
+    scores = queries.astype(np.float64) @ bank.astype(np.float64).T
+    same, other = loop_fig5(scores, yq, yb, k, ex)
+    for i in range(len(yq)):
+        for got_s, got_i, want in ((ss[i], si[i], same[i]), (os_[i], oi[i], other[i])):
+            w = len(want)
+            assert list(got_i[:w]) == [j for j, _ in want] and (got_i[w:] == -1).all(), i
+            assert np.array_equal(got_s[:w], [v for _, v in want]) and np.isnan(got_s[w:]).all(), i
+    assert (si >= 0).sum() < len(yq) * k and (oi >= 0).sum() == len(yq) * k  # padded same-class rows exist
+    with pytest.raises(ValueError, match="own bank row"):
+        class_neighbours(torch.from_numpy(bank[:2]), torch.from_numpy(bank), yb[:2], yb, k, np.array([3, 3]))  # class 8
 
 
 def test_html_is_self_contained_and_escaped(run_dir, report_dir):
@@ -214,7 +280,7 @@ def test_metrics_reader_rejects_damaged_lines(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty-folder", "no-checkpoint", "damaged-metrics", "a-file", "bad-data",
-                                  "bad-nn-k", "bad-device"])
+                                  "bad-nn-k", "bad-device", "bad-bank"])
 def test_bad_input_one_line_exit_2(case, run_dir, tmp_path, capsys):
     out = tmp_path / "out"
     extra: list[str] = []
@@ -235,7 +301,8 @@ def test_bad_input_one_line_exit_2(case, run_dir, tmp_path, capsys):
     else:
         run = run_dir
         extra = {"bad-data": ["--data", str(tmp_path / "nope")], "bad-nn-k": ["--nn-k", "0"],
-                 "bad-device": ["--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"]}[case]
+                 "bad-device": ["--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"],
+                 "bad-bank": ["--bank", "val"]}[case]
     rc = main(["--run", str(run), "--out", str(out), *extra])
     err = capsys.readouterr().err
     assert rc == 2, err

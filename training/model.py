@@ -13,6 +13,31 @@ is inside EmbeddingNet; torchvision's own input transform must stay off or
 the input would be normalised twice) and without its dropout, as the
 authors' pool5 -> fc128 model.
 
+Initialisation of a from-scratch backbone (``ModelConfig.init``, one of ``INITS``):
+
+* ``"torchvision"`` (the default): what torchvision's constructors do.  ResNet:
+  every Conv2d ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``
+  (std sqrt(2 / (C_out k_h k_w)), no bias), BatchNorm weight 1 / bias 0 and
+  (its ``zero_init_residual=False``) nothing else; the CIFAR stem's 3x3 conv
+  replaces torchvision's after construction, so it keeps PyTorch's default
+  (below) -- exactly the models trained before this option existed.
+  GoogLeNet: ``trunc_normal_(std=0.01, a=-2, b=2)`` for every conv and linear
+  layer, BatchNorm 1 / 0.
+* ``"authors"``: PyTorch's default layer initialisation for every layer of
+  the backbone, as the authors' ``resnet_cifar.py`` keeps it (its explicit
+  init is commented out): Conv2d and Linear ``kaiming_uniform_(a=sqrt(5))``,
+  i.e. U(-b, b) with b = 1/sqrt(fan_in) (std b/sqrt(3), which is
+  sqrt(C_out / (6 C_in)) times torchvision's: 1/sqrt(6) ~ 1/2.45 for a conv
+  with C_in = C_out), their biases U(-b, b),
+  BatchNorm weight 1 / bias 0.  (The authors ran PyTorch 0.4, whose
+  BatchNorm drew its weight from U(0, 1); conv and linear layers had the
+  same U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as today.)
+
+Both leave the embedding head at PyTorch's default (``nn.Linear``).  The
+choice only matters for training from scratch: ``load_pretrained``
+overwrites the whole backbone, and loading a checkpoint overwrites every
+weight, so a checkpoint loads the same whatever its ``init`` says.
+
 ImageNet weights (``load_pretrained``) come through torchvision's weights
 API (downloaded into the torch hub cache where a network exists) or from a
 local file; ``pretrained_preprocess`` gives the input normalisation those
@@ -39,6 +64,7 @@ from isfe_model.preprocess import PreprocessSpec
 __all__ = [
     "ARCHS",
     "CHECKPOINT_FORMAT",
+    "INITS",
     "CheckpointError",
     "EmbeddingNet",
     "ModelConfig",
@@ -49,6 +75,7 @@ __all__ = [
     "load_encoder",
     "load_pretrained",
     "pretrained_preprocess",
+    "pytorch_default_init",
     "save_checkpoint",
 ]
 
@@ -56,6 +83,9 @@ CHECKPOINT_FORMAT = "isfe-checkpoint"
 CHECKPOINT_VERSION = 1
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ARCHS = RESNETS + ("googlenet",)
+#: Backbone initialisations (``ModelConfig.init``): torchvision's constructors, or PyTorch's layer defaults as in
+#: the authors' code.  Checkpoints written before the field existed are "torchvision".
+INITS = ("torchvision", "authors")
 #: Inputs up to this side get the CIFAR stem by default (CIFAR-10 32 px, STL-10 96 px as in the
 #: authors' code); larger ones the standard ImageNet stem.
 CIFAR_STEM_MAX_INPUT = 96
@@ -90,13 +120,17 @@ class ModelConfig:
     ``cifar_stem=None`` picks the CIFAR stem (3x3 stride-1 conv, no max-pool)
     for ResNets with inputs of at most ``CIFAR_STEM_MAX_INPUT`` (96) pixels
     and the standard ImageNet stem otherwise; GoogLeNet has only its standard
-    stem.
+    stem.  ``init`` (one of ``INITS``) is how a from-scratch backbone is
+    initialised: ``"torchvision"`` (torchvision's constructors; default) or
+    ``"authors"`` (PyTorch's layer defaults, as the authors' code); see the
+    module docstring.
     """
 
     arch: str = "resnet18"
     embedding_dim: int = 128
     cifar_stem: bool | None = None
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    init: str = "torchvision"
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):
@@ -105,6 +139,9 @@ class ModelConfig:
             raise ValueError(f"unknown --arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if int(self.embedding_dim) < 1:
             raise ValueError(f"--embedding-dim must be >= 1, got {self.embedding_dim}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)} "
+                             "(torchvision: torchvision's constructors; authors: PyTorch's layer defaults)")
         if self.arch == "googlenet":
             if self.cifar_stem:
                 raise ValueError("googlenet has no CIFAR stem; use a resnet for small inputs or leave cifar_stem unset")
@@ -118,6 +155,7 @@ class ModelConfig:
             "embedding_dim": int(self.embedding_dim),
             "cifar_stem": bool(self.cifar_stem),
             "preprocess": self.preprocess.to_dict(),
+            "init": self.init,
         }
 
     @classmethod
@@ -127,6 +165,7 @@ class ModelConfig:
             embedding_dim=int(d["embedding_dim"]),
             cifar_stem=d.get("cifar_stem"),
             preprocess=PreprocessSpec.from_dict(d["preprocess"]),
+            init=d.get("init", "torchvision"),  # checkpoints from before the field: torchvision's init
         )
 
 
@@ -142,7 +181,26 @@ def _backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
             backbone.maxpool = nn.Identity()
     feat_dim = backbone.fc.in_features
     backbone.fc = nn.Identity()
+    if cfg.init == "authors":
+        pytorch_default_init(backbone)
     return backbone, feat_dim
+
+
+#: Layers whose ``reset_parameters`` is PyTorch's default initialisation of their weights.
+_DEFAULT_INIT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def pytorch_default_init(module: nn.Module) -> nn.Module:
+    """Re-initialise every conv, linear and batch-norm layer of ``module`` with PyTorch's defaults (in place).
+
+    Conv / Linear weight W [C_out, C_in, *k]: U(-b, b), b = 1/sqrt(fan_in), fan_in = C_in * prod(k)
+    (``kaiming_uniform_(a=sqrt(5))``), bias U(-b, b); BatchNorm: weight 1, bias 0, running stats reset.
+    Returns ``module``.
+    """
+    for m in module.modules():
+        if isinstance(m, _DEFAULT_INIT_LAYERS):
+            m.reset_parameters()
+    return module
 
 
 class EmbeddingNet(nn.Module):

@@ -7,9 +7,10 @@ Writes into ``--out`` (default ``<first run>/report``):
 * ``curves.png`` -- training loss and weighted-kNN top-1 per epoch, read from
   each run's ``metrics.jsonl``; several ``--run`` are overlaid (legend = run
   folder name) to compare presets or ablations (paper Fig. 3).
-* ``similarity.png`` -- the paper's Fig. 5/6 for the first run: histograms of
-  the query-to-5NN cosine similarity, same-class vs other-class neighbours,
-  for the randomly initialised encoder (left) and the trained one (right).
+* ``similarity.png`` -- the paper's Fig. 5 for the first run: histograms of
+  the cosine similarity of each query to its 5 nearest neighbours within its
+  own class and to its 5 nearest within the other classes, for the randomly
+  initialised encoder (left) and the trained one (right).
 * ``retrieval.png`` -- example queries with their top-k neighbours, each
   neighbour framed green (same class) or red (other class) (paper Fig. 4).
 * ``report.json`` -- the separation numbers, the run's configuration and
@@ -23,18 +24,24 @@ Definitions (pinned down here; the tests recompute them independently):
 * Embeddings: the evaluation transform (center crop of the cached
   ``resize_size`` images to ``input_size``), unit rows, so cosine similarity
   is a dot product. Similarities are computed in float64.
-* Query-to-kNN (k = 5 by default, ``--nn-k``): the queries are the test
-  split, or -- when it has more than ``--max-queries`` (default 2000) images --
-  the subset ``sorted(numpy.random.default_rng(seed).choice(n_test,
-  max_queries, replace=False))`` (``--seed``, default 0). The memory bank is
-  the whole train split (the kNN memory bank of the paper's protocol). Each
-  query's k most cosine-similar bank images (ties broken by the lower bank
-  index) give k (query, neighbour) pairs, labelled same-class when the labels
-  match and other-class otherwise.
+* Queries: the test split, or -- when it has more than ``--max-queries``
+  (default 2000) images -- the subset ``sorted(numpy.random.default_rng(seed)
+  .choice(n_test, max_queries, replace=False))`` (``--seed``, default 0).
+  The bank (``--bank``): the whole train split (default; the kNN memory bank
+  of the paper's protocol) or the test split itself, each query excluded
+  from its own neighbours.
+* Neighbours, the paper's Fig. 5 definition (k = 5 by default, ``--nn-k``):
+  per query, its k most cosine-similar bank images *among those of its own
+  class* (the "same" pairs) and its k most similar *among those of the other
+  classes* (the "other" pairs) -- not the overall k nearest split by label.
+  Ties go to the lower bank index; a query whose class (or its complement)
+  has fewer than k bank images contributes what there is.  See
+  :func:`class_neighbours`.
 * Separation: ``mean_gap = mean(sim | same) - mean(sim | other)`` over all
   pairs, and ``auc`` = the area under the ROC curve of predicting "same
   class" from the similarity (rank statistic, ties count 1/2); ``null`` when
-  one of the two groups is empty.
+  one of the two groups is empty.  (``same_fraction`` = n_same / n_pairs is
+  about 1/2 by construction.)
 * Random encoder: ``build_encoder(model.cfg)`` right after
   ``torch.manual_seed(seed)`` (the global RNG state is restored afterwards),
   same preprocessing, eval mode.
@@ -83,6 +90,8 @@ __all__ = [
     "curves_figure",
     "write_curves",
     "select_queries",
+    "class_neighbours",
+    "fig5_pairs",
     "roc_auc",
     "separation",
     "similarity_figure",
@@ -97,6 +106,8 @@ __all__ = [
 SAME_COLOR = "#2ca02c"  # green: neighbour of the query's class
 OTHER_COLOR = "#d62728"  # red: neighbour of another class
 QUERY_COLOR = "#1f4e9c"
+#: Where Fig. 5's neighbours come from (``--bank``): the train split (the kNN memory bank) or the test split itself.
+BANKS = ("train", "test")
 
 
 class ReportError(ValueError):
@@ -308,6 +319,79 @@ def _float64_topk(queries: torch.Tensor, bank: torch.Tensor, k: int,
     return sims.numpy(), idx.numpy()
 
 
+#: Most score entries (query rows x candidates) one other-class top-k call may return (float64 + int64: 16 B each).
+_CANDIDATE_BUDGET = 1 << 22
+
+
+def class_neighbours(queries: torch.Tensor, bank: torch.Tensor, query_labels: np.ndarray, bank_labels: np.ndarray,
+                     k: int, exclude: np.ndarray | None = None,
+                     chunk_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fig. 5's neighbours: per query, its k nearest bank rows within its class and its k nearest outside it.
+
+    queries [M, D], bank [N, D] (unit rows: the inner product is the cosine), labels [M] and [N];
+    ``exclude`` int [M] (optional): the bank row of query i itself (same label), never its neighbour.
+
+    same(i) = top-k of <q_i, b_j> over {j : y_j = y_i, j != exclude_i};
+    other(i) = top-k of <q_i, b_j> over {j : y_j != y_i}; both descending, ties -> lower j, in float64.
+
+    Exact and chunked, through :func:`training.retrieval.topk_similar`: per query class c, the same-class
+    search runs on the bank rows of class c (n_c of them); the other-class top-k is the first k other-class
+    entries of the overall top-(k + n_c), which must contain them (at most n_c entries are of class c).
+
+    Returns (same_sims [M, k] float64, same_idx [M, k] int64, other_sims, other_idx): indices into the bank,
+    most similar first; where a class (or its complement) has fewer than k candidates the row is padded with
+    NaN / -1.
+    """
+    q = torch.as_tensor(queries).detach().cpu()
+    b = torch.as_tensor(bank).detach().cpu()
+    yq, yb = np.asarray(query_labels, dtype=np.int64), np.asarray(bank_labels, dtype=np.int64)
+    m, n = len(yq), len(yb)
+    if q.shape[0] != m or b.shape[0] != n:
+        raise ValueError(f"labels do not fit: queries {tuple(q.shape)} with {m} labels, bank {tuple(b.shape)} "
+                         f"with {n} labels")
+    ex = None if exclude is None else np.asarray(exclude, dtype=np.int64)
+    if ex is not None and (ex.shape != (m,) or (m and (ex.min() < 0 or ex.max() >= n or (yb[ex] != yq).any()))):
+        raise ValueError("exclude must give, per query, its own bank row (an index in [0, N) with the query's label)")
+    k = max(0, int(k))
+    out = [np.full((m, k), np.nan), np.full((m, k), -1, dtype=np.int64),
+           np.full((m, k), np.nan), np.full((m, k), -1, dtype=np.int64)]
+    for c in np.unique(yq):
+        rows = np.flatnonzero(yq == c)
+        members = np.flatnonzero(yb == c)  # ascending, so local ties -> lower bank index too
+        if members.size:
+            local_ex = None if ex is None else np.searchsorted(members, ex[rows])
+            sims, idx = topk_similar(q[rows], b[members], k, exclude=local_ex, chunk_size=chunk_size,
+                                     dtype=torch.float64)
+            w = idx.shape[1]
+            out[0][rows, :w], out[1][rows, :w] = sims.numpy(), members[idx.numpy()]
+        want = min(k, n - members.size)  # other-class candidates there are
+        if want == 0:
+            continue
+        step = max(1, _CANDIDATE_BUDGET // (k + members.size))
+        for lo in range(0, rows.size, step):
+            part = rows[lo : lo + step]
+            sims, idx = (t.numpy() for t in topk_similar(q[part], b, k + members.size, chunk_size=chunk_size,
+                                                        dtype=torch.float64))
+            first = np.argsort(yb[idx] == c, axis=1, kind="stable")[:, :want]  # other-class entries, in rank order
+            out[2][part, :want] = np.take_along_axis(sims, first, 1)
+            out[3][part, :want] = np.take_along_axis(idx, first, 1)
+    return out[0], out[1], out[2], out[3]
+
+
+def fig5_pairs(queries: torch.Tensor, bank: torch.Tensor, query_labels: np.ndarray, bank_labels: np.ndarray,
+               k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (query, neighbour) pairs of Fig. 5 -> (sims float64 [P], same bool [P]).
+
+    Each query's same-class k nearest (same = True) then its other-class k nearest (same = False), from
+    :func:`class_neighbours`, queries in order; missing neighbours (a class with fewer than k) are left out.
+    """
+    ss, si, os_, oi = class_neighbours(queries, bank, query_labels, bank_labels, k, exclude)
+    sims = np.concatenate([ss, os_], axis=1)
+    same = np.concatenate([np.ones_like(si, dtype=bool), np.zeros_like(oi, dtype=bool)], axis=1)
+    keep = np.concatenate([si, oi], axis=1) >= 0
+    return sims[keep], same[keep]
+
+
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve of ``scores`` for the binary ``positive`` labels.
 
@@ -359,7 +443,7 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 
 def similarity_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]], k: int):
-    """Histograms per panel: (title, sims [M,k], same [M,k], separation stats)."""
+    """Histograms per panel: (title, sims [P], same [P] bool, separation stats) for P (query, neighbour) pairs."""
     fig = _new_figure(5.2 * len(panels), 4.4)
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (title, sims, same, st) in zip(axes, panels):
@@ -369,17 +453,19 @@ def similarity_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray, dict[s
         if hi - lo < 1e-6:
             lo, hi = lo - 0.01, hi + 0.01
         bins = np.linspace(lo, hi, 41)
-        for sel, color, label in ((m, SAME_COLOR, "same class"), (~m, OTHER_COLOR, "other class")):
+        groups = ((m, SAME_COLOR, f"{k}NN within the query's class"), (~m, OTHER_COLOR, f"{k}NN in the other classes"))
+        for sel, color, label in groups:
             if sel.any():
                 ax.hist(s[sel], bins=bins, density=True, alpha=0.55, color=color, label=f"{label} (n={int(sel.sum())})")
                 ax.axvline(float(s[sel].mean()), color=color, linestyle="--", linewidth=1.4)
         ax.set_title(f"{title}\nmean gap {_fmt(st['mean_gap'])}   AUC {_fmt(st['auc'])}", fontsize=10)
-        ax.set_xlabel(f"cosine similarity, query to its {k} nearest neighbours")
+        ax.set_xlabel("cosine similarity of query and neighbour")
         ax.set_ylabel("density")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle("Query-to-neighbour similarity: same class vs other class (dashed: means)", fontsize=11)
+    fig.suptitle(f"Query to its {k} nearest neighbours within its class vs within the other classes "
+                 "(paper Fig. 5; dashed: means)", fontsize=11)
     return fig
 
 
@@ -512,15 +598,17 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
     if sep_rows:
         parts += [
             "<h2>Similarity separation</h2>",
-            f"<p>Each of {sim.get('num_queries', '?')} test queries with its {sim.get('nn_k', '?')} nearest "
-            "training images by cosine similarity; pairs split by same vs other class. "
+            f"<p>Each of {sim.get('num_queries', '?')} test queries with its {sim.get('nn_k', '?')} most "
+            f"cosine-similar {html.escape(str(sim.get('bank_split', 'train')))} images of its own class and its "
+            f"{sim.get('nn_k', '?')} most similar of the other classes (paper Fig. 5). "
             "AUC: area under the ROC curve of &ldquo;same class&rdquo; vs similarity.</p>",
             _table(sep_rows),
         ]
     parts += [
         "<h2>Figures</h2>",
         img("curves.png", "Learning curves: loss and kNN top-1 per epoch"),
-        img("similarity.png", "Query-to-nearest-neighbour cosine similarity, random vs trained encoder"),
+        img("similarity.png", "Cosine similarity of each query to its nearest neighbours within its class and "
+                              "within the other classes, random vs trained encoder"),
         img("retrieval.png", "Example retrievals from the test split (green: same class, red: other class)"),
         "<h2>Configuration</h2>",
         _table(list(cfg.items())),
@@ -537,6 +625,7 @@ class ReportOptions:
     data: str | None = None
     out: str | None = None
     nn_k: int = 5
+    bank: str = "train"
     max_queries: int = 2000
     queries: int = 8
     top_k: int = 8
@@ -568,6 +657,8 @@ def _check_options(run_dirs: Sequence[str | Path], opts: ReportOptions) -> None:
     for name, v in checks:
         if v < 1:
             raise ReportError(f"{name} must be >= 1, got {v}")
+    if opts.bank not in BANKS:
+        raise ReportError(f"--bank must be one of {', '.join(BANKS)}, got {opts.bank!r}")
 
 
 def _load_inputs(first: RunRecord, opts: ReportOptions, log) -> tuple[torch.device, Any, str | None, Any, Any]:
@@ -585,26 +676,26 @@ def _load_inputs(first: RunRecord, opts: ReportOptions, log) -> tuple[torch.devi
     spec = model.cfg.preprocess
     train = load_split(data, "train", resize_size=spec.resize_size)
     test = load_split(data, "test", resize_size=spec.resize_size)
-    log(f"data {train.name}: {len(train)} train (memory bank) / {len(test)} test images; "
+    log(f"data {train.name}: {len(train)} train / {len(test)} test images (Fig. 5 bank: {opts.bank} split); "
         f"embedding with {model.cfg.arch} on {device}")
     return device, model, data, train, test
 
 
 def _similarity(model, train, test, qidx: np.ndarray, opts: ReportOptions, device, run_name: str, log):
-    """Query-to-kNN separation for the random and the trained encoder.
+    """Fig. 5 separation (same-class kNN vs other-class kNN) for the random and the trained encoder.
 
     Returns (similarity.png bytes, {"random": stats, "trained": stats}, trained test embeddings [N_test, D]).
     """
     spec = model.cfg.preprocess
-    ytr = np.asarray(train.labels, dtype=np.int64)
     yte = np.asarray(test.labels, dtype=np.int64)
+    ybank = yte if opts.bank == "test" else np.asarray(train.labels, dtype=np.int64)
+    exclude = qidx if opts.bank == "test" else None  # a query is never its own neighbour
     nets = {"random": _random_encoder(model.cfg, opts.seed).to(device), "trained": model}
     panels, stats, fte = [], {}, None
     for which, net in nets.items():
-        ftr = embed_images(net, train.images, spec, opts.batch_size, device)
         fte = embed_images(net, test.images, spec, opts.batch_size, device)
-        sims, idx = _float64_topk(fte.cpu()[qidx], ftr, opts.nn_k)
-        same = ytr[idx] == yte[qidx][:, None]
+        fbank = fte if opts.bank == "test" else embed_images(net, train.images, spec, opts.batch_size, device)
+        sims, same = fig5_pairs(fte.cpu()[qidx], fbank, yte[qidx], ybank, opts.nn_k, exclude)
         st = stats[which] = separation(sims, same)
         label = "random initialisation" if which == "random" else f"trained ({_plain(run_name)})"
         panels.append((label, sims, same, st))
@@ -666,16 +757,20 @@ def build_report(run_dirs: Sequence[str | Path], opts: ReportOptions, log=print)
         "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
         "model": model.cfg.to_dict(),
         "similarity": {
-            "definition": "queries: test split (seeded subset if larger than max_queries); bank: train split; "
-                          "for each query its nn_k most cosine-similar bank images (float64, ties -> lower index); "
-                          "pairs labelled same/other class; mean_gap = mean_same - mean_other; "
-                          "auc = ROC AUC of same-class vs similarity",
-            "bank_split": "train",
+            "definition": "the paper's Fig. 5: queries: test split (seeded subset if larger than max_queries); "
+                          "bank: bank_split (the query itself excluded when it is in the bank); per query its "
+                          "nn_k most cosine-similar bank images WITHIN ITS OWN CLASS (same pairs) and its nn_k "
+                          "most similar WITHIN THE OTHER CLASSES (other pairs) -- not the overall nn_k nearest "
+                          "split by label; float64, ties -> lower bank index; fewer when a class has fewer; "
+                          "mean_gap = mean_same - mean_other; auc = ROC AUC of same-class vs similarity "
+                          "over all pairs",
+            "bank_split": opts.bank,
             "query_split": "test",
             "nn_k": opts.nn_k,
             "max_queries": opts.max_queries,
             "seed": opts.seed,
-            "random_encoder": f"build_encoder(model.cfg) after torch.manual_seed({opts.seed})",
+            "random_encoder": f"build_encoder(model.cfg) after torch.manual_seed({opts.seed}) "
+                              f"(init {model.cfg.init!r}, as the run)",
             "num_queries": int(len(qidx)),
             "query_indices": qidx.tolist(),
             "random": sim_stats["random"],
@@ -703,7 +798,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run folder (metrics.jsonl, checkpoint.pt); repeat to overlay several runs' curves")
     ap.add_argument("--data", default=None, help="dataset for similarity/retrieval (default: the run's config 'data')")
     ap.add_argument("--out", default=None, help="output folder (default: <first run>/report)")
-    ap.add_argument("--nn-k", type=int, default=5, help="neighbours per query for the similarity histograms (paper: 5)")
+    ap.add_argument("--nn-k", type=int, default=5,
+                    help="Fig. 5: neighbours per query within its class and within the other classes (paper: 5)")
+    ap.add_argument("--bank", default="train", metavar="|".join(BANKS),
+                    help="Fig. 5: search the train split (default, the kNN memory bank) or the test split itself "
+                         "(query excluded)")
     ap.add_argument("--max-queries", type=int, default=2000, help="at most this many test queries (seeded subset)")
     ap.add_argument("--queries", type=int, default=8, help="rows of the retrieval grid")
     ap.add_argument("--top-k", type=int, default=8, help="neighbours per row of the retrieval grid")
