@@ -13,14 +13,15 @@ Without CUDA it prints "needs CUDA" and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # `python benchmarks/augment_bench.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, device_name, slug, write_result  # noqa: E402
 
 
 def bench(fn, iters: int = 20, warm: int = 3) -> float:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print("augment_bench: needs CUDA (no GPU here)", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(0)
+    name = device_name(dev)
     res: dict = {"device": name, "torch": torch.__version__, "torchvision": torchvision.__version__}
     cfg = AugmentConfig()
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -83,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compiled {n}: {n / t:,.0f} views/s (first call {compile_s:.1f} s)", flush=True)
 
     res["ratio_eager_4096_over_torchvision"] = res["eager_4096x32->32"]["images_per_s"] / (256 / t_tv)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"augment_bench-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    out = write_result(Path(args.out) if args.out else RESULTS / f"augment_bench-{slug(name)}.json", res)
     print(f"wrote {out}")
     return 0
 

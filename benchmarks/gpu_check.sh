@@ -4,7 +4,7 @@
 #   2. the training-throughput benchmark (full configuration)
 #   3. the loss benchmark               (benchmarks/loss_bench.py, when present)
 #   4. a time-boxed cifar10-fast run    (--time-limit, on a copy of the CIFAR-10 archive)
-# Results (JSON, logs, metrics.jsonl, config.json, a summary) go to $OUT.
+# Results (JSON, logs, metrics.jsonl, config.json, host.json, a summary) go to $OUT.
 #
 # Usage, from the repository root (nothing is installed or downloaded):
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_check.sh
@@ -69,7 +69,8 @@ except ImportError:
 EOF
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
-DEV=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-') if torch.cuda.is_available() else 'no-cuda')")
+"$PY" benchmarks/common.py > "$OUT/host.json" 2>&1   # CPU model and ISA flags, cores, load, versions
+DEV=$("$PY" -c "import torch; from benchmarks.common import device_tag; print(device_tag('cuda') if torch.cuda.is_available() else 'no-cuda')")
 if [ "$SMOKE" = "1" ]; then
   [ "$DEV" = "no-cuda" ] && DEV=cpu
   DEV="$DEV-smoke"

@@ -29,10 +29,8 @@ JSON: benchmarks/results/infer_bench-<device>.json ("device": cpu<N> or the GPU)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -48,6 +46,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.common import RESULTS, cpu_model, device_tag, load_average, write_result  # noqa: E402
 from export.common import ExportError  # noqa: E402
 from export.parity import compare, load_parity_images, ort_embedder  # noqa: E402
 from export.quantize import quantize_int8  # noqa: E402
@@ -58,23 +57,8 @@ from training.model import ModelConfig, build_encoder, load_encoder, save_checkp
 GOALS = {"ort_fp32_vs_torch_b64": 1.5, "int8_vs_ort_fp32_b64": 1.5}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return f"cpu{os.cpu_count()}"
-
-
-def time_rounds(fns: dict[str, Callable[[], Any]], images_per_call: int, seconds: float, min_rounds: int = 5) -> dict[str, dict[str, float]]:
+def time_rounds(fns: dict[str, Callable[[], Any]], images_per_call: int, seconds: float,
+                min_rounds: int = 5) -> dict[str, dict[str, float]]:
     """Interleaved timing: each round calls every fn once (after one warm-up call each).
 
     Returns per name: images_per_s (median round), ms_per_call (median), rounds.
@@ -98,16 +82,111 @@ def time_rounds(fns: dict[str, Callable[[], Any]], images_per_call: int, seconds
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+Embedder = Callable[[np.ndarray], np.ndarray]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint.pt (default: an untrained ResNet-18 32x32 128-d)")
     p.add_argument("--data", default=None, help="image source for training.data.load_split (default: embedded digits)")
     p.add_argument("--batches", default="1,64", help="batch sizes (default 1,64)")
     p.add_argument("--seconds", type=float, default=3.0, help="approximate timing budget per backend and batch size")
     p.add_argument("--calib", type=int, default=128, help="INT8 calibration images")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads for PyTorch and ONNX Runtime (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for PyTorch and ONNX Runtime (default: all cores)")
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _checkpoint(args: argparse.Namespace, work: Path) -> Path:
+    """--checkpoint, or an untrained ResNet-18 (CIFAR stem, 32x32, 128-d) saved into ``work``."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18", embedding_dim=128, preprocess=PreprocessSpec(input_size=32, resize_size=32))
+    return save_checkpoint(work / "checkpoint.pt", build_encoder(cfg), cfg, {"note": "untrained, for infer_bench"})
+
+
+def _cuda_backends(ckpt: Path, onnx_path: Path, input_size: int,
+                   max_batch: int) -> tuple[dict[str, Embedder], list[str]]:
+    """PyTorch CUDA fp32 (TF32 off) and fp16 autocast, TensorRT fp32/fp16 when installed; notes on what was skipped."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    gmodel = load_encoder(ckpt).cuda().eval()
+
+    def torch_cuda(b: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return gmodel(torch.from_numpy(b).cuda(non_blocking=False)).cpu().numpy()
+
+    def torch_cuda_fp16(b: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            return gmodel(torch.from_numpy(b).cuda()).float().cpu().numpy()
+
+    backends: dict[str, Embedder] = {"pytorch-eager-fp32-cuda": torch_cuda,
+                                     "pytorch-eager-fp16-autocast-cuda": torch_cuda_fp16}
+    notes: list[str] = []
+    from export.to_tensorrt import Profile, TrtRunner, build_engine, tensorrt_missing
+
+    why = tensorrt_missing()
+    if why:
+        return backends, [f"TensorRT skipped: {why}"]
+    for prec in ("fp32", "fp16"):
+        try:
+            eng, _ = build_engine(onnx_path, prec, Profile(1, max_batch, max_batch), "image", input_size)
+            backends[f"tensorrt-{prec}"] = TrtRunner(eng)
+        except ExportError as e:
+            notes.append(f"TensorRT {prec} failed: {e}")
+    return backends, notes
+
+
+def _agreement(model: torch.nn.Module, backends: dict[str, Embedder], x: np.ndarray) -> dict[str, dict[str, float]]:
+    """Every backend's embeddings of ``x`` against PyTorch's; exits when one disagrees (min cosine < 0.98)."""
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x)).numpy()
+    checks = {}
+    for name, fn in backends.items():
+        m = compare(ref, fn(x))
+        checks[name] = {"min_cosine": m["min_cosine"], "max_abs": m["max_abs"]}
+        if m["min_cosine"] < 0.98:
+            raise SystemExit(f"{name} disagrees with PyTorch (min cosine {m['min_cosine']:.4f}); not timing it")
+    return checks
+
+
+def _ratios(results: dict[str, dict[str, Any]], batches: list[int]) -> dict[str, float]:
+    """images/s ratios per batch: ORT fp32 / PyTorch, INT8 / ORT fp32, INT8 / PyTorch, GPU backends / PyTorch CUDA."""
+    def ips(name: str, b: int) -> float:
+        return results[name][str(b)]["images_per_s"]
+
+    ratios = {}
+    for b in batches:
+        base = ips("pytorch-eager-fp32-cpu", b)
+        ratios[f"ort_fp32_vs_torch_b{b}"] = ips("onnxruntime-fp32-cpu", b) / base
+        ratios[f"int8_vs_ort_fp32_b{b}"] = ips("onnxruntime-int8-cpu", b) / ips("onnxruntime-fp32-cpu", b)
+        ratios[f"int8_vs_torch_b{b}"] = ips("onnxruntime-int8-cpu", b) / base
+        if "pytorch-eager-fp32-cuda" in results:
+            gbase = ips("pytorch-eager-fp32-cuda", b)
+            for name in ("tensorrt-fp32", "tensorrt-fp16", "pytorch-eager-fp16-autocast-cuda"):
+                if name in results:
+                    ratios[f"{name}_vs_torch_cuda_fp32_b{b}"] = ips(name, b) / gbase
+    return ratios
+
+
+def _print_table(results: dict[str, dict[str, Any]], ratios: dict[str, float], batches: list[int],
+                 notes: list[str]) -> None:
+    print(f"\n{'backend':<34}" + "".join(f"{'b=' + str(b) + ' img/s':>16}" for b in batches))
+    for name, d in results.items():
+        print(f"{name:<34}" + "".join(f"{d[str(b)]['images_per_s']:>16.1f}" for b in batches))
+    print()
+    for k, v in ratios.items():
+        goal = f"   (goal >= {GOALS[k]}x: {'met' if v >= GOALS[k] else 'NOT met'})" if k in GOALS else ""
+        print(f"  {k:<44} {v:6.2f}x{goal}")
+    for n in notes:
+        print("  note:", n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     batches = [int(b) for b in args.batches.split(",")]
     cores = args.threads or os.cpu_count() or 1
     torch.set_num_threads(cores)
@@ -115,15 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    load_before = os.getloadavg()
+    load_before = load_average()
     work = Path(tempfile.mkdtemp(prefix="infer_bench."))
     try:
-        if args.checkpoint:
-            ckpt = Path(args.checkpoint)
-        else:
-            torch.manual_seed(0)
-            cfg = ModelConfig(arch="resnet18", embedding_dim=128, preprocess=PreprocessSpec(input_size=32, resize_size=32))
-            ckpt = save_checkpoint(work / "checkpoint.pt", build_encoder(cfg), cfg, {"note": "untrained, for infer_bench"})
+        ckpt = _checkpoint(args, work)
         model = load_encoder(ckpt)
         spec = model.cfg.preprocess
         need = max(batches) * 2
@@ -132,60 +206,26 @@ def main(argv: list[str] | None = None) -> int:
         x = images.x
         while len(x) < need:
             x = np.concatenate([x, images.x])
-        print(f"model {model.cfg.arch} {spec.input_size}x{spec.input_size} -> {model.cfg.embedding_dim}-d; images: {images.source}; "
-              f"{os.cpu_count()} cores; intra-op threads: torch {torch.get_num_threads()}, onnxruntime {cores}")
+        print(f"model {model.cfg.arch} {spec.input_size}x{spec.input_size} -> {model.cfg.embedding_dim}-d; "
+              f"images: {images.source}; {os.cpu_count()} cores; "
+              f"intra-op threads: torch {torch.get_num_threads()}, onnxruntime {cores}")
         onnx_path = export_onnx(model, work / "model.onnx", metadata_for_encoder(model), max_batch=max(batches))
         int8_path = quantize_int8(onnx_path, work / "model-int8.onnx", calib.x, calib.source)
-        ort_fp32 = ort_embedder(onnx_path, threads=cores)
-        ort_int8 = ort_embedder(int8_path, threads=cores)
 
         def torch_cpu(b: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 return model(torch.from_numpy(b)).numpy()
 
-        backends: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        backends: dict[str, Embedder] = {
             "pytorch-eager-fp32-cpu": torch_cpu,
-            "onnxruntime-fp32-cpu": ort_fp32,
-            "onnxruntime-int8-cpu": ort_int8,
+            "onnxruntime-fp32-cpu": ort_embedder(onnx_path, threads=cores),
+            "onnxruntime-int8-cpu": ort_embedder(int8_path, threads=cores),
         }
         gpu_notes: list[str] = []
         if torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            gmodel = load_encoder(ckpt).cuda().eval()
-
-            def torch_cuda(b: np.ndarray) -> np.ndarray:
-                with torch.inference_mode():
-                    y = gmodel(torch.from_numpy(b).cuda(non_blocking=False)).cpu().numpy()
-                return y
-
-            def torch_cuda_fp16(b: np.ndarray) -> np.ndarray:
-                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-                    return gmodel(torch.from_numpy(b).cuda()).float().cpu().numpy()
-
-            backends["pytorch-eager-fp32-cuda"] = torch_cuda
-            backends["pytorch-eager-fp16-autocast-cuda"] = torch_cuda_fp16
-            from export.to_tensorrt import Profile, TrtRunner, build_engine, tensorrt_missing
-
-            why = tensorrt_missing()
-            if why:
-                gpu_notes.append(f"TensorRT skipped: {why}")
-            else:
-                for prec in ("fp32", "fp16"):
-                    try:
-                        eng, _ = build_engine(onnx_path, prec, Profile(1, max(batches), max(batches)), "image", spec.input_size)
-                        backends[f"tensorrt-{prec}"] = TrtRunner(eng)
-                    except ExportError as e:
-                        gpu_notes.append(f"TensorRT {prec} failed: {e}")
-        # sanity: every backend computes the same embeddings (within its precision)
-        with torch.inference_mode():
-            ref = model(torch.from_numpy(x[:64])).numpy()
-        checks = {}
-        for name, fn in backends.items():
-            m = compare(ref, fn(x[:64]))
-            checks[name] = {"min_cosine": m["min_cosine"], "max_abs": m["max_abs"]}
-            if m["min_cosine"] < 0.98:
-                raise SystemExit(f"{name} disagrees with PyTorch (min cosine {m['min_cosine']:.4f}); not timing it")
+            gpu, gpu_notes = _cuda_backends(ckpt, onnx_path, spec.input_size, max(batches))
+            backends.update(gpu)
+        checks = _agreement(model, backends, x[:64])  # every backend computes the same embeddings first
         results: dict[str, dict[str, Any]] = {}
         for b in batches:
             xb = np.ascontiguousarray(x[:b])
@@ -193,20 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             r = time_rounds({k: (lambda f=f: f(xb)) for k, f in backends.items()}, b, args.seconds)
             for name, v in r.items():
                 results.setdefault(name, {})[str(b)] = v
-        ratios = {}
-        for b in batches:
-            s = str(b)
-            base = results["pytorch-eager-fp32-cpu"][s]["images_per_s"]
-            ratios[f"ort_fp32_vs_torch_b{b}"] = results["onnxruntime-fp32-cpu"][s]["images_per_s"] / base
-            ratios[f"int8_vs_ort_fp32_b{b}"] = results["onnxruntime-int8-cpu"][s]["images_per_s"] / results["onnxruntime-fp32-cpu"][s]["images_per_s"]
-            ratios[f"int8_vs_torch_b{b}"] = results["onnxruntime-int8-cpu"][s]["images_per_s"] / base
-            if "pytorch-eager-fp32-cuda" in results:
-                gbase = results["pytorch-eager-fp32-cuda"][s]["images_per_s"]
-                for name in ("tensorrt-fp32", "tensorrt-fp16", "pytorch-eager-fp16-autocast-cuda"):
-                    if name in results:
-                        ratios[f"{name}_vs_torch_cuda_fp32_b{b}"] = results[name][s]["images_per_s"] / gbase
-        goals = {k: {"goal": g, "measured": ratios.get(k), "met": bool(ratios.get(k, 0) >= g)} for k, g in GOALS.items()}
-        device = device_name()
+        ratios = _ratios(results, batches)
+        goals = {k: {"goal": g, "measured": ratios.get(k), "met": bool(ratios.get(k, 0) >= g)}
+                 for k, g in GOALS.items()}
+        device = device_tag("cuda" if torch.cuda.is_available() else None)
         doc = {
             "benchmark": "infer_bench",
             "device": device,
@@ -219,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             "images": images.source,
             "threads": {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads(),
                         "ort_intra_op": cores, "ort_inter_op": 1, "ort_graph_optimization": "ORT_ENABLE_ALL"},
-            "int8": {"format": "QDQ per-channel, uint8 activations / int8 weights", "calibration_images": len(calib), "sizes_mb": {
-                "fp32": onnx_path.stat().st_size / 1e6, "int8": int8_path.stat().st_size / 1e6}},
+            "int8": {"format": "QDQ per-channel, uint8 activations / int8 weights", "calibration_images": len(calib),
+                     "sizes_mb": {"fp32": onnx_path.stat().st_size / 1e6, "int8": int8_path.stat().st_size / 1e6}},
             "libraries": library_versions(),
             "agreement_with_pytorch": checks,
             "images_per_s": {k: {b: round(v["images_per_s"], 1) for b, v in d.items()} for k, d in results.items()},
@@ -228,26 +258,16 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": {k: round(v, 3) for k, v in ratios.items()},
             "goals": goals,
             "notes": gpu_notes,
-            "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2),
-                                "note": "other processes' load on this machine during the run (> cores means contention)"},
+            "load_average_1m": {
+                "before": (load_before or [None])[0], "after": (load_average() or [None])[0],
+                "note": "other processes' load on this machine during the run (> cores means contention)"},
         }
         suffix = f"-{cores}thread" if args.threads else ""
-        out = args.out or REPO / "benchmarks" / "results" / f"infer_bench-{device}{suffix}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"\n{'backend':<34}" + "".join(f"{'b=' + str(b) + ' img/s':>16}" for b in batches))
-        for name, d in results.items():
-            print(f"{name:<34}" + "".join(f"{d[str(b)]['images_per_s']:>16.1f}" for b in batches))
-        print()
-        for k, v in ratios.items():
-            print(f"  {k:<44} {v:6.2f}x" + (f"   (goal >= {GOALS[k]}x: {'met' if v >= GOALS[k] else 'NOT met'})" if k in GOALS else ""))
-        for n in gpu_notes:
-            print("  note:", n)
+        out = write_result(args.out or RESULTS / f"infer_bench-{device}{suffix}.json", doc)
+        _print_table(results, ratios, batches, gpu_notes)
         print(f"\nwrote {out}")
         return 0
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -22,21 +22,19 @@ kernels in Triton's interpreter (timings meaningless, no JSON unless --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 SIZES = (256, 1024, 4096, 16384, 65536)
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:  # `python benchmarks/loss_bench.py` from anywhere
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, package_version, slug, write_result  # noqa: E402
 
 # Tile candidates (block_m, block_n, num_warps, num_stages) for --tune, D <= 128: the
 # ones that compile without register spills for sm_90 (ptxas -v), per kernel and dtype.
@@ -89,10 +87,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
     return args
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def _features(torch, two_n: int, dim: int, dtype, device, seed: int = 0):
@@ -201,6 +195,48 @@ def _config_dict(cfg) -> dict:
     return {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in cfg.__dict__.items()}
 
 
+def _run_cases(torch, fl, reference, args: argparse.Namespace, dtypes: dict, configs: dict, device) -> list[dict]:
+    """Time reference vs fused for every 2N x dtype x gradient mode; print a table row each; return the rows.
+
+    A row: two_n, dim, dtype, mode, reference / fused measurements (:func:`_measure`) and, when both ran,
+    speedup (reference ms / fused ms), memory_ratio (CUDA) and loss_rel_diff.
+    """
+    results = []
+    cuda = device.type == "cuda"
+    print(f"{'2N':>6} {'dtype':>8} {'mode':>6} | {'ref ms':>9} {'fused ms':>9} {'speedup':>7} | "
+          f"{'ref MB':>9} {'fused MB':>9} {'mem x':>7}", flush=True)
+    for two_n in args.sizes:
+        for name, dtype in dtypes.items():
+            f = _features(torch, two_n, args.dim, dtype, device)
+            cfg = configs[name]
+            fused = lambda x, t, d, w, cfg=cfg: fl.fused_invaspread_loss(x, t, d, w, config=cfg)  # noqa: E731
+            for mode in args.modes:
+                detach = mode == "detach"
+                ref = _measure(torch, reference, f, args.temperature, detach, args.reps, args.warmup)
+                fus = _measure(torch, fused, f, args.temperature, detach, args.reps, args.warmup)
+                row = {"two_n": two_n, "dim": args.dim, "dtype": name, "mode": mode,
+                       "reference": ref, "fused": fus}
+                if ref["status"] == fus["status"] == "ok":
+                    row["speedup"] = ref["ms_median"] / fus["ms_median"]
+                    if cuda:
+                        row["memory_ratio"] = ref["peak_extra_bytes"] / max(fus["peak_extra_bytes"], 1)
+                    row["loss_rel_diff"] = abs(ref["loss"] - fus["loss"]) / max(abs(ref["loss"]), 1e-30)
+                results.append(row)
+                print(f"{two_n:>6} {name:>8} {mode:>6} | {_cell(ref, 'ms_median')} {_cell(fus, 'ms_median')} "
+                      f"{row.get('speedup', float('nan')):7.2f} | {_cell(ref, 'peak_extra_bytes', 2**20)} "
+                      f"{_cell(fus, 'peak_extra_bytes', 2**20)} {row.get('memory_ratio', float('nan')):7.1f}",
+                      flush=True)
+            del f
+            if cuda:
+                torch.cuda.empty_cache()
+    return results
+
+
+def _cell(r: dict, key: str, scale: float = 1.0) -> str:
+    """One table cell: the measurement ``r[key] / scale``, or the status (e.g. "oom") when it did not run."""
+    return f"{r[key] / scale:9.2f}" if r["status"] == "ok" and r[key] is not None else f"{r['status']:>9}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     import torch
@@ -240,45 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         configs[name] = cfg
         print(f"[{name}] config: {_config_dict(cfg)}", flush=True)
 
-    results = []
-    print(f"{'2N':>6} {'dtype':>8} {'mode':>6} | {'ref ms':>9} {'fused ms':>9} {'speedup':>7} | "
-          f"{'ref MB':>9} {'fused MB':>9} {'mem x':>7}", flush=True)
-    for two_n in args.sizes:
-        for name, dtype in dtypes.items():
-            f = _features(torch, two_n, args.dim, dtype, device)
-            cfg = configs[name]
-            fused = lambda x, t, d, w, cfg=cfg: fl.fused_invaspread_loss(x, t, d, w, config=cfg)  # noqa: E731
-            for mode in args.modes:
-                detach = mode == "detach"
-                ref = _measure(torch, invaspread_loss, f, args.temperature, detach, args.reps, args.warmup)
-                fus = _measure(torch, fused, f, args.temperature, detach, args.reps, args.warmup)
-                row = {"two_n": two_n, "dim": args.dim, "dtype": name, "mode": mode,
-                       "reference": ref, "fused": fus}
-                if ref["status"] == fus["status"] == "ok":
-                    row["speedup"] = ref["ms_median"] / fus["ms_median"]
-                    if cuda:
-                        row["memory_ratio"] = ref["peak_extra_bytes"] / max(fus["peak_extra_bytes"], 1)
-                    row["loss_rel_diff"] = abs(ref["loss"] - fus["loss"]) / max(abs(ref["loss"]), 1e-30)
-                results.append(row)
-
-                def cell(r, key, scale=1.0):
-                    return f"{r[key] / scale:9.2f}" if r["status"] == "ok" and r[key] is not None else f"{r['status']:>9}"
-
-                print(f"{two_n:>6} {name:>8} {mode:>6} | {cell(ref, 'ms_median')} {cell(fus, 'ms_median')} "
-                      f"{row.get('speedup', float('nan')):7.2f} | {cell(ref, 'peak_extra_bytes', 2**20)} "
-                      f"{cell(fus, 'peak_extra_bytes', 2**20)} {row.get('memory_ratio', float('nan')):7.1f}",
-                      flush=True)
-            del f
-            if cuda:
-                torch.cuda.empty_cache()
-
+    results = _run_cases(torch, fl, invaspread_loss, args, dtypes, configs, device)
     goals = _goals(results) if cuda else {}
     report = {
         "benchmark": "loss_bench",
         "device": device_name,
         "quick": bool(args.quick),
         "torch": torch.__version__,
-        "triton": _triton_version(),
+        "triton": package_version("triton"),
         "python": platform.python_version(),
         "dim": args.dim,
         "temperature": args.temperature,
@@ -293,12 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"goal {k}: {v}")
     out = args.out
     if out is None and not args.quick:
-        out = RESULTS / f"loss_bench-{_slug(device_name)}.json"
+        out = RESULTS / f"loss_bench-{slug(device_name)}.json"
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as fh:
-            json.dump(report, fh, indent=2)
-        os.replace(fh.name, out)
+        out = write_result(out, report)
         print(f"wrote {out}")
     failed = [r for r in results if r["fused"]["status"] != "ok"]
     return 1 if failed else 0
@@ -318,15 +320,6 @@ def _goals(results: list[dict]) -> dict:
             goals[f"65536_fused_runs_reference_oom[{key}]"] = (
                 r["fused"]["status"] == "ok" and r["reference"]["status"] == "oom")
     return goals
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":

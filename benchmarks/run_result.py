@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/run_result.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cores, device_name, host_info, write_result  # noqa: E402
 
 #: The paper's weighted-kNN top-1 on CIFAR-10 (Ye et al. 2019, Table 1 and Fig. 3).
 PAPER_KNN_TOP1 = {"after_200_epochs": 83.6, "after_2_epochs_approx": 60.0}
@@ -32,22 +36,24 @@ class RunError(ValueError):
 
 
 def _device_name(config: dict) -> str:
+    """The CUDA device's name for a run on "cuda[:i]" (here, now), else "cpu-<N>core"."""
     if str(config.get("device", "")).startswith("cuda"):
         try:
             import torch
 
             if torch.cuda.is_available():
-                return torch.cuda.get_device_name()
+                return device_name(config["device"])
         except ImportError:
             pass
         return "cuda"
-    return f"cpu-{os.cpu_count()}core"
+    return f"cpu-{cores()}core"
 
 
 def summarise(run: Path, device: str | None = None, preset: str | None = None, time_limit: float | None = None) -> dict:
     """The result dictionary of the run folder ``run`` (raises RunError when it is not a run folder)."""
     if not (run / "config.json").is_file():
-        raise RunError(f"{run} is not a training run folder (no config.json); pass the --out folder of python -m training")
+        raise RunError(f"{run} is not a training run folder (no config.json); "
+                       "pass the --out folder of python -m training")
     try:
         config = json.loads((run / "config.json").read_text())
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] \
@@ -72,7 +78,7 @@ def summarise(run: Path, device: str | None = None, preset: str | None = None, t
         "run": run.name,
         "preset": preset,
         "device": device or _device_name(config),
-        "host": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "host": host_info(),
         "epochs_planned": config.get("epochs"),
         "epochs_done": epochs_done,
         "finished": epochs_done is not None and epochs_done >= (config.get("epochs") or 0),
@@ -97,17 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="result JSON to write")
     ap.add_argument("--device", help="device name to record (default: the CUDA device name, or cpu-<N>core)")
     ap.add_argument("--preset", help="the --preset the run used, to record (run folders do not store it)")
-    ap.add_argument("--time-limit", type=float, help="the time box the run had, if any (default: the run's --time-limit)")
+    ap.add_argument("--time-limit", type=float,
+                    help="the time box the run had, if any (default: the run's --time-limit)")
     args = ap.parse_args(argv)
     try:
         res = summarise(args.run, args.device, args.preset, args.time_limit)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_result(args.out, res)
     print(json.dumps({k: v for k, v in res.items() if k not in ("metrics", "settings", "host")}))
     return 0
 

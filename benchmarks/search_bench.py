@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -41,14 +40,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import RESULTS, cpu_model, device_tag, load_average, write_result  # noqa: E402
 from isfe_model import Gallery  # noqa: E402
 from isfe_model.search import default_chunk_rows, faiss_available  # noqa: E402
 
 GOAL_RATIO = 2.0
-
-
-def device_name() -> str:
-    return f"cpu{os.cpu_count()}"
 
 
 def _status_kb(key: str) -> int | None:
@@ -174,7 +170,8 @@ def run(sizes: Sequence[int], dim: int, k: int, batch: int, reps: int, seed: int
             galf = Gallery(emb, items, {"dim": dim, "fingerprint": "bench"}, backend="faiss")
             entry["faiss_index_extra_mb"] = round(rss_mb() - before, 1)
         ref = gal.search(queries[:batch], k).indices
-        entry["float16_top1_agreement_with_float32"] = float(np.mean(gal16.search(queries[:batch], k).indices[:, 0] == ref[:, 0]))
+        top1_16 = gal16.search(queries[:batch], k).indices[:, 0]
+        entry["float16_top1_agreement_with_float32"] = float(np.mean(top1_16 == ref[:, 0]))
         if galf is not None:
             got = galf.search(queries[:batch], k).indices
             entry["faiss_topk_rows_identical_to_numpy"] = float(np.mean(np.all(got == ref, axis=1)))
@@ -210,8 +207,8 @@ def run(sizes: Sequence[int], dim: int, k: int, batch: int, reps: int, seed: int
         "results": rows,
         "faiss_installed": has_faiss,
         "goal": {
-            "target": f"numpy exact search within {GOAL_RATIO:g}x of FAISS flat (median time ratio numpy/faiss <= {GOAL_RATIO:g}, "
-                      f"every size, thread setting and query mode)",
+            "target": f"numpy exact search within {GOAL_RATIO:g}x of FAISS flat (median time ratio "
+                      f"numpy/faiss <= {GOAL_RATIO:g}, every size, thread setting and query mode)",
             "worst_ratio": max(ratios) if ratios else None,
             "met": (max(ratios) <= GOAL_RATIO) if ratios else None,
         },
@@ -230,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=str, default=None,
                    help="comma-separated thread settings to run, e.g. 'default,1' (default: 'default,1' when "
                         "threadpoolctl is installed, else 'default'); 'default' leaves BLAS/OpenMP alone")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/search_bench-<device>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/search_bench-<device>.json)")
     args = p.parse_args(argv)
     if args.sizes:
         try:
@@ -263,16 +261,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         faiss_version = None
     t0 = time.time()
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     body = run(sizes, args.dim, args.k, args.batch, args.reps, args.seed, thread_settings)
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    device = device_name()
+    load_after = load_average()
+    device = device_tag()
     doc = {
         "benchmark": "search_bench",
         "device": device,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "faiss": faiss_version,
@@ -280,18 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sizes": sizes,
         "seconds": round(time.time() - t0, 1),
         # other processes on the machine skew absolute numbers; ratios come from the same run
-        "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)] if load_before and load_after else None,
+        "load_average_1m_before_after": [load_before[0], load_after[0]] if load_before and load_after else None,
         **body,
     }
-    out = args.out or REPO / "benchmarks" / "results" / f"search_bench-{device}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_result(args.out or RESULTS / f"search_bench-{device}{'-quick' if args.quick else ''}.json", doc)
     print(f"wrote {out}")
     g = body["goal"]
     if g["worst_ratio"] is not None:
-        print(f"numpy / faiss-flat time ratio, worst case: {g['worst_ratio']:.2f} (goal <= {GOAL_RATIO:g}: {'met' if g['met'] else 'NOT met'})")
+        verdict = "met" if g["met"] else "NOT met"
+        print(f"numpy / faiss-flat time ratio, worst case: {g['worst_ratio']:.2f} (goal <= {GOAL_RATIO:g}: {verdict})")
     return 0
 
 

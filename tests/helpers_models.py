@@ -1,19 +1,27 @@
-"""Small real ISFE models and images for the isfe_model tests.
+"""Small real ISFE models and images for the tests and the benchmarks.
 
 ``make_model(dir)`` trains nothing: it builds a seeded EmbeddingNet, saves a
 real checkpoint (training.model.save_checkpoint) and exports it to ONNX with
 ISFE metadata through ``export.to_onnx.export_onnx`` (the project's export
-code).  Needs torch (the tests' environment has it; the isfe_model package
-itself never imports it).
+code).  ``build_model(onnx_path)`` is the same model addressed by the ONNX
+path (serving, demo and ``benchmarks/serve_bench.py`` use it).  Random
+weights embed images deterministically, which is all serving, latency and
+parity checks need.  Needs torch (the tests' environment has it; the
+isfe_model package itself never imports it).
+
+Images: ``make_images`` (coloured shapes on noisy backgrounds, one class per
+shape) and ``make_image_folder`` / ``photo`` (smooth photo-like pictures).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from isfe_model.metadata import ModelMetadata
 from isfe_model.preprocess import PreprocessSpec
@@ -32,10 +40,15 @@ class ModelFiles:
 
 
 def make_model(out_dir: Path, seed: int = 0, embedding_dim: int = EMBED_DIM, input_size: int = INPUT_SIZE,
-               resize_size: int = RESIZE_SIZE, arch: str = "resnet18", name: str = "model") -> ModelFiles:
-    """A seeded encoder -> checkpoint + ONNX file with ISFE metadata (a few seconds on CPU)."""
+               resize_size: int = RESIZE_SIZE, arch: str = "resnet18", name: str = "model",
+               max_batch: int = 4) -> ModelFiles:
+    """A seeded encoder -> ``out_dir/<name>.pt`` + ``out_dir/<name>.onnx`` with ISFE metadata (seconds on CPU).
+
+    ``export_onnx`` checks the ONNX file against PyTorch with ONNX Runtime at batch 1, 3 and ``max_batch``.
+    """
     import torch
 
+    from export.to_onnx import export_onnx  # the project's export code
     from training.model import ModelConfig, build_encoder, file_sha256, save_checkpoint
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,11 +73,18 @@ def make_model(out_dir: Path, seed: int = 0, embedding_dim: int = EMBED_DIM, inp
         train_config={"seed": seed},
     )
     onnx_path = out_dir / f"{name}.onnx"
-    from export.to_onnx import export_onnx  # the project's export code (verified against PyTorch at batch 1, 3, 4)
-
-    export_onnx(model, onnx_path, metadata, max_batch=4)
+    export_onnx(model, onnx_path, metadata, max_batch=max_batch)
     via = "export.to_onnx"
     return ModelFiles(onnx_path, ckpt, metadata, via)
+
+
+def build_model(onnx_path: str | os.PathLike, arch: str = "resnet18", embedding_dim: int = 32, input_size: int = 16,
+                resize_size: int | None = None, seed: int = 0, max_batch: int = 8) -> Path:
+    """:func:`make_model` addressed by its ONNX path (checkpoint ``<stem>.pt`` beside it); returns ``onnx_path``."""
+    onnx_path = Path(onnx_path)
+    files = make_model(onnx_path.parent, seed=seed, embedding_dim=embedding_dim, input_size=input_size,
+                       resize_size=resize_size or input_size, arch=arch, name=onnx_path.stem, max_batch=max_batch)
+    return files.onnx_path
 
 
 def shared_model(tmp_path_factory) -> ModelFiles:
@@ -72,14 +92,10 @@ def shared_model(tmp_path_factory) -> ModelFiles:
     base = tmp_path_factory.getbasetemp() / "isfe_shared_model"
     done = base / "ready.json"
     if done.exists():
-        import json
-
         info = json.loads(done.read_text())
         md = ModelMetadata.from_props(info["props"])
         return ModelFiles(Path(info["onnx"]), Path(info["ckpt"]), md, info["via"])
     files = make_model(base)
-    import json
-
     done.write_text(json.dumps({"onnx": str(files.onnx_path), "ckpt": str(files.checkpoint_path), "via": files.via,
                                 "props": files.metadata.to_props()}))
     return files
@@ -127,7 +143,8 @@ def write_image(path: Path, arr: np.ndarray, fmt: str | None = None, **kw) -> Pa
     return path
 
 
-def make_image_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (24, 20), seed: int = 0) -> list[Path]:
+def make_image_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (24, 20),
+                      seed: int = 0) -> list[Path]:
     """root/<class>/<n>.png|jpg with photo-like images; returns the files (sorted)."""
     files = []
     n = 0
@@ -138,3 +155,44 @@ def make_image_folder(root: Path, classes: dict[str, int], size: tuple[int, int]
             files.append(write_image(root / c / f"{i:03d}.{ext}", photo(w, h, seed + n)))
             n += 1
     return sorted(files)
+
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def _shape_picture(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
+    """A ``size``x``size`` RGB picture: a random ``kind`` shape (circle, square, else stripes) on a noisy background."""
+    bg = rng.integers(0, 256, size=3)
+    noise = rng.integers(-30, 31, size=(size, size, 3))
+    im = Image.fromarray(np.clip(bg[None, None, :] + noise, 0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(im)
+    fg = tuple(int(v) for v in rng.integers(0, 256, size=3))
+    a, b = int(rng.integers(1, size // 4 + 1)), int(rng.integers(size // 2, size))
+    if kind == "circle":
+        d.ellipse([a, a, b, b], fill=fg)
+    elif kind == "square":
+        d.rectangle([a, a, b, b], fill=fg)
+    else:
+        step = max(2, size // 6)
+        for x in range(0, size, 2 * step):
+            d.rectangle([x, 0, x + step - 1, size], fill=fg)
+    return im
+
+
+def make_images(folder: str | os.PathLike, per_class: int = 8, size: int = 24, seed: int = 0,
+                classes: tuple[str, ...] = CLASSES) -> list[Path]:
+    """Write ``per_class`` shape pictures into ``folder/<class>/NNN.png|jpg`` (alternating); return them sorted."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    paths: list[Path] = []
+    for cls in classes:
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            im = _shape_picture(cls, rng, size)
+            p = folder / cls / f"{i:03d}.{'png' if i % 2 == 0 else 'jpg'}"
+            if p.suffix == ".jpg":
+                im.save(p, quality=95)
+            else:
+                im.save(p)
+            paths.append(p)
+    return sorted(paths)

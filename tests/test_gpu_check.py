@@ -47,6 +47,11 @@ def test_gpu_check_script_runs_end_to_end_without_a_gpu(tmp_path):
     assert 0 <= run["final_knn_top1"] <= 100 and run["best_knn_top1"] >= run["final_knn_top1"]
     assert len(run["steady_images_per_s"]) == 2 and all(v > 0 for v in run["steady_images_per_s"])
     assert (out / "metrics.jsonl").exists() and (out / "config.json").exists()
+    host = json.loads((out / "host.json").read_text())
+    assert host["cores"] >= 1 and host["cpu"] and "numpy" in host["versions"]
+    loss = json.loads((out / "loss_bench-cpu-smoke.json").read_text())
+    for result in (loss, run):  # written through benchmarks/common.write_result: they carry the machine
+        assert result["host"]["cores"] == host["cores"] and result["host"]["cpu_flags"] == host["cpu_flags"]
     # the CUDA-marked tests were collected and skipped with their reason, not errored
     log = (out / "pytest_gpu.log").read_text()
     assert "skipped" in log and "error" not in log.lower().split("skipped")[-1]
@@ -58,3 +63,29 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no CUDA device" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+# --------------------------------------------------------------------------- benchmarks/common.py: what results record
+
+
+def test_write_result_adds_the_machine_and_writes_strict_json(tmp_path):
+    from benchmarks.common import cpu_flags, device_tag, slug, write_result
+
+    out = write_result(tmp_path / "r" / "x.json", {"benchmark": "x", "ratio": float("nan"), "sizes": (1, 2)})
+    text = out.read_text()
+    doc = json.loads(text)  # strict: NaN became null, the tuple a list
+    assert "NaN" not in text and doc["ratio"] is None and doc["sizes"] == [1, 2]
+    host = doc["host"]
+    assert host["cores"] == len(os.sched_getaffinity(0)) and host["cpu"] and host["versions"]["numpy"]
+    assert len(host["load_average"]) in (0, 3) and all(v >= 0 for v in host["load_average"])
+    assert os.listdir(out.parent) == ["x.json"]  # atomic: no temporary file left behind
+    kept = write_result(tmp_path / "y.json", {"host": {"cpu": "given"}})
+    assert json.loads(kept.read_text())["host"] == {"cpu": "given"}
+    # the flags are the ones the kernel reports (slow twin: read /proc/cpuinfo here)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith(("flags", "Features"))]
+        reported = set(lines[0].split(":", 1)[1].split()) if lines else set()
+        assert set(cpu_flags()) <= reported and host["cpu_flags"] == cpu_flags()
+        assert ("avx2" in reported) == ("avx2" in cpu_flags())
+    assert slug("NVIDIA H200 NVL") == "nvidia-h200-nvl" and device_tag() == f"cpu{host['cores']}"
