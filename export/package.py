@@ -53,6 +53,7 @@ from isfe_model.packages import (
     sha256_file,
     validate_name,
 )
+from isfe_model.walk import walk
 
 from .common import ExportError, publish
 from .model_card import model_card
@@ -211,8 +212,18 @@ def assemble(folder: Path, ctx: Any, checkpoint: str) -> dict[str, Any]:
 
 
 def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
-    return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CONFIG_FILE}
+    """{relative path: {sha256, bytes}} of every file of the package (:func:`isfe_model.walk.walk`'s order).
+
+    The folder is the one being assembled: a path the walk would leave out (a link to a folder,
+    a FIFO, a path over PATH_MAX) would be missing from the table, so it is refused.  Hidden
+    names (an editor's or a file browser's, e.g. ``.DS_Store``) are not part of a package.
+    """
+    walked = walk(folder)
+    if walked.left_out:
+        lo = walked.left_out[0]
+        raise ExportError(f"{lo.path}: {lo.message}; a package holds plain files only — remove it and export again")
+    return {rel: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for rel, p in zip(walked.names, walked.files) if p.name != CONFIG_FILE}
 
 
 def package_config(folder: Path, ctx: Any, models: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from isfe_model.preprocess import (
     to_chw_float,
 )
 from isfe_model.search import topk_inner_product
+from isfe_model.walk import EXTENSION, walk
 from training.data import DataError, has_split, load_split
 
 from .common import ExportError
@@ -106,16 +107,16 @@ class ParityImages:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted, hidden entries skipped)."""
-    root = Path(folder)
-    out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-            out.append(p)
-    return out
+    """Image files under ``folder``: :func:`isfe_model.walk.walk` with the image extensions (any depth, sorted by
+    relative path, hidden names skipped, links to files followed, links to folders not)."""
+    return walk(folder, extensions=IMAGE_EXTENSIONS).files
+
+
+def _walk_images(root: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """(image files, what else the walk left out as ``{"path", "reason"}``; files that are not images not listed)."""
+    walked = walk(root, extensions=IMAGE_EXTENSIONS)
+    return walked.files, [{"path": str(lo.path), "reason": lo.message} for lo in walked.left_out
+                          if lo.reason != EXTENSION]
 
 
 def load_folder_images(folder: str | os.PathLike, spec: PreprocessSpec, max_images: int | None, flag: str = "--images",
@@ -124,7 +125,8 @@ def load_folder_images(folder: str | os.PathLike, spec: PreprocessSpec, max_imag
 
     Images in class subfolders (``folder/<class>/x.jpg``) get labels; when any
     image sits directly in ``folder`` there are no labels.  Unreadable images
-    are skipped and listed.
+    are skipped and listed, after them what the folder walk left out (links to
+    folders, broken links, FIFOs, unreadable folders, paths over PATH_MAX).
 
     Raises:
         ExportError: missing folder, or no readable image in it.
@@ -134,9 +136,11 @@ def load_folder_images(folder: str | os.PathLike, spec: PreprocessSpec, max_imag
         raise ExportError(f"{flag} {root}: no such folder; give a folder of images (optionally in class subfolders)")
     if not root.is_dir():
         raise ExportError(f"{flag} {root} is not a folder; give a folder of images (optionally in class subfolders)")
-    files = list_images(root)
+    files, left_out = _walk_images(root)
     if not files:
-        raise ExportError(f"{flag} {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in it")
+        first = left_out[0] if left_out else None
+        why = f"; {len(left_out)} path(s) left out, e.g. {first['path']}: {first['reason']}" if first else ""
+        raise ExportError(f"{flag} {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in it{why}")
     if max_images is not None and len(files) > max_images:
         pick = np.sort(np.random.default_rng(seed).choice(len(files), size=max_images, replace=False))
         files = [files[i] for i in pick]
@@ -156,7 +160,7 @@ def load_folder_images(folder: str | os.PathLike, spec: PreprocessSpec, max_imag
         classes = sorted({parts[0] for parts in names})
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index[parts[0]] for parts in names], dtype=np.int64)
-    return ParityImages(np.stack(xs).astype(np.float32), labels, str(root), classes, skipped)
+    return ParityImages(np.stack(xs).astype(np.float32), labels, str(root), classes, skipped + left_out)
 
 
 def load_parity_images(

@@ -1,23 +1,91 @@
-"""Walking an image folder and naming what was found: files, ids, labels, and text safe to print.
+"""Walking a folder and naming what was found: files, ids, labels, and text safe to print.
 
-:func:`walk_files` lists every file under a folder (an explicit stack: any depth, no
-recursion) and reports each path it had to leave out; :func:`ids_and_labels` turns the
-paths into ids (relative paths with "/") and labels (the first folder below the root).
-File names need not be UTF-8: :func:`_printable` makes one writable as UTF-8 (for the
-manifest) and :func:`printable` makes any text safe to print on a terminal as one line.
+:func:`walk` is the project's one folder walk (the gallery, training, dataset preparation
+and export all list folders with it).  Its policy:
+
+* an explicit stack of folders, no recursion: any depth (10,000 nested folders are fine);
+* a deterministic order: files sorted by their path relative to the root, written with
+  "/" (the string, so a folder's files follow the order of an archive's member names);
+* links to files are followed (the file is the link's path, its bytes the target's);
+  links to folders are **not** (a link can loop, or lead out of the folder): they are
+  left out and reported, like broken links, FIFOs, devices and sockets, folders that
+  cannot be listed, paths over the system's length limit (PATH_MAX: nothing could open
+  them) and, when the caller passes ``extensions``, files without one of them;
+* names that start with "." (hidden files and folders) are not entered; they are listed
+  apart (:attr:`Walk.hidden`), for callers that count them.
+
+Every path left out is a :class:`LeftOut` (path, reason code, the OS's words): callers
+decide what is fatal and word the message for their users.  :func:`walk_files` is the
+gallery's view of it; :func:`ids_and_labels` turns paths into ids (relative paths with
+"/") and labels (the first folder below the root).  File names need not be UTF-8:
+:func:`_printable` makes one writable as UTF-8 (for the manifest) and :func:`printable`
+makes any text safe to print on a terminal as one line.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 from .gallery_errors import GalleryError
 from .metadata import short_repr
 
-__all__ = ["ids_and_labels", "list_files", "printable", "walk_files"]
+__all__ = ["BROKEN_LINK", "EXTENSION", "FOLDER_LINK", "HIDDEN", "LeftOut", "SPECIAL", "TOO_LONG", "UNEXAMINABLE",
+           "UNREADABLE_FOLDER", "Walk", "ids_and_labels", "list_files", "printable", "suffix", "walk", "walk_files"]
+
+#: Why :func:`walk` left a path out (:attr:`LeftOut.reason`).
+FOLDER_LINK = "folder-link"              # a link to a folder: never followed
+BROKEN_LINK = "broken-link"              # a link whose target is missing (or a loop of links)
+SPECIAL = "special"                      # a FIFO, device or socket (or a link to one): reading could block
+UNREADABLE_FOLDER = "unreadable-folder"  # os.scandir failed (permissions, vanished); detail: the OS's words
+UNEXAMINABLE = "unexaminable"            # its type could not be read; detail: the OS's words
+TOO_LONG = "too-long"                    # the path is over PATH_MAX; detail: its length and the limit
+EXTENSION = "extension"                  # a file without one of the caller's extensions
+HIDDEN = "hidden"                        # the name starts with "." (in Walk.hidden, not Walk.left_out)
+
+#: A plain sentence for each reason (``{detail}`` filled in), for callers without words of their own.
+MESSAGES = {
+    FOLDER_LINK: "link to a folder; links to folders are not followed (loops, files outside the folder)",
+    BROKEN_LINK: "broken link (its target does not exist, or the links loop)",
+    SPECIAL: "not a regular file (a FIFO, device or socket): reading it could block",
+    UNREADABLE_FOLDER: "folder cannot be read ({detail})",
+    UNEXAMINABLE: "cannot be examined ({detail})",
+    TOO_LONG: "path is {detail}; nothing can open it",
+    EXTENSION: "not an image (its name has no image extension)",
+    HIDDEN: "hidden (name starts with '.')",
+}
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A path :func:`walk` did not return: ``path`` as walked (root joined), ``rel`` relative to the root
+    with "/" ("." for the root itself), ``reason`` one of the codes above, ``detail`` the OS's words."""
+
+    path: Path
+    rel: str
+    reason: str
+    detail: str = ""
+
+    @property
+    def message(self) -> str:
+        return MESSAGES[self.reason].format(detail=self.detail)
+
+
+@dataclass
+class Walk:
+    """What :func:`walk` found under ``root``: ``files`` and ``names`` (the same files relative to ``root``,
+    with "/"), in that order; ``left_out`` and ``hidden`` sorted by relative path."""
+
+    root: Path
+    files: list[Path] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+    hidden: list[LeftOut] = field(default_factory=list)
 
 
 def _path_max(folder: Path) -> int:
@@ -36,63 +104,125 @@ def _inode(path: str | os.PathLike) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def walk_files(folder: str | os.PathLike,
-               exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[Path], list[dict[str, str]]]:
-    """(files, left_out): every file under ``folder``, sorted by relative path, and what the walk could not take.
+def suffix(name: str) -> str:
+    """The extension of a file name, lower-cased, as :attr:`pathlib.PurePath.suffix` has it ("" for none)."""
+    i = name.rfind(".")
+    return name[i:].lower() if 0 < i < len(name) - 1 else ""
 
-    An explicit stack of folders (no recursion, so any depth).  Hidden names (".") and the
-    ``exclude`` folders (e.g. the gallery being written) are left out silently.  Left out and
-    returned as ``{"path", "reason"}``: links to folders (never followed: loops, and files
-    outside ``folder``), folders that cannot be read, and paths over the system's length limit
-    (PATH_MAX; nothing could open them).  Links to files are followed like files (the id is
-    the link's path).  Files are *not* filtered by extension: a non-image is reported as bad
-    (or skipped and listed with ``skip_bad``) when it is embedded, never dropped silently.
+
+def _kind(entry: os.DirEntry) -> str | None:
+    """None for a file (or a link to one), "dir" for a folder to enter, else the reason to leave it out."""
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    if entry.is_symlink():
+        try:
+            mode = os.stat(entry.path).st_mode  # the target
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return BROKEN_LINK  # a missing target, or links that loop
+            raise  # e.g. no permission to look: UNEXAMINABLE
+        return FOLDER_LINK if stat.S_ISDIR(mode) else None if stat.S_ISREG(mode) else SPECIAL
+    return None if entry.is_file(follow_symlinks=False) else SPECIAL
+
+
+def walk(folder: str | os.PathLike, extensions: Collection[str] | None = None,
+         exclude: Sequence[str | os.PathLike] = ()) -> Walk:
+    """Every file under ``folder`` (any depth), sorted by relative "/" path, and every path left out, with why.
+
+    ``extensions`` (lower-case, with the dot, e.g. ``IMAGE_EXTENSIONS``): files whose name has
+    none of them are left out (reason ``EXTENSION``); a file's type is checked first, so a FIFO
+    named ``x.txt`` is ``SPECIAL``.  ``exclude``: folders under ``folder`` (matched by inode, so
+    any spelling) left out silently with what is under them (e.g. the gallery being written).
+    ``folder`` itself is entered even when it is a link; when it cannot be listed the walk is
+    empty and it is left out as ``UNREADABLE_FOLDER`` with ``rel`` ".".  See the module
+    docstring for the policy.  Cost: one ``scandir`` per folder, one ``stat`` per link.
     """
     root = Path(folder)
-    if not root.is_dir():
-        raise GalleryError(f"{root} is not a folder" if root.exists() else f"{root}: no such folder")
     limit = _path_max(root)
     excluded = {key for key in map(_inode, exclude) if key is not None}
     excluded_inodes = {ino for _dev, ino in excluded}
-    files: list[str] = []
-    left_out: list[dict[str, str]] = []
+    out = Walk(root)
+    found: list[tuple[str, str]] = []  # (relative "/" path, path as walked)
 
-    def leave_out(path: str, reason: str) -> None:
-        left_out.append({"path": _printable(path), "reason": reason})
+    def leave_out(path: str, rel: str, reason: str, detail: str = "") -> None:
+        (out.hidden if reason == HIDDEN else out.left_out).append(LeftOut(Path(path), rel, reason, detail))
 
-    stack = [str(root)]
+    stack = [(os.fspath(root), "")]
     while stack:
-        here = stack.pop()
+        here, here_rel = stack.pop()
         try:
             with os.scandir(here) as it:
                 entries = list(it)
         except OSError as e:
-            leave_out(here, f"folder cannot be read ({e.strerror or e}); its files are not indexed "
-                            f"— fix its permissions")
+            leave_out(here, here_rel or ".", UNREADABLE_FOLDER, str(e.strerror or e))
             continue
         for entry in entries:
+            path, rel = entry.path, f"{here_rel}/{entry.name}" if here_rel else entry.name
             if entry.name.startswith("."):
+                leave_out(path, rel, HIDDEN)
                 continue
-            path = entry.path
             size = len(os.fsencode(path))
             if size >= limit:
-                leave_out(path, f"path is {size:,} bytes long, over the system limit of {limit - 1:,}; "
-                                f"nothing can open it — move it to a shallower folder or index a folder closer to it")
+                leave_out(path, rel, TOO_LONG, f"{size:,} bytes long, over the system limit of {limit - 1:,}")
                 continue
             try:
-                if entry.is_dir(follow_symlinks=False):
+                kind = _kind(entry)
+                if kind == "dir":
                     # entry.inode() costs no system call; stat (for st_dev) only on a match
                     if entry.inode() not in excluded_inodes or _inode(path) not in excluded:
-                        stack.append(path)
-                elif entry.is_symlink() and entry.is_dir():
-                    leave_out(path, "link to a folder; links to folders are not followed (loops, files outside the "
-                                    "folder) — index the folder it points to, or copy it in")
+                        stack.append((path, rel))
+                elif kind is not None:
+                    leave_out(path, rel, kind)
+                elif extensions is not None and suffix(entry.name) not in extensions:
+                    leave_out(path, rel, EXTENSION)
                 else:
-                    files.append(path)
+                    found.append((rel, path))
             except OSError as e:
-                leave_out(path, f"cannot be examined ({e.strerror or e})")
+                leave_out(path, rel, UNEXAMINABLE, str(e.strerror or e))
+    found.sort()
+    out.names = [rel for rel, _ in found]
+    out.files = [Path(path) for _, path in found]
+    out.left_out.sort(key=lambda lo: lo.rel)
+    out.hidden.sort(key=lambda lo: lo.rel)
+    return out
+
+
+#: The gallery's words for what the walk left out (links to files, FIFOs and broken links go to the embedder).
+_GALLERY_WORDS = {
+    FOLDER_LINK: "link to a folder; links to folders are not followed (loops, files outside the folder) — index the "
+                 "folder it points to, or copy it in",
+    UNREADABLE_FOLDER: "folder cannot be read ({detail}); its files are not indexed — fix its permissions",
+    UNEXAMINABLE: "cannot be examined ({detail})",
+    TOO_LONG: "path is {detail}; nothing can open it — move it to a shallower folder or index a folder closer to it",
+}
+
+
+def walk_files(folder: str | os.PathLike,
+               exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[Path], list[dict[str, str]]]:
+    """(files, left_out): the gallery's view of :func:`walk` — files sorted by relative path, ``{"path", "reason"}``.
+
+    Hidden names and the ``exclude`` folders are left out silently; links to folders, folders
+    that cannot be read and paths over the system limit are returned in ``left_out`` (the
+    manifest's ``skipped``).  Files are *not* filtered by extension, and FIFOs, devices and
+    broken links are returned as files: the embedder reports each as a bad file (the index
+    stops, or with ``skip_bad`` skips and lists it), so nothing is dropped silently.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise GalleryError(f"{root} is not a folder" if root.exists() else f"{root}: no such folder")
+    walked = walk(root, exclude=exclude)
+    files, names = walked.files, walked.names
+    left_out: list[dict[str, str]] = []
+    handed_on = [lo for lo in walked.left_out if lo.reason in (SPECIAL, BROKEN_LINK)]
+    if handed_on:
+        pairs = sorted([*zip(names, files), *((lo.rel, lo.path) for lo in handed_on)])
+        files = [p for _, p in pairs]
+    for lo in walked.left_out:
+        if lo.reason not in (SPECIAL, BROKEN_LINK):
+            reason = _GALLERY_WORDS[lo.reason].format(detail=lo.detail)
+            left_out.append({"path": _printable(str(lo.path)), "reason": reason})
     left_out.sort(key=lambda s: s["path"])
-    return sorted((Path(f) for f in files), key=lambda p: p.relative_to(root).as_posix()), left_out
+    return files, left_out
 
 
 def list_files(folder: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 import training.data as data
-from training.data import DataError, Skipped, default_spec, load_split, read_capped, walk_files
+from isfe_model.walk import walk
+from training.data import DataError, Skipped, default_spec, load_split, read_capped
 from training.prepare import (
     FolderSource,
     PrepareError,
@@ -104,7 +105,7 @@ def test_walk_equals_os_walk_on_an_ordinary_tree(tmp_path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         expected += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
     skipped = Skipped()
-    assert walk_files(root, skipped) == sorted(expected)
+    assert skipped.take(walk(root)) == sorted(expected)
     assert len(skipped.by_reason["hidden (name starts with '.')"]) == 8
 
 

@@ -56,8 +56,8 @@ import numpy as np
 
 from isfe_model.jsonsafe import write_json
 from isfe_model.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
-from isfe_model.walk import printable
-from training.data import MAX_MEMBER_BYTES, Skipped, read_capped, walk_files
+from isfe_model.walk import printable, walk
+from training.data import MAX_MEMBER_BYTES, Skipped, read_capped, walk_images
 
 __all__ = [
     "DATASET_INFO",
@@ -138,13 +138,15 @@ class Source:
 
 
 class FolderSource(Source):
-    """An extracted folder, walked iteratively (:func:`training.data.walk_files`: any depth, symlinked
-    folders not followed); the paths left out are summed up on stderr."""
+    """An extracted folder, walked iteratively (:func:`isfe_model.walk.walk`: any depth, symlinked
+    folders not followed, names sorted by relative path); the paths left out are summed up on stderr."""
 
     def __init__(self, path: Path):
         super().__init__(path)
         skipped = Skipped()
-        self._names = sorted(p.relative_to(path).as_posix() for p in walk_files(path, skipped))
+        walked = walk(path)
+        skipped.take(walked)
+        self._names = walked.names
         skipped.log(str(path))
 
     def names(self) -> list[str]:
@@ -712,7 +714,7 @@ def prepare_split_classes(src: str | os.PathLike, writer: Writer, train_classes:
     for base in bases:
         tag = base.name + "/" if base is not root else ""
         for cdir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = [f for f in walk_files(cdir, skipped, rel_to=root) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            files = walk_images(cdir, skipped, rel_to=root)
             if files:
                 per_class.setdefault(cdir.name, []).extend((f, tag + f.relative_to(cdir).as_posix()) for f in files)
     skipped.log(str(root))
