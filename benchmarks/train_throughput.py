@@ -17,7 +17,7 @@ measures training images/s (two views of an image count as two images) of:
 * ``baseline_fast_model`` (CUDA only) — the same per-image data pipeline
   feeding ISFE's model step (bf16, channels_last, compiled, fused loss and
   SGD): isolates what the data pipeline costs;
-* ``isfe`` — ``training.train.TrainStep``, the training loop's own step:
+* ``isfe`` — ``training.step.TrainStep``, the training loop's own step:
   uint8 images on the device, a random batch gathered there, both views made
   by the batched augmentation, bf16 / channels_last / ``torch.compile`` /
   fused loss and SGD where on (``auto``: on for CUDA).
@@ -28,18 +28,18 @@ are timed end to end with one synchronisation at the end.  A second,
 instrumented pass synchronises between phases to split a step's time into
 data/augmentation, forward (+ loss) and backward (+ optimizer step).
 
-Writes ``benchmarks/results/train_throughput-<device>.json`` with
-``device``, ``baseline_images_per_s``, ``isfe_images_per_s`` and
-``ratio_isfe_over_baseline``.
+Writes ``benchmarks/results/train_throughput-<device>.json`` (``<device>``:
+:func:`benchmarks.common.device_tag`, e.g. ``nvidia-h200`` or ``cpu2``) with
+``device``, ``baseline_images_per_s``, ``isfe_images_per_s``,
+``ratio_isfe_over_baseline`` and the machine (``host``, see
+:mod:`benchmarks.common`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -51,21 +51,17 @@ if str(ROOT) not in sys.path:  # `python benchmarks/train_throughput.py` from an
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import RESULTS, device_name, device_tag, load_average, write_result  # noqa: E402
 from isfe_model.preprocess import PreprocessSpec  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.data import CIFAR_MEAN, CIFAR_STD  # noqa: E402
 from training.distributed import DistContext  # noqa: E402
 from training.loss import invaspread_loss  # noqa: E402
 from training.model import ModelConfig, build_encoder  # noqa: E402
-from training.train import TrainConfig, Speed, build_step, resolve_device, resolve_speed  # noqa: E402
+from training.runtime import numerics, resolve_device  # noqa: E402
+from training.step import Speed, build_step, resolve_speed  # noqa: E402
 
 TARGET_IMAGES_PER_S = 100_000  # issue 3: one H100, end to end
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core"
 
 
 def _sync(device: torch.device) -> None:
@@ -111,6 +107,11 @@ def _images(args) -> np.ndarray:
 def _model_cfg(args) -> ModelConfig:
     spec = PreprocessSpec(input_size=args.size, resize_size=args.size, mean=CIFAR_MEAN, std=CIFAR_STD)
     return ModelConfig(arch=args.arch, embedding_dim=128, preprocess=spec)
+
+
+def _per_step_ms(split: dict[str, float], steps: int) -> dict[str, float]:
+    """{"data_s": total seconds, ...} over ``steps`` instrumented steps -> {"data": ms per step, ...}."""
+    return {k.replace("_s", ""): round(1000 * v / max(steps, 1), 2) for k, v in split.items()}
 
 
 def bench_baseline(args, images: np.ndarray, device: torch.device, fast_step=None) -> dict:
@@ -179,12 +180,13 @@ def bench_baseline(args, images: np.ndarray, device: torch.device, fast_step=Non
         split["data_s"] += b - a
         split["forward_s"] += c - b
         split["backward_s"] += d - c
-    del it, loader
+    del it
+    loader = None  # stops the persistent workers before the next measurement
     return {
         "images_per_s": round(2 * args.batch_size * args.steps / elapsed, 1),
         "setup_seconds": round(setup, 2),
         "ms_per_step": round(1000 * elapsed / args.steps, 2),
-        "split_ms_per_step": {k.replace("_s", ""): round(1000 * v / max(args.split_steps, 1), 2) for k, v in split.items()},
+        "split_ms_per_step": _per_step_ms(split, args.split_steps),
         "workers": args.workers,
     }
 
@@ -239,7 +241,7 @@ def bench_isfe(args, images: np.ndarray, device: torch.device, speed: Speed) -> 
         "images_per_s": round(2 * args.batch_size * args.steps / elapsed, 1),
         "compile_seconds": compile_seconds,
         "ms_per_step": round(1000 * elapsed / args.steps, 2),
-        "split_ms_per_step": {k.replace("_s", ""): round(1000 * v / max(args.split_steps, 1), 2) for k, v in split.items()},
+        "split_ms_per_step": _per_step_ms(split, args.split_steps),
         "loss": loss_name,
         "amp": speed.amp, "channels_last": speed.channels_last, "compile": speed.compile,
     }, step
@@ -252,8 +254,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="images per step (default 512; quick: 32)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 50; quick: 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; quick: 1)")
-    ap.add_argument("--split-steps", type=int, default=None, help="instrumented steps for the time split (default 10; quick: 1)")
-    ap.add_argument("--workers", type=int, default=None, help="baseline DataLoader workers (default: all CPU cores, at most 16)")
+    ap.add_argument("--split-steps", type=int, default=None,
+                    help="instrumented steps for the time split (default 10; quick: 1)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="baseline DataLoader workers (default: all CPU cores, at most 16)")
     ap.add_argument("--num-images", type=int, default=None, help="random images (default 50000; quick: 512)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--arch", default="resnet18")
@@ -262,7 +266,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--no-baseline-fast-model", action="store_true", help="skip the per-image pipeline + ISFE model variant")
+    ap.add_argument("--no-baseline-fast-model", action="store_true",
+                    help="skip the per-image pipeline + ISFE model variant")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_throughput-<device>.json)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -278,34 +283,24 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     device = resolve_device(args.device)
-    if device.type == "cuda":  # as the training loop does (training.train._numerics)
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
     cfg = TrainConfig(amp=args.amp, channels_last=args.channels_last, compile=args.compile)
     speed = resolve_speed(cfg, device)
     images = _images(args)
     if len(images) < args.batch_size:
         print(f"error: {len(images)} images < batch {args.batch_size}", file=sys.stderr)
         return 2
-    name = device_name(device)
-    print(f"train_throughput on {name}: batch {args.batch_size} ({2 * args.batch_size} views), {args.arch} "
-          f"{args.size}x{args.size}, {args.steps} timed steps; ISFE amp={speed.amp} channels_last={speed.channels_last} "
-          f"compile={speed.compile}", flush=True)
+    tag = device_tag(device)
+    print(f"train_throughput on {device_name(device)}: batch {args.batch_size} ({2 * args.batch_size} views), "
+          f"{args.arch} {args.size}x{args.size}, {args.steps} timed steps; ISFE amp={speed.amp} "
+          f"channels_last={speed.channels_last} compile={speed.compile}", flush=True)
     t_all = time.perf_counter()
-    load_start = round(os.getloadavg()[0], 2)
-    isfe, step = bench_isfe(args, images, device, speed)
-    print(f"  isfe:     {isfe['images_per_s']:>10.0f} images/s  split {isfe['split_ms_per_step']} ms"
-          + (f"  (compile {isfe['compile_seconds']} s)" if isfe["compile_seconds"] is not None else ""), flush=True)
-    baseline = bench_baseline(args, images, device)
-    print(f"  baseline: {baseline['images_per_s']:>10.0f} images/s  split {baseline['split_ms_per_step']} ms", flush=True)
-    fast_model = None
-    if device.type == "cuda" and not args.no_baseline_fast_model:
-        fast_model = bench_baseline(args, images, device, fast_step=step)
-        print(f"  baseline data + ISFE model: {fast_model['images_per_s']:>10.0f} images/s", flush=True)
+    load_start = (load_average() or [None])[0]
+    with numerics(device, deterministic=False):  # cuDNN autotuning and TF32 on CUDA, as the training loop runs
+        results = _run_all(args, images, device, speed)
     result = {
         "benchmark": "train_throughput",
-        "device": name,
-        "device_detail": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": tag,
+        "device_detail": device_name(device),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "torch": str(torch.__version__),
@@ -313,27 +308,38 @@ def main(argv=None) -> int:
         "config": {"batch_size": args.batch_size, "views_per_step": 2 * args.batch_size, "arch": args.arch,
                    "input_size": args.size, "embedding_dim": 128, "steps": args.steps, "warmup": args.warmup,
                    "images": "real: " + args.data if args.data else f"{args.num_images} random uint8 images"},
+        **results,
+        "target_images_per_s": TARGET_IMAGES_PER_S,
+        "meets_target": bool(device.type == "cuda" and results["isfe_images_per_s"] >= TARGET_IMAGES_PER_S),
+        "seconds": round(time.perf_counter() - t_all, 1),
+        # other work on the machine during the run (both pipelines share it; CPU numbers are only comparable at ~0)
+        "load_average_1m": {"start": load_start, "end": (load_average() or [None])[0]},
+    }
+    out = write_result(Path(args.out) if args.out else RESULTS / f"train_throughput-{tag}.json", result)
+    print(f"ISFE / baseline = {result['ratio_isfe_over_baseline']}x -> {out}")
+    return 0
+
+
+def _run_all(args, images: np.ndarray, device: torch.device, speed: Speed) -> dict:
+    """ISFE's step, the baseline pipeline and (CUDA) the baseline data with ISFE's model -> the result's numbers."""
+    isfe, step = bench_isfe(args, images, device, speed)
+    print(f"  isfe:     {isfe['images_per_s']:>10.0f} images/s  split {isfe['split_ms_per_step']} ms"
+          + (f"  (compile {isfe['compile_seconds']} s)" if isfe["compile_seconds"] is not None else ""), flush=True)
+    baseline = bench_baseline(args, images, device)
+    print(f"  baseline: {baseline['images_per_s']:>10.0f} images/s  split {baseline['split_ms_per_step']} ms",
+          flush=True)
+    out = {
         "baseline_images_per_s": baseline["images_per_s"],
         "isfe_images_per_s": isfe["images_per_s"],
         "ratio_isfe_over_baseline": round(isfe["images_per_s"] / baseline["images_per_s"], 2),
         "baseline": baseline,
         "isfe": isfe,
-        "target_images_per_s": TARGET_IMAGES_PER_S,
-        "meets_target": bool(device.type == "cuda" and isfe["images_per_s"] >= TARGET_IMAGES_PER_S),
-        "seconds": round(time.perf_counter() - t_all, 1),
-        # other work on the machine during the run (both pipelines share it; CPU numbers are only comparable at ~0)
-        "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
     }
-    if fast_model is not None:
-        result["baseline_fast_model_images_per_s"] = fast_model["images_per_s"]
-        result["baseline_fast_model"] = fast_model
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_throughput-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"ISFE / baseline = {result['ratio_isfe_over_baseline']}x -> {out}")
-    return 0
+    if device.type == "cuda" and not args.no_baseline_fast_model:
+        fast_model = bench_baseline(args, images, device, fast_step=step)
+        print(f"  baseline data + ISFE model: {fast_model['images_per_s']:>10.0f} images/s", flush=True)
+        out |= {"baseline_fast_model_images_per_s": fast_model["images_per_s"], "baseline_fast_model": fast_model}
+    return out
 
 
 if __name__ == "__main__":

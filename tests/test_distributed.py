@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from training.distributed import DistContext, global_batch_loss, global_keys
-from training.loss import invaspread_loss, invaspread_loss_rows
-from training.negatives import masked_invaspread_loss, masked_invaspread_loss_rows
+from training.criterion import InvaSpreadCriterion
+from training.distributed import DistContext, global_keys
+from training.loss import invaspread_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 N, D_IN, D_OUT, TAU = 8, 6, 5, 0.2
@@ -40,10 +39,6 @@ def _problem():
     x = torch.randn(2 * N, D_IN, dtype=torch.float64)  # global batch: [view 1 of N images; view 2]
     model = nn.Linear(D_IN, D_OUT).double()
     return x, model
-
-
-def _rows(negatives: str):
-    return invaspread_loss_rows if negatives == "all" else partial(masked_invaspread_loss_rows, negatives=negatives)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -60,7 +55,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for detach, negatives, w in CASES:
             ddp.zero_grad(set_to_none=True)
             feats = F.normalize(ddp(local), dim=1)
-            loss = global_batch_loss(feats, ctx, _rows(negatives), TAU, detach, w)
+            loss = InvaSpreadCriterion(TAU, w, detach, negatives, dist_ctx=ctx)(feats)
             loss.backward()
             results[f"{detach}-{negatives}-{w}"] = {
                 "loss": ctx.all_mean(loss.detach()),
@@ -84,7 +79,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
         if negatives == "all":
             ref = invaspread_loss(feats, TAU, detach_keys=detach, neg_weight=w)
         else:
-            ref = masked_invaspread_loss(feats, TAU, detach_keys=detach, neg_weight=w, negatives=negatives)
+            ref = InvaSpreadCriterion(TAU, w, detach, negatives)(feats)  # one process: the whole batch
         ref.backward()
         for rank in (0, 1):
             got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[f"{detach}-{negatives}-{w}"]

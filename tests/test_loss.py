@@ -117,3 +117,56 @@ def test_neg_weight_zero_and_bad_arguments():
         invaspread_loss(x, neg_weight=-1)
     with pytest.raises(ValueError, match=r"\[2N, D\]"):
         invaspread_loss(torch.zeros(4))
+
+
+# --------------------------------------------------------------------------- the training criterion (one process)
+
+
+@pytest.mark.parametrize("detach_keys", [True, False])
+@pytest.mark.parametrize("neg_weight", [1.0, 2.0])
+def test_criterion_in_one_process_is_the_batch_loss(detach_keys, neg_weight):
+    from training.criterion import InvaSpreadCriterion
+
+    x = unit(10, 6, seed=11).requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    crit = InvaSpreadCriterion(0.2, neg_weight, detach_keys)
+    got = crit(x)
+    want = loop_loss(y, 0.2, neg_weight, detach_keys)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-8, atol=1e-12)
+    assert "backend='reference'" in repr(crit)
+
+
+def test_criterion_refuses_impossible_settings():
+    from training.criterion import InvaSpreadCriterion
+
+    with pytest.raises(ValueError, match="reference backend only"):
+        InvaSpreadCriterion(negatives="hard", backend="fused")
+    with pytest.raises(ValueError, match="backend must be one of reference, fused"):
+        InvaSpreadCriterion(backend="cuda")
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        InvaSpreadCriterion(negatives="some")
+    with pytest.raises(ValueError, match="even number"):
+        InvaSpreadCriterion()(unit(5, 4, seed=0))
+
+
+@pytest.mark.parametrize("detach_keys", [True, False])
+def test_fused_criterion_equals_the_reference_criterion(detach_keys):
+    """backend="fused" (Triton: CUDA, or the interpreter on a CPU) is a twin of the reference backend."""
+    from training.criterion import InvaSpreadCriterion
+    from training.fused_loss import fused_loss_available
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ok, why = fused_loss_available(device)
+    if not ok:
+        pytest.skip(why)
+    x = unit(8, 16, seed=12, dtype=torch.float32).to(device).requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    fused = InvaSpreadCriterion(0.1, 1.0, detach_keys, backend="fused")(x)
+    ref = InvaSpreadCriterion(0.1, 1.0, detach_keys, backend="reference")(y)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    fused.backward()
+    ref.backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Hard-only / easy-only negatives (training/negatives.py) against a per-anchor Python loop."""
+"""Hard-only / easy-only negatives (negatives.py selects, loss.py computes) against a per-anchor Python loop."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from training.criterion import InvaSpreadCriterion
 from training.loss import invaspread_loss, invaspread_loss_rows
-from training.negatives import kept_negatives, masked_invaspread_loss, masked_invaspread_loss_rows
+from training.negatives import kept_negatives, select_negatives
+
+
+def masked_invaspread_loss(features, temperature=0.1, detach_keys=True, neg_weight=1.0, negatives="hard"):
+    """The training criterion in one process: mean over the 2N anchors with the selected negatives."""
+    return InvaSpreadCriterion(temperature, neg_weight, detach_keys, negatives)(features)
+
+
+def masked_invaspread_loss_rows(anchors, keys, anchor_index, temperature, neg_weight, negatives):
+    """The rows loss with the mask that training.negatives selects."""
+    mask = select_negatives(anchors, keys, anchor_index, temperature, negatives)
+    return invaspread_loss_rows(anchors, keys, anchor_index, temperature, neg_weight, neg_mask=mask)
 
 
 def _loop_loss(feats: torch.Tensor, keys: torch.Tensor, tau: float, w: float, mode: str) -> torch.Tensor:
@@ -88,3 +100,24 @@ def test_rows_form_is_additive_over_anchor_subsets():
 def test_bad_mode_is_rejected():
     with pytest.raises(ValueError, match="negatives must be one of"):
         masked_invaspread_loss(_features(2, 3, 0), negatives="medium")
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        select_negatives(_features(2, 3, 0), _features(2, 3, 0), torch.arange(4), 0.1, "medium")
+
+
+def test_the_mask_drops_exactly_the_unselected_negatives():
+    """neg_mask: a dropped negative leaves Z_i and the negative sum (checked against the loop with a random mask)."""
+    f = _features(4, 5, seed=6)
+    idx = torch.arange(8)
+    mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.5
+    got = invaspread_loss_rows(f, f, idx, 0.3, 1.0, neg_mask=mask)
+    want = f.new_zeros(())
+    for i in range(8):
+        pos = (i + 4) % 8
+        negs = [j for j in range(8) if j not in (i, pos) and mask[i, j]]
+        e = {j: torch.exp(f[i] @ f[j] / 0.3) for j in [pos, *negs]}
+        z = sum(e.values())
+        want = want - torch.log(e[pos] / z) - sum((torch.log(1 - e[j] / z) for j in negs), f.new_zeros(()))
+    assert torch.allclose(got, want, rtol=1e-12)
+    full = torch.ones(8, 8, dtype=torch.bool)  # self and positive entries of the mask are ignored
+    assert torch.equal(invaspread_loss_rows(f, f, idx, 0.3, 1.0, neg_mask=full),
+                       invaspread_loss_rows(f, f, idx, 0.3, 1.0))

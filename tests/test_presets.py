@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from training.augment import AugmentConfig
+from training.config import TrainConfig, UsageError, build_parser, config_from_args
+from training.distributed import DistContext
 from training.presets import PRESETS
-from training.train import TrainConfig, UsageError, build_parser, config_from_args, lr_at, resolve_speed, select_loss
+from training.step import build_criterion, lr_at, resolve_speed, select_loss
 
 
 def cfg_of(*argv: str) -> TrainConfig:
@@ -88,8 +90,10 @@ def test_table7_augmentation_ablations(flag, changes):
 def test_table8_negative_ablations_use_the_reference_loss(mode):
     c = cfg_of("--preset", "cifar10-paper", "--negatives", mode)
     assert c.negatives == mode
-    _, rows, name = select_loss(c, torch.device("cpu"))
-    assert rows is not None and name == f"reference-{mode}-negatives"
+    backend, name = select_loss(c, torch.device("cpu"))
+    assert backend == "reference" and name == f"reference-{mode}-negatives"
+    criterion, _ = build_criterion(c, torch.device("cpu"), DistContext())
+    assert (criterion.negatives, criterion.backend) == (mode, "reference")
     with pytest.raises(UsageError, match="reference loss only"):
         cfg_of("--negatives", mode, "--loss", "fused").validate()
 
@@ -127,3 +131,79 @@ def test_warmup_then_cosine():
 def test_bad_new_options(argv, message):
     with pytest.raises(UsageError, match=message):
         cfg_of(*argv).validate()
+
+
+# --------------------------------------------------------------------------- options declared once (training.config)
+
+
+def test_every_option_is_generated_from_its_field():
+    """One flag per TrainConfig field (augment: the ablation flags), help from the field, hidden developer option."""
+    import dataclasses
+
+    from training.config import flag_of
+
+    ap = build_parser()
+    flags = {s for a in ap._actions for s in a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "augment":
+            assert flag_of(f) in flags, f.name
+    assert {"--crop-scale", "--no-crop", "--no-color-jitter", "--no-grayscale", "--no-flip", "--no-augment"} <= flags
+    assert {"--no-amp", "--no-compile", "--no-channels-last", "--no-sync-bn", "--no-data-on-device"} <= flags
+    text = ap.format_help()
+    assert "--max-steps-per-epoch" not in text and "--full-gradient" in text and "--time-limit SECONDS" in text
+    assert cfg_of("--max-steps-per-epoch", "3").max_steps_per_epoch == 3
+    assert cfg_of("--full-gradient").detach_keys is False and cfg_of().detach_keys is True
+    assert cfg_of("--deterministic").deterministic is True
+
+
+def test_resumable_changes_are_the_declared_ones():
+    from training.config import RESUMABLE_CHANGES
+
+    assert RESUMABLE_CHANGES == {
+        "epochs", "eval_every", "save_every", "log_every", "device", "loss", "amp", "channels_last", "compile",
+        "data_on_device", "workers", "time_limit", "knn_k", "knn_sigma", "out", "deterministic",
+    }
+
+
+@pytest.mark.parametrize("flag,field_name", [("--schedule", "schedule"), ("--loss", "loss"), ("--arch", "arch"),
+                                             ("--negatives", "negatives"), ("--positive", "positive"),
+                                             ("--nn-features", "nn_features"), ("--train-split", "train_split")])
+def test_every_choice_option_refuses_other_values_with_its_choices(flag, field_name):
+    import dataclasses
+
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}[field_name]
+    choices = field.metadata["choices"]
+    with pytest.raises(UsageError) as e:
+        cfg_of(flag, "bogus").validate()
+    assert str(e.value) == f"{flag} must be one of {', '.join(choices)}, got 'bogus'"
+    for value in choices:
+        if not (field_name == "negatives" and value != "all"):  # hard/easy: fine with the default --loss auto
+            cfg_of(flag, value).validate()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--neg-weight", "-1"], "--neg-weight must be >= 0, got -1.0"),
+        (["--embedding-dim", "0"], "--embedding-dim must be >= 1, got 0"),
+        (["--eval-every", "-1"], "--eval-every must be >= 0 (0 = only before and after training), got -1"),
+        (["--knn-k", "0"], "--knn-k must be >= 1, got 0"),
+        (["--knn-sigma", "0"], "--knn-sigma must be > 0, got 0.0"),
+        (["--input-size", "4"], "--input-size must be >= 8, got 4"),
+        (["--input-size", "32", "--resize-size", "16"], "--resize-size (16) must be >= --input-size (32)"),
+        (["--save-every", "-2"], "--save-every must be >= 0 (0: at evaluations and at the end), got -2"),
+        (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be >= 1, got 0"),
+        (["--time-limit", "0"], "--time-limit must be > 0 seconds, got 0.0"),
+    ],
+)
+def test_bounds_name_the_option_and_the_value(argv, message):
+    with pytest.raises(UsageError) as e:
+        cfg_of(*argv).validate()
+    assert str(e.value) == message
+
+
+def test_options_left_unset_keep_the_preset_and_none_passes_optional_bounds():
+    c = cfg_of("--preset", "cub200-paper")
+    assert (c.input_size, c.resize_size, c.lr) == (227, 256, 0.001)
+    TrainConfig(input_size=None, log_every=None, time_limit=None, max_steps_per_epoch=None).validate()

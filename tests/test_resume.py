@@ -206,3 +206,16 @@ def test_run_result_summarises_a_run_folder(straight, tmp_path, capsys):
     assert res["settings"]["batch_size"] == 32
     assert run_result.main([str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
     assert "not a training run folder" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_resume_removes_temporaries_a_killed_write_left(unfinished, capsys):
+    """kill -9 while last.pt / checkpoint.pt were being written leaves .<name>.<random>.tmp; resuming cleans them."""
+    stale = [unfinished / ".last.pt.a1b2c3d4.tmp", unfinished / ".checkpoint.pt.e5f6.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    other = unfinished / ".notes.tmp"
+    other.write_bytes(b"not ours")
+    assert main(["--resume", str(unfinished)]) == 0
+    out = capsys.readouterr().out
+    assert "removed 2 temporary file(s)" in out and ".last.pt.a1b2c3d4.tmp" in out
+    assert not any(p.exists() for p in stale) and other.exists() and (unfinished / "checkpoint.pt").exists()

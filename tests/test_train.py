@@ -20,7 +20,7 @@ def test_short_run_writes_config_metrics_and_checkpoint(tmp_path, capsys):
     assert rc == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["epochs"] == 2 and cfg["loss"] == "reference" and cfg["model"]["preprocess"]["input_size"] == 8
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert all(0 <= r["knn_top1"] <= 100 for r in rows) and "loss" in rows[-1]
     raw = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -89,7 +89,7 @@ def test_unlabeled_folder_trains_without_the_knn_monitor(tmp_path, capsys):
     assert rc == 0
     log = capsys.readouterr().out
     assert "no test/ split: training without the kNN monitor" in log and "24 train / 0 test images" in log
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert all("knn_top1" not in r for r in rows) and all(np.isfinite(r["loss"]) for r in rows[1:])
     assert (out / "checkpoint.pt").exists() and (out / "curves.png").stat().st_size > 1000
@@ -109,7 +109,7 @@ def test_compiled_channels_last_run_matches_eager(tmp_path, capsys):
     assert main([*common, "--no-compile", "--no-channels-last", "--out", str(tmp_path / "eager")]) == 0
     assert main([*common, "--compile", "--channels-last", "--out", str(tmp_path / "compiled")]) == 0
     assert "compiled in" in capsys.readouterr().out
-    rows = [json.loads(l) for l in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["compile_seconds"] > 0 and rows[-1]["images_per_s"] > 0
     ck = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)
     assert ck["compile_seconds"] == rows[0]["compile_seconds"]
@@ -120,7 +120,8 @@ def test_compiled_channels_last_run_matches_eager(tmp_path, capsys):
     # over 16 views amplify it); one SGD step more or less moves it by 5e-2
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), atol=1e-2, rtol=0, msg=k)
-    assert torch.equal(b["backbone.bn1.num_batches_tracked"], a["backbone.bn1.num_batches_tracked"])  # 2: no warm-up step
+    # 2: no warm-up step
+    assert torch.equal(b["backbone.bn1.num_batches_tracked"], a["backbone.bn1.num_batches_tracked"])
 
 
 def test_progress_lines_reach_a_pipe_while_training_runs(tmp_path):
@@ -172,3 +173,52 @@ def test_out_of_memory_names_the_batch_size(tmp_path, capsys, monkeypatch):
     assert "out of" in err and "memory with --batch-size 16" in err and "lower --batch-size" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_run_folder_removes_stale_temporaries_and_writes_strict_json(tmp_path):
+    """A kill -9 during an atomic write leaves .<name>.<random>.tmp; the next start removes only those, and says so."""
+    from training.distributed import DistContext
+    from training.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".last.pt.k2j3h4.tmp", run / ".checkpoint.pt.zz9.tmp", run / ".metrics.jsonl.tmp"]
+    kept = [run / "last.pt", run / ".other.abc.tmp", run / "notes.tmp", run / "model.onnx"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    (run / ".last.pt.dir.tmp").mkdir()  # not a file: left alone
+    lines = []
+    folder = RunFolder(run, DistContext(), lines.append, t_begin=0.0, history=[{"epoch": 0, "knn_top1": 10.0}])
+    folder.start({"epochs": 2, "augment": {"crop_scale": (0.2, 1.0)}, "time_limit": float("inf")})
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept) and (run / ".last.pt.dir.tmp").is_dir()
+    assert len(lines) == 1 and "removed 3 temporary file(s)" in lines[0] and ".last.pt.k2j3h4.tmp" in lines[0]
+    assert json.loads((run / "config.json").read_text()) == {"epochs": 2, "augment": {"crop_scale": [0.2, 1.0]},
+                                                              "time_limit": None}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"epoch": 0, "knn_top1": 10.0}]
+    lines.clear()
+    RunFolder(run, DistContext(), lines.append, t_begin=0.0).start({})
+    assert lines == []  # nothing stale the second time
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp") and p.name.startswith((".config", ".metrics"))]
+
+
+def test_run_folder_commit_writes_last_pt_before_the_metrics_line(tmp_path):
+    from training.distributed import DistContext
+    from training.model import ModelConfig, build_encoder
+    from training.run_folder import RunFolder
+
+    cfg = ModelConfig(arch="resnet18", embedding_dim=8)
+    model = build_encoder(cfg)
+    folder = RunFolder(tmp_path, DistContext(), lambda *_: None, t_begin=0.0)
+    folder.start({})
+    seen = []
+
+    def state():
+        seen.append((tmp_path / "metrics.jsonl").read_text())  # metrics.jsonl not yet updated when last.pt is written
+        return {"model": model, "model_cfg": cfg, "config": {}, "step": 7}
+
+    folder.commit({"epoch": 1, "loss": 2.5}, 1, state)
+    assert seen == [""] and folder.saved_epoch == 1
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["step"] == 7 and saved["history"] == [{"epoch": 1, "loss": 2.5}]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"epoch": 1, "loss": 2.5}

@@ -204,8 +204,8 @@ def test_torch_kmeans_nmi_matches_sklearn_on_blobs():
 
 
 def test_paper_presets():
+    from training.config import _merge
     from training.presets import PRESETS
-    from training.train import _merge
 
     cub = _merge(PRESETS["cub200-paper"], {})
     assert (cub.arch, cub.pretrained, cub.input_size, cub.resize_size) == ("googlenet", "imagenet", 227, 256)

@@ -1,4 +1,4 @@
-"""Multi-process training under ``torchrun``: process group, feature all-gather, global-batch loss.
+"""Multi-process training under ``torchrun``: process group and the feature all-gather of the global batch.
 
 Launch (one node, G GPUs; or CPU processes with the gloo backend)::
 
@@ -14,37 +14,26 @@ from the whole global batch.
 
 The global loss
 ---------------
-Rank ``r`` holds ``b = N / W`` images, its features ``[v1_r (b rows); v2_r
-(b rows)]``.  All ranks' features are all-gathered into the global layout
-``[v1_0 .. v1_{W-1}; v2_0 .. v2_{W-1}]`` (``2N`` rows, positives at ``(i +
-N) mod 2N``), exactly the batch a single process would see.  Rank ``r``'s
-anchors are its own rows, at global indices ``r b + [0, b)`` and ``N + r b +
-[0, b)``; it computes their summed loss against the global keys
-(``invaspread_loss_rows``), and the global loss is ``L = sum_r S_r / 2N``.
-
-Gradients: DDP *averages* parameter gradients over the W ranks, so each rank
-back-propagates ``W * S_r / 2N = S_r / 2b`` (its local mean, also an unbiased
-estimate of ``L``), and the average of the ranks' gradients is ``dL/dtheta``.
-With detached keys (the authors' mode) no gradient flows through the gather.
-In the full-gradient mode the gather is :class:`AllGatherWithGrad`, whose
-backward all-reduces (sums) the key gradients of all ranks and returns this
-rank's slice, so every feature receives the gradient of every rank's anchors
-that used it as a key.
+All ranks' features ``[v1_r (b rows); v2_r (b rows)]`` are all-gathered into
+the global layout ``[v1_0 .. v1_{W-1}; v2_0 .. v2_{W-1}]`` (:func:`global_keys`,
+``2N`` rows, positives at ``(i + N) mod 2N``), exactly the batch a single
+process would see; :class:`training.criterion.InvaSpreadCriterion` computes each
+rank's share of the loss against those keys and scales it for DDP.  With
+detached keys (the authors' mode) no gradient flows through the gather; in the
+full-gradient mode the gather is :class:`AllGatherWithGrad`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistContext", "AllGatherWithGrad", "all_gather_features", "global_batch_loss", "setup", "cleanup"]
-
-RowsLoss = Callable[[Tensor, Tensor, Tensor, float, float], Tensor]
+__all__ = ["DistContext", "DistributedSetupError", "AllGatherWithGrad", "all_gather_features", "global_keys", "setup",
+           "cleanup"]
 
 
 class DistributedSetupError(ValueError):
@@ -88,19 +77,6 @@ class DistContext:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
-    def gather_objects(self, obj):
-        """List of every rank's ``obj`` (picklable), on every rank."""
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def launched() -> bool:
-    """True when started by torchrun (or another launcher) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
 
 def setup(device_name: str = "auto") -> tuple[DistContext, torch.device | None]:
     """Join the process group if launched with ``WORLD_SIZE > 1``.
@@ -118,7 +94,8 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device | None]:
         raise DistributedSetupError("WORLD_SIZE > 1 but RANK/LOCAL_RANK are missing; launch with torchrun") from None
     if device_name not in ("auto", "cuda", "cpu"):
         raise DistributedSetupError(
-            f"--device {device_name}: under torchrun every process uses cuda:LOCAL_RANK; pass --device auto, cuda or cpu"
+            f"--device {device_name}: under torchrun every process uses cuda:LOCAL_RANK; "
+            f"pass --device auto, cuda or cpu"
         )
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if device_name == "cuda" and not use_cuda:
@@ -184,36 +161,3 @@ def global_keys(features: Tensor, ctx: DistContext, with_grad: bool) -> Tensor:
     b, d = features.shape[0] // 2, features.shape[1]
     gathered = all_gather_features(features, ctx, with_grad)  # [W * 2b, D]: [v1_0; v2_0; v1_1; v2_1; ...]
     return gathered.view(ctx.world_size, 2, b, d).transpose(0, 1).reshape(2 * ctx.world_size * b, d)
-
-
-def global_batch_loss(
-    features: Tensor,
-    ctx: DistContext,
-    rows_loss: RowsLoss,
-    temperature: float = 0.1,
-    detach_keys: bool = True,
-    neg_weight: float = 1.0,
-) -> Tensor:
-    """This rank's share of the global-batch InvaSpread loss, scaled for DDP.
-
-    Args:
-        features: [2b, D] this rank's rows: view 1 of its b images, then view 2.
-        ctx: the process group context.
-        rows_loss: ``f(anchors, keys, anchor_index, temperature, neg_weight)``
-            returning the *summed* loss of the anchors (``invaspread_loss_rows``,
-            its fused twin, or the hard/easy-negatives variant).
-        detach_keys: True = authors' gradient (no gradient through the keys).
-
-    Returns:
-        Scalar ``S_r / 2b`` (= ``W * S_r / 2N``): back-propagate it under DDP
-        (which averages over ranks) to get the gradient of the global loss;
-        its mean over ranks is the global loss ``L``.
-    """
-    if features.shape[0] % 2:
-        raise ValueError(f"features must hold two views of b images (even rows), got {features.shape[0]}")
-    b = features.shape[0] // 2
-    keys = global_keys(features.detach() if detach_keys else features, ctx, with_grad=not detach_keys)
-    n = ctx.world_size * b
-    local = torch.arange(b, device=features.device) + ctx.rank * b
-    index = torch.cat([local, local + n])
-    return rows_loss(features, keys, index, temperature, neg_weight) / (2 * b)

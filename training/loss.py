@@ -23,6 +23,11 @@ of every other anchor), as the paper's equations imply.
 
 Everything is computed in float32 (or float64 when given float64) with
 log-sum-exp stabilisation, so bf16/fp16 inputs and small temperatures are safe.
+
+The training step uses :class:`training.criterion.InvaSpreadCriterion`, which
+holds the temperature, negative weight, gradient mode, negative selection
+(:mod:`training.negatives`), backend (this reference or the fused Triton
+kernels of :mod:`training.fused_loss`) and the distributed context.
 """
 
 from __future__ import annotations
@@ -65,8 +70,14 @@ def invaspread_loss_rows(
     anchor_index: Tensor,
     temperature: float = 0.1,
     neg_weight: float = 1.0,
+    neg_mask: Tensor | None = None,
 ) -> Tensor:
     """Sum over the given anchor rows of the per-row InvaSpread loss (not divided by 2N).
+
+    With ``K_i`` the negatives anchor i keeps (all ``2N - 2`` by default)::
+
+        Z_i = w * sum_{j in K_i} exp(s_ij) + exp(s_i,pos)
+        l_i = -( log(exp(s_i,pos) / Z_i) + w * sum_{j in K_i} log(1 - exp(s_ij) / Z_i) )
 
     Args:
         anchors: [M, D] anchor rows (a subset of the global batch, with gradient).
@@ -74,13 +85,18 @@ def invaspread_loss_rows(
         anchor_index: [M] int64, the global row index of each anchor in ``keys``.
         temperature: tau > 0.
         neg_weight: w >= 0.
+        neg_mask: optional [M, 2N] bool, the negatives each anchor keeps
+            (``training.negatives.select_negatives``); a dropped negative leaves
+            ``Z_i`` and the negative sum entirely.  Self and positive entries are
+            ignored.  ``None``: every negative.
 
     Returns:
         A scalar float32 (float64 for float64 inputs) tensor:
-        ``-sum_i [log P_i + w * sum_j log(1 - p_ij)]`` over the M anchors.
+        ``-sum_i [log P_i + w * sum_{j in K_i} log(1 - p_ij)]`` over the M anchors.
 
-    This is the building block of :func:`invaspread_loss` and of the
-    distributed loss, where each rank owns some anchors and all-gathers keys.
+    This is the building block of :func:`invaspread_loss` and of
+    :class:`training.criterion.InvaSpreadCriterion`, where each rank owns some anchors and
+    all-gathers keys.
     """
     two_n = keys.shape[0]
     n = two_n // 2
@@ -94,15 +110,15 @@ def invaspread_loss_rows(
     self_mask[rows, anchor_index] = True
     pos_mask = torch.zeros_like(s, dtype=torch.bool)
     pos_mask[rows, pos_index] = True
-    neg_mask = ~(self_mask | pos_mask)
+    neg_mask = ~(self_mask | pos_mask) if neg_mask is None else neg_mask & ~(self_mask | pos_mask)
 
     s_pos = s[rows, pos_index]  # [M]
     if neg_weight == 0:
         # Z_i = exp(s_pos): P_i = 1 and the negative terms vanish.
         return s_pos.new_zeros(())
-    # log Z'_i = logsumexp_j (s_ij + log w [j is a negative]), self excluded.
+    # log Z'_i = logsumexp_j (s_ij + log w [j is a kept negative]), self and dropped negatives excluded.
     shift = s.new_full((), float(torch.log(torch.tensor(float(neg_weight), dtype=torch.float64))))
-    z_terms = torch.where(neg_mask, s + shift, s).masked_fill(self_mask, float("-inf"))
+    z_terms = torch.where(neg_mask, s + shift, s).masked_fill(~(neg_mask | pos_mask), float("-inf"))
     log_z = torch.logsumexp(z_terms, dim=1)  # [M]
     log_p_pos = s_pos - log_z
     log_1m = log1mexp(s - log_z[:, None]).masked_fill(~neg_mask, 0.0)  # [M, 2N]

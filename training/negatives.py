@@ -1,4 +1,4 @@
-"""Hard-only / easy-only negatives: the InvaSpread loss with half of the negatives kept.
+"""Hard-only / easy-only negatives: which negatives each anchor keeps.
 
 The paper's ablation of the negatives (Ye et al., CVPR 2019, Sec. 4 and
 Table 8) trains with only the "hard" negatives (the instances most similar to
@@ -7,17 +7,20 @@ the anchor) or only the "easy" ones (least similar).  Here, for every anchor
 mod 2N``), the ``2N - 2`` other instances' views are ranked by the similarity
 ``s_ij = f_i . f_j / tau`` (computed without gradient) and only the
 ``fraction`` (default 50%) most similar (``hard``) or least similar (``easy``)
-are kept; the dropped ones leave the loss entirely (they are excluded from
-the denominator ``Z_i`` and from the negative sum, like ``i`` itself)::
+are kept as ``K_i``; the dropped ones leave the loss entirely (they are
+excluded from the denominator ``Z_i`` and from the negative sum, like ``i``
+itself)::
 
     Z_i = w * sum_{j in K_i} exp(s_ij) + exp(s_i,pos)
     l_i = -( log(exp(s_i,pos) / Z_i) + w * sum_{j in K_i} log(1 - exp(s_ij) / Z_i) )
 
-``negatives="all"`` keeps every negative and equals
-:func:`training.loss.invaspread_loss_rows`.  The selection is a per-row
-``topk`` (ties broken by ``topk``'s order), so the cost is that of the
-reference loss plus one sort-free selection; it runs on any device, with or
-without DDP (each rank passes its anchors and the all-gathered keys).
+This module only *selects* (a boolean mask [M, 2N]); the loss itself is
+:func:`training.loss.invaspread_loss_rows` with ``neg_mask=``, and
+:class:`training.criterion.InvaSpreadCriterion` (``negatives="hard"``) combines
+the two, in one process or under DDP (each rank passes its anchors and the
+all-gathered keys).  The selection is a per-row ``topk`` (ties broken by
+``topk``'s order), so the cost is that of the reference loss plus one
+product without gradient and one sort-free selection.
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from training.loss import log1mexp
-
-__all__ = ["NEGATIVE_MODES", "kept_negatives", "masked_invaspread_loss", "masked_invaspread_loss_rows"]
+__all__ = ["NEGATIVE_MODES", "kept_negatives", "select_negatives"]
 
 NEGATIVE_MODES = ("all", "hard", "easy")
 
@@ -69,52 +70,16 @@ def kept_negatives(sims: Tensor, anchor_index: Tensor, negatives: str, fraction:
     return mask & candidate
 
 
-def masked_invaspread_loss_rows(
-    anchors: Tensor,
-    keys: Tensor,
-    anchor_index: Tensor,
-    temperature: float = 0.1,
-    neg_weight: float = 1.0,
-    negatives: str = "hard",
-    fraction: float = 0.5,
-) -> Tensor:
-    """Summed loss of the anchors with only the selected negatives (not divided by 2N).
+def select_negatives(anchors: Tensor, keys: Tensor, anchor_index: Tensor, temperature: float,
+                     negatives: str, fraction: float = 0.5) -> Tensor | None:
+    """The ``neg_mask`` [M, 2N] of :func:`training.loss.invaspread_loss_rows`, or ``None`` for "all".
 
-    Same arguments as :func:`training.loss.invaspread_loss_rows` plus
-    ``negatives``/``fraction`` (see :func:`kept_negatives`).  Computed in
-    float32 (float64 for float64 input) with log-sum-exp stabilisation.
-
-    Returns:
-        Scalar: ``-sum_i [log P_i + w * sum_{j in K_i} log(1 - p_ij)]``.
+    Ranks ``s = anchors @ keys^T / tau`` ([M, D] x [2N, D], float32 or
+    float64 as the loss computes it, without gradient) with :func:`kept_negatives`.
     """
-    two_n = keys.shape[0]
-    n = two_n // 2
+    if negatives == "all":
+        return None
     cdtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
-    s = (anchors.to(cdtype) @ keys.to(cdtype).t()) / temperature  # [M, 2N]
-    rows = torch.arange(s.shape[0], device=s.device)
-    pos_index = (anchor_index + n) % two_n
-    s_pos = s[rows, pos_index]
-    if neg_weight == 0:
-        return s_pos.new_zeros(())
-    neg = kept_negatives(s, anchor_index, negatives, fraction)
-    pos = torch.zeros_like(neg)
-    pos[rows, pos_index] = True
-    shift = math.log(neg_weight)
-    z_terms = torch.where(neg, s + shift, s).masked_fill(~(neg | pos), float("-inf"))
-    log_z = torch.logsumexp(z_terms, dim=1)  # [M]
-    log_1m = log1mexp(s - log_z[:, None]).masked_fill(~neg, 0.0)
-    return -((s_pos - log_z).sum() + neg_weight * log_1m.sum())
-
-
-def masked_invaspread_loss(
-    features: Tensor,
-    temperature: float = 0.1,
-    detach_keys: bool = True,
-    neg_weight: float = 1.0,
-    negatives: str = "hard",
-    fraction: float = 0.5,
-) -> Tensor:
-    """Mean over the 2N anchors of a [2N, D] batch (view 1 rows, then view 2 rows)."""
-    keys = features.detach() if detach_keys else features
-    index = torch.arange(features.shape[0], device=features.device)
-    return masked_invaspread_loss_rows(features, keys, index, temperature, neg_weight, negatives, fraction) / features.shape[0]
+    with torch.no_grad():
+        sims = (anchors.to(cdtype) @ keys.to(cdtype).t()) / temperature
+    return kept_negatives(sims, anchor_index, negatives, fraction)

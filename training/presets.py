@@ -107,7 +107,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Table 2: STL-10, ResNet18 from scratch on 96x96 images, the CIFAR recipe (the authors' code trains STL
     # with the CIFAR script: same augmentation, lr 0.03, batch 128; its ResNet has the CIFAR stem, which
     # ModelConfig picks for inputs <= 96 px), on train+unlabeled (105K images; --train-split train for 5K).
-    "stl10-paper": {"data": "data/stl10", **PAPER_CIFAR, "input_size": 96, "resize_size": 96, "train_split": "train+unlabeled"},
+    "stl10-paper": {"data": "data/stl10", **PAPER_CIFAR, "input_size": 96, "resize_size": 96,
+                    "train_split": "train+unlabeled"},
 }
 
 

@@ -7,7 +7,7 @@ atomic, ``torch.load(weights_only=True)``-readable, usable by
 * ``optimizer``: ``opt.state_dict()`` (SGD momentum buffers);
 * ``epoch`` (epochs completed) and ``step`` (optimizer steps taken); the
   learning rate is a pure function of the (fractional) epoch and the
-  config (``training.train.lr_at``), so no scheduler object is stored;
+  config (``training.step.lr_at``), so no scheduler object is stored;
 * ``rng``: the states of Python's ``random``, NumPy's global generator,
   torch's CPU and CUDA generators and the training's own generators (batch
   order, augmentation), as tensors / lists / ints (see :func:`capture_rng`);
@@ -49,7 +49,8 @@ def capture_rng(generators: dict[str, torch.Generator]) -> dict[str, Any]:
         "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
                   "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "cuda": (list(torch.cuda.get_rng_state_all())
+                 if torch.cuda.is_available() and torch.cuda.is_initialized() else []),
         "generators": {name: g.get_state() for name, g in generators.items()},
     }
     return out
@@ -65,7 +66,8 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     nps = state["numpy"]
-    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached"]))
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached"]))
     torch.set_rng_state(state["torch"])
     cuda_states = state.get("cuda") or []
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
@@ -99,7 +101,8 @@ def load_run_state(run_dir: str | Path) -> dict[str, Any]:
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
-        raise ResumeError(f"cannot resume: {e}. Resume from an intact copy or start a new run; nothing was changed") from None
+        raise ResumeError(f"cannot resume: {e}. Resume from an intact copy or start a new run; "
+                          f"nothing was changed") from None
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
         raise ResumeError(
