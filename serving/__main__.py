@@ -12,6 +12,12 @@ processes with a per-image time and memory limit (``--decode-timeout``,
 ``--decode-memory-mb``; :mod:`serving.decodepool`), a Host allow-list
 (``--allowed-hosts``; the loopback names when bound to a loopback address) and
 no CORS unless ``--cors-origin`` is given.
+
+For production: API keys (``--api-key``, ``--api-key-file``; :mod:`serving.auth`),
+request IDs and ``--log-format json`` (:mod:`serving.logs`), graceful shutdown
+bounded by ``--shutdown-timeout`` and gallery reload on SIGHUP
+(:mod:`serving.supervisor`, :mod:`serving.reload`).  Every flag can also come
+from an ``ISFE_<FLAG>`` environment variable (:mod:`serving.envargs`).
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ import sys
 
 from isfe_model.argtypes import nonneg_float, port_or_zero, positive_int
 
-from .app import CONFIG_ENV, ServeConfig, create_app, load_artifacts
+from .app import ServeConfig, create_app, load_artifacts
+from .auth import KeyFileError, check_key, read_key_file
+from .envargs import EnvError, ReplaceAction, apply_env
 from .guard import LOOPBACK_HOSTS, host_of
+from .logs import configure_logging
 from .protocol import GuardedH11Protocol
+from .supervisor import run_single, run_workers
 
 #: Most bytes of request line + headers (h11's incomplete-event limit; over it: 400 and close).
 MAX_HEADER_BYTES = 16 * 1024
@@ -80,6 +90,14 @@ def origin_list(text: str) -> list[str]:
     return items
 
 
+def api_key(text: str) -> str:
+    """``--api-key``: one key (16..512 printable ASCII characters, no spaces)."""
+    try:
+        return check_key(text.strip(), "--api-key")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -95,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving",
         description="HTTP API for ISFE embeddings and gallery search (FastAPI + uvicorn, micro-batched).",
+        epilog="Every flag can also come from an environment variable ISFE_<FLAG> (--max-batch-size: ISFE_MAX_BATCH_SIZE; "
+               "repeatable flags comma-separated, e.g. ISFE_API_KEY=key1,key2); a flag on the command line wins. "
+               "SIGHUP reloads the gallery; SIGTERM shuts down gracefully (--shutdown-timeout).",
     )
     p.add_argument("--model", required=True, help="ISFE ONNX model (from `python -m export`)")
     p.add_argument("--gallery", required=True, help="gallery folder built with this model (isfe-index MODEL FOLDER -o GALLERY_DIR)")
@@ -138,9 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allowed-hosts", type=host_list, default=None, metavar="HOSTS",
                    help="comma-separated Host names the server answers to (others: 421), *.domain for subdomains, * for any "
                         "(default: localhost,127.0.0.1,::1 when --host is a loopback address, else *)")
-    c.add_argument("--cors-origin", type=origin_list, action="extend", default=None, metavar="ORIGIN",
+    c.add_argument("--cors-origin", type=origin_list, action=ReplaceAction, extend=True, default=None, metavar="ORIGIN",
                    help="allow browser pages from this origin (scheme://host[:port]; repeat or comma-separate; * for any) "
                         "to call the API; default: no CORS headers at all")
+    a = p.add_argument_group("production")
+    a.add_argument("--api-key", type=api_key, action=ReplaceAction, default=None, metavar="KEY",
+                   help="require Authorization: Bearer KEY on /v1/* (repeat for several keys; env ISFE_API_KEY: comma-separated); "
+                        "/healthz, /readyz, /metrics and /docs stay open")
+    a.add_argument("--api-key-file", default=None, metavar="FILE", help="file with one API key per line (# comments allowed)")
+    a.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text (default) or JSON objects")
+    a.add_argument("--shutdown-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, wait at most this long for requests in flight before closing them (default 10)")
     return p
 
 
@@ -173,69 +202,66 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         workers=args.workers,
         limit_concurrency=args.limit_concurrency,
         log_level=args.log_level,
+        log_format=args.log_format,
+        api_keys=list(dict.fromkeys((args.api_key or []) + (read_key_file(args.api_key_file) if args.api_key_file else []))),
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Flags, with ``ISFE_*`` variables as defaults (raises EnvError)."""
     parser = build_parser()
+    apply_env(parser)
     args = parser.parse_args(argv)
     if args.max_queue < args.max_images:
         parser.error(f"--max-queue ({args.max_queue}) must be at least --max-images ({args.max_images}), "
                      f"or requests with many images could never be queued")
-    cfg = config_from_args(args)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args
+
+
+def _load(cfg: ServeConfig) -> tuple | None:
+    """Model and gallery, or None after printing one line on stderr."""
     from isfe_model import GalleryError, MetadataError, ModelError
 
     try:
-        encoder, gallery = load_artifacts(cfg)
+        return load_artifacts(cfg)
     except ImportError as e:
         print(f"serving: error: {e}", file=sys.stderr)
-        return 2
     except MemoryError:  # e.g. a damaged gallery that claims a gigantic array
         print(f"serving: error: out of memory loading model {cfg.model} and gallery {cfg.gallery}; "
               f"the gallery may be damaged (rebuild it with isfe-index) or too large for this machine", file=sys.stderr)
-        return 2
     except RecursionError:  # e.g. a damaged manifest nested thousands of levels deep
         print(f"serving: error: cannot load model {cfg.model} and gallery {cfg.gallery}: a file is nested too deeply "
               f"(damaged); rebuild the gallery with isfe-index", file=sys.stderr)
-        return 2
     except (ModelError, MetadataError, GalleryError, ValueError, OSError, RuntimeError) as e:
         msg = " ".join(str(e).split())
         print(f"serving: error: {msg}", file=sys.stderr)
-        return 2
+    return None
 
-    import uvicorn
 
-    if not is_loopback(cfg.host):
-        logging.getLogger("serving").warning("binding to %s: the API is reachable from other machines and has no authentication", cfg.host)
-    guards = dict(http=functools.partial(GuardedH11Protocol, timeout_headers=cfg.timeout_headers),
-                  timeout_keep_alive=cfg.timeout_keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
-    if cfg.workers > 1:
-        # Each worker process loads its own copy; the parent only validated the files.
-        del encoder, gallery
-        os.environ[CONFIG_ENV] = cfg.to_json()
-        uvicorn.run(
-            "serving.app:create_app_from_env",
-            factory=True,
-            host=cfg.host,
-            port=cfg.port,
-            workers=cfg.workers,
-            limit_concurrency=cfg.limit_concurrency,
-            log_level=cfg.log_level,
-            timeout_graceful_shutdown=10,
-            **guards,
-        )
-        return 0
-    app = create_app(encoder, gallery, cfg)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=10,
-                            limit_concurrency=cfg.limit_concurrency, lifespan="on", **guards)
-    server = uvicorn.Server(config)
+def main(argv: list[str] | None = None) -> int:
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    # uvicorn sets started=False and returns when the socket could not be bound
-    return 0 if server.started else 1
+        args = _parse(argv)
+        cfg = config_from_args(args)
+    except (EnvError, KeyFileError) as e:
+        print(f"serving: error: {e}", file=sys.stderr)
+        return 2
+    log_config = configure_logging(cfg.log_level, cfg.log_format)
+    loaded = _load(cfg)
+    if loaded is None:
+        return 2
+    encoder, gallery = loaded
+    if not is_loopback(cfg.host) and not cfg.api_keys:
+        logging.getLogger("serving").warning("binding to %s: the API is reachable from other machines and has no API key "
+                                             "(--api-key)", cfg.host)
+    opts = dict(http=functools.partial(GuardedH11Protocol, timeout_headers=cfg.timeout_headers),
+                timeout_keep_alive=cfg.timeout_keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                limit_concurrency=cfg.limit_concurrency, log_level=cfg.log_level, log_config=log_config, access_log=False,
+                timeout_graceful_shutdown=cfg.shutdown_timeout)
+    if cfg.workers > 1:
+        del encoder, gallery  # each worker process loads its own copy; the parent only validated the files
+        return run_workers(cfg, **opts)
+    return run_single(create_app(encoder, gallery, cfg), cfg, **opts)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import numpy as np
 
 from isfe_model.preprocess import PreprocessSpec, lift_pillow_pixel_limit
 
-from .decoding import Upload, decode_image, parse_json_body
+from .decoding import Upload, decode_image, parse_json_body, parse_openai_body
 from .errors import ApiError
 
 __all__ = ["DEMOTE_AFTER_S", "DecodePool", "DecodePoolError"]
@@ -96,6 +96,8 @@ def _worker_main(conn: Any, spec: PreprocessSpec, max_pixels: int, memory_bytes:
                 answer: tuple = ("ok", decode_image(Upload(name, payload), spec, max_pixels))
             elif kind == "json":
                 answer = ("ok", parse_json_body(payload, *args))
+            elif kind == "openai":
+                answer = ("ok", parse_openai_body(payload, *args))
             elif kind == "ping":
                 answer = ("ok", os.getpid())
             else:
@@ -223,9 +225,13 @@ class DecodePool:
         """Upload bytes -> float32 [3, S, S]; raises :class:`ApiError` (4xx) for bad or too costly images."""
         return await self._submit("image", upload.name, upload.data, ())
 
-    async def parse_json(self, raw: bytes, max_images: int) -> tuple[list[Upload], dict[str, Any]]:
+    async def parse_json(self, raw: bytes, max_images: int, vectors: bool = False) -> tuple[list[Upload], dict[str, Any]]:
         """JSON body -> (uploads, fields), parsed in a worker (see :func:`serving.decoding.parse_json_body`)."""
-        return await self._submit("json", "JSON body", raw, (max_images,))
+        return await self._submit("json", "JSON body", raw, (max_images, vectors))
+
+    async def parse_openai(self, raw: bytes, max_images: int) -> tuple[list[Upload], dict[str, Any]]:
+        """OpenAI-shaped embeddings body -> (uploads, fields) (see :func:`serving.decoding.parse_openai_body`)."""
+        return await self._submit("openai", "JSON body", raw, (max_images,))
 
     async def _submit(self, kind: str, name: str, payload: bytes, args: tuple) -> Any:
         threads = self._threads
@@ -274,7 +280,7 @@ class DecodePool:
 
     def _timeout_detail(self, kind: str, name: str) -> str:
         limit = f"the server's limit of {self.time_limit_s:g} s (--decode-timeout)"
-        if kind == "json":
+        if kind in ("json", "openai"):
             return f"parsing the JSON body took longer than {limit}; send fewer or smaller images, or use multipart/form-data"
         return (f"{name}: decoding the image took longer than {limit}; it is too costly to decode: "
                 f"downscale it or re-save it as a plain PNG or baseline JPEG")

@@ -8,7 +8,9 @@ plain functions of bytes, so the tests call them directly too.
   classifying what is wrong: empty -> 400, not an image -> 415, too many
   pixels -> 413, corrupt -> 422.
 * :func:`parse_json_body`: ``{"image": "<base64>"}`` / ``{"images": [...]}``
-  (data URLs too) -> (uploads, fields); malformed -> 400, too many images -> 413.
+  (data URLs too) or, for search, ``{"embedding": [...]}`` -> (uploads, fields);
+  malformed -> 400, too many images -> 413.
+* :func:`parse_openai_body`: the OpenAI embeddings request shape (``input``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from isfe_model.preprocess import SUPPORTED_FORMATS, ImageError, PreprocessSpec,
 
 from .errors import ApiError
 
-__all__ = ["MAX_JSON_INT_DIGITS", "BoundedRepr", "Upload", "check_count", "decode_image", "parse_json_body"]
+__all__ = ["MAX_JSON_INT_DIGITS", "BoundedRepr", "Upload", "check_count", "decode_image", "parse_json_body",
+           "parse_openai_body", "parse_vectors"]
 
 #: Longest integer literal accepted in a JSON body (Python refuses over 4,300 digits; no field needs more than a few).
 MAX_JSON_INT_DIGITS = 100
@@ -97,13 +100,8 @@ def _small(value: Any) -> Any:
     return BoundedRepr(reprlib.repr(value)) if isinstance(value, (list, dict)) else value
 
 
-def parse_json_body(raw: bytes, max_images: int) -> tuple[list[Upload], dict[str, Any]]:
-    """JSON body bytes -> (uploads in request order, the fields in :data:`JSON_FIELDS`).
-
-    Raises:
-        ApiError: 400 for invalid/deeply nested JSON, a non-object body, bad
-            base64 or no image; 413 for more than ``max_images`` images.
-    """
+def _load_json(raw: bytes) -> dict[str, Any]:
+    """Body bytes -> a JSON object (400 ``malformed_json`` for anything else)."""
     try:
         doc = json.loads(raw, parse_int=_json_int)
     except RecursionError:
@@ -114,6 +112,27 @@ def parse_json_body(raw: bytes, max_images: int) -> tuple[list[Upload], dict[str
         raise ApiError(400, "malformed_json", f"request body is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "malformed_json", 'JSON body must be an object like {"image": "<base64>"} or {"images": [...]}')
+    return doc
+
+
+def parse_json_body(raw: bytes, max_images: int, vectors: bool = False) -> tuple[list[Upload], dict[str, Any]]:
+    """JSON body bytes -> (uploads in request order, the fields in :data:`JSON_FIELDS`).
+
+    With ``vectors`` (``/v1/search``), ``{"embedding": [x0, ..., x(D-1)]}`` or
+    ``{"embedding": [[...], ...]}`` may stand instead of images: no uploads, and
+    ``fields["embedding"]`` is a float64 array [D] or [Q, D] (see :func:`parse_vectors`).
+
+    Raises:
+        ApiError: 400 for invalid/deeply nested JSON, a non-object body, bad
+            base64 or no image; 413 for more than ``max_images`` images.
+    """
+    doc = _load_json(raw)
+    fields = {k: _small(doc[k]) for k in JSON_FIELDS if k in doc}
+    if vectors and "embedding" in doc:
+        if "image" in doc or "images" in doc:
+            raise ApiError(400, "ambiguous_query", 'send either "embedding" or "image"/"images", not both')
+        fields["embedding"] = parse_vectors(doc["embedding"], max_images)
+        return [], fields
     images: list[tuple[str, Any]] = []
     if "image" in doc:
         images.append(("image", doc["image"]))
@@ -123,10 +142,78 @@ def parse_json_body(raw: bytes, max_images: int) -> tuple[list[Upload], dict[str
             raise ApiError(400, "malformed_json", '"images" must be a list of base64 strings')
         check_count(len(images) + len(lst), max_images)
         images.extend((f"images[{i}]", v) for i, v in enumerate(lst))
+        fields["batch"] = True
     check_count(len(images), max_images)
     uploads = [Upload(name, _b64decode(v, name)) for name, v in images]
-    fields = {k: _small(doc[k]) for k in JSON_FIELDS if k in doc}
     return uploads, fields
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_vectors(value: Any, max_vectors: int) -> np.ndarray:
+    """``embedding`` -> float64 [D] (one vector) or [Q, D] (a list of vectors; Q <= ``max_vectors``).
+
+    Only the structure is checked here (numbers, equal lengths); the dimension,
+    NaN/Inf and zero norm are checked by the endpoint, which knows the model.
+    """
+    shape_hint = "a list of numbers (one vector) or a list of such lists (several)"
+    if not isinstance(value, list) or not value:
+        raise ApiError(422, "invalid_embedding", f"embedding must be {shape_hint}, got {reprlib.repr(value)}")
+    if all(_is_number(x) for x in value):
+        return np.asarray(value, dtype=np.float64)
+    if not all(isinstance(v, list) for v in value):
+        raise ApiError(422, "invalid_embedding", f"embedding must be {shape_hint}; mixed numbers and lists are not")
+    if len(value) > max_vectors:
+        raise ApiError(413, "too_many_queries", f"{len(value)} vectors in one request, over the limit of {max_vectors}; split the request")
+    for i, v in enumerate(value):
+        if not v or not all(_is_number(x) for x in v):
+            raise ApiError(422, "invalid_embedding", f"embedding[{i}] must be a non-empty list of numbers, got {reprlib.repr(v)}")
+        if len(v) != len(value[0]):
+            raise ApiError(422, "invalid_embedding", f"embedding[{i}] has {len(v)} numbers but embedding[0] has {len(value[0])}; "
+                                                     f"every vector needs the model's dimension")
+    return np.asarray(value, dtype=np.float64)
+
+
+#: ``encoding_format`` values of the OpenAI embeddings API.
+ENCODING_FORMATS = ("float", "base64")
+
+
+def parse_openai_body(raw: bytes, max_images: int) -> tuple[list[Upload], dict[str, Any]]:
+    """An OpenAI-shaped embeddings request -> (uploads, fields).
+
+    Body: ``{"input": "<base64 image or data: URI>" | [...], "model": str,
+    "encoding_format": "float" | "base64", "dimensions": int, "user": str}``.
+    URLs are refused (the server fetches nothing); ``fields`` holds
+    ``encoding_format``, ``model``, ``dimensions`` and ``batch`` (input was a list).
+    """
+    doc = _load_json(raw)
+    if "input" not in doc:
+        raise ApiError(400, "missing_input", 'no "input": send {"input": "<base64 image>"} or {"input": ["<base64>", ...]}')
+    inp = doc["input"]
+    batch = isinstance(inp, list)
+    items = inp if batch else [inp]
+    check_count(len(items), max_images)
+    uploads = []
+    for i, v in enumerate(items):
+        name = f"input[{i}]" if batch else "input"
+        if isinstance(v, str) and v[:8].lower().startswith(("http://", "https://")):
+            raise ApiError(400, "url_not_supported", f"{name} is a URL; this server fetches nothing from the network: "
+                                                     f"send the image itself as base64 or a data: URI")
+        if not isinstance(v, str):
+            raise ApiError(400, "bad_input", f"{name} must be a base64 image string or data: URI (token arrays are for text "
+                                             f"models), got {type(v).__name__}")
+        uploads.append(Upload(name, _b64decode(v, name)))
+    fmt = doc.get("encoding_format") or "float"
+    if fmt not in ENCODING_FORMATS:
+        raise ApiError(400, "invalid_encoding_format", f"encoding_format must be 'float' or 'base64', got {reprlib.repr(fmt)}")
+    model, dims = doc.get("model"), doc.get("dimensions")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "invalid_model", f"model must be a string, got {type(model).__name__}")
+    if dims is not None and not (isinstance(dims, int) and not isinstance(dims, bool)):
+        raise ApiError(400, "invalid_dimensions", f"dimensions must be an integer, got {reprlib.repr(dims)}")
+    return uploads, {"encoding_format": fmt, "model": (model or "")[:200], "dimensions": dims, "batch": batch}
 
 
 # ImageError.kind of a refused structure -> (HTTP status, error code)

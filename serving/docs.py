@@ -33,6 +33,28 @@ def _esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _type_of(schema: dict[str, Any]) -> str:
+    """A short type name: ``string``, ``array of number``, ``string | array of string`` ..."""
+    if "oneOf" in schema:
+        return " | ".join(_type_of(s) for s in schema["oneOf"])
+    t = str(schema.get("type", "any"))
+    if t == "array":
+        return "array of " + _type_of(schema.get("items") or {})
+    return t + (f" ({schema['format']})" if schema.get("format") else "") + (
+        " one of " + ", ".join(map(str, schema["enum"])) if schema.get("enum") else "")
+
+
+def _schema_table(schema: dict[str, Any]) -> str:
+    """An object schema's properties as a table (field, type, description); anything else as its type."""
+    props = schema.get("properties") or {}
+    if not props:
+        return f"<p><code>{_esc(_type_of(schema))}</code></p>"
+    required = set(schema.get("required") or ())
+    rows = "".join(f"<tr><td><code>{_esc(name)}</code>{' (required)' if name in required else ''}</td>"
+                   f"<td>{_esc(_type_of(sub))}</td><td>{_esc(sub.get('description', ''))}</td></tr>" for name, sub in props.items())
+    return f"<table><tr><th>field</th><th>type</th><th>description</th></tr>{rows}</table>"
+
+
 def _operation(path: str, method: str, op: dict[str, Any]) -> str:
     parts = [f'<h2 id="{_esc(op.get("operationId", path))}"><span class="m {method}">{method.upper()}</span> <code>{_esc(path)}</code></h2>']
     if op.get("summary"):
@@ -45,8 +67,8 @@ def _operation(path: str, method: str, op: dict[str, Any]) -> str:
                        f"<td>{'yes' if p.get('required') else 'no'}</td></tr>" for p in params)
         parts.append(f"<table><tr><th>parameter</th><th>in</th><th>required</th></tr>{rows}</table>")
     body = (op.get("requestBody") or {}).get("content") or {}
-    if body:
-        parts.append("<p>Request body: " + ", ".join(f"<code>{_esc(t)}</code>" for t in body) + "</p>")
+    for media, content in body.items():
+        parts.append(f"<p>Request body <code>{_esc(media)}</code>:</p>" + _schema_table(content.get("schema") or {}))
     responses = op.get("responses") or {}
     if responses:
         parts.append("<p>Responses: " + ", ".join(f"<code>{_esc(c)}</code> {_esc(r.get('description', ''))}"

@@ -20,27 +20,55 @@ and replayed to the application in pieces of :data:`REPLAY_CHUNK` bytes with a
 yield to the event loop between pieces, so parsing a large multipart body never
 holds the loop for long.
 
+After the Host check, a ``/v1/*`` request needs a valid API key when keys
+are configured (:class:`serving.auth.ApiKeys`; 401 before the body is read).
+
+Every request gets an ID: a sane ``X-Request-ID`` header (1..128 visible
+ASCII characters) is kept, anything else is replaced by a fresh UUID; the ID
+is returned as ``X-Request-ID`` on the response (also on refusals) and written
+to the access log line (logger ``serving.access``, see :mod:`serving.logs`)
+and to ``scope["state"]["request_id"]``.
+
 Metric labels are bounded: endpoints outside the known list are "other", and
-so are HTTP methods outside :data:`serving.metrics.METHODS`.
+so are HTTP methods outside :data:`serving.metrics.METHODS`.  The request is
+counted (``isfe_requests_total``) just before the last byte of its response
+is handed to the server, so a client that has its answer also sees it counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from typing import Any, Sequence
 
 from starlette.responses import JSONResponse
 
+from .auth import ApiKeys
 from .errors import ApiError
 from .metrics import ServingMetrics, method_label
 
-__all__ = ["REPLAY_CHUNK", "GuardedApp", "HostPolicy", "LOOPBACK_HOSTS", "host_of"]
+__all__ = ["REPLAY_CHUNK", "GuardedApp", "HostPolicy", "LOOPBACK_HOSTS", "host_of", "request_id"]
+
+access_log = logging.getLogger("serving.access")
 
 #: Size of the pieces in which a buffered body is handed to the application.
 REPLAY_CHUNK = 64 * 1024
 #: Host names a loopback-bound server answers to by default.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: Longest X-Request-ID kept from a client.
+MAX_REQUEST_ID = 128
+
+
+def request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's ``X-Request-ID`` if it is 1..128 visible ASCII characters, else a new UUID (hex)."""
+    for k, v in headers:
+        if k == b"x-request-id":
+            if 0 < len(v) <= MAX_REQUEST_ID and all(0x21 <= c <= 0x7E for c in v):
+                return v.decode("ascii")
+            break
+    return uuid.uuid4().hex
 
 
 def host_of(value: str) -> str | None:
@@ -115,13 +143,14 @@ class GuardedApp:
     """ASGI wrapper around the FastAPI app (see the module docstring for what it checks)."""
 
     def __init__(self, app: Any, metrics: ServingMetrics, endpoints: Sequence[str], max_body_bytes: int,
-                 timeout_body: float = 60.0, allowed_hosts: Sequence[str] | None = None):
+                 timeout_body: float = 60.0, allowed_hosts: Sequence[str] | None = None, api_keys: ApiKeys | None = None):
         self.app = app
         self.metrics = metrics
         self.endpoints = frozenset(endpoints)
         self.max_body_bytes = int(max_body_bytes)
         self.timeout_body = float(timeout_body)
         self.hosts = HostPolicy(allowed_hosts)
+        self.keys = api_keys or ApiKeys()
 
     def __getattr__(self, name: str) -> Any:  # .state, .router, ... of the FastAPI app
         return getattr(self.app, name)
@@ -132,30 +161,61 @@ class GuardedApp:
             return
         path = scope.get("path", "")
         endpoint = path if path in self.endpoints else "other"
-        status = {"status": 500}
+        method = method_label(scope.get("method", ""))
+        rid = request_id(scope.get("headers", []))
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500
+        counted = False
         t0 = time.perf_counter()
         self.metrics.in_flight.inc()
 
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.metrics.in_flight.dec()
+                self.metrics.requests.labels(endpoint, method, str(status)).inc()
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
         async def send_wrapper(message: dict) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                status["status"] = message["status"]
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count()  # before the client can see the end of the response
             await send(message)
 
         try:
             await self._serve(scope, receive, send_wrapper)
         except _ClientGone:
-            status["status"] = 499  # nginx's "client closed request"; nothing is sent
+            status = 499  # nginx's "client closed request"; nothing is sent
         finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.inc((endpoint, method_label(scope.get("method", "")), str(status["status"])))
-            self.metrics.latency.observe(time.perf_counter() - t0, (endpoint,))
+            count()
+            if access_log.isEnabledFor(logging.INFO):
+                self._log_access(scope, rid, status, t0)
+
+    @staticmethod
+    def _log_access(scope: dict, rid: str, status: int, t0: float) -> None:
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "-"
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        method, path = scope.get("method", ""), scope.get("path", "")
+        access_log.info('%s "%s %s" %d %.2f ms rid=%s', peer, method[:16], path[:200], status, ms, rid,
+                        extra={"request_id": rid, "method": method[:16], "path": path[:200], "status": status,
+                               "duration_ms": ms, "client": peer})
 
     async def _serve(self, scope: dict, receive: Any, send: Any) -> None:
         headers = scope.get("headers", [])
         try:
             self.hosts.check(headers)
+            if self.keys.protects(scope.get("path", "")):
+                self.keys.check(headers)
         except ApiError as e:
-            await _error(e.status, e.code, e.detail, close=True)(scope, receive, send)
+            resp = _error(e.status, e.code, e.detail, close=True)
+            if e.status == 401:
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="isfe"'
+            await resp(scope, receive, send)
             return
         limit = self.max_body_bytes
         length = _content_length(headers)

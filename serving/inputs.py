@@ -58,11 +58,12 @@ def _media_type(request: Request) -> str:
 
 
 async def parse_request(request: Request, limits: Limits, max_images: int | None = None,
-                        json_parser: JsonParser | None = None) -> ParsedRequest:
+                        json_parser: JsonParser | None = None, json_max_images: int | None = None) -> ParsedRequest:
     """Read the image uploads and plain fields of a request (multipart or JSON).
 
     ``json_parser`` parses JSON bodies (default: :func:`serving.decoding.parse_json_body`
-    in this thread; the server passes its decode pool's).
+    in this thread; the server passes its decode pool's).  ``max_images`` bounds
+    a multipart body's images, ``json_max_images`` (default: the same) a JSON body's.
 
     Raises:
         ApiError: 415 for other content types, 400 for malformed bodies or a
@@ -74,10 +75,11 @@ async def parse_request(request: Request, limits: Limits, max_images: int | None
         return await _parse_multipart(request, max_images)
     if media == "application/json":
         raw = await request.body()
+        n = max_images if json_max_images is None else json_max_images
         if json_parser is None:
-            uploads, fields = parse_json_body(raw, max_images)
+            uploads, fields = parse_json_body(raw, n)
         else:
-            uploads, fields = await json_parser(raw, max_images)
+            uploads, fields = await json_parser(raw, n)
         return ParsedRequest(uploads, fields)
     raise ApiError(
         415,

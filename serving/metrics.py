@@ -1,20 +1,26 @@
-"""Prometheus metrics without a client library: counters, gauges, histograms.
+"""The server's Prometheus metrics, on ``prometheus_client`` (one process or several).
 
-The exposition is the Prometheus text format, version 0.0.4
+Exposition: the Prometheus text format 0.0.4
 (``Content-Type: text/plain; version=0.0.4; charset=utf-8``)::
 
-    # HELP isfe_requests_total HTTP requests by endpoint, method and status.
-    # TYPE isfe_requests_total counter
-    isfe_requests_total{endpoint="/v1/embed",method="POST",status="200"} 3
-    # TYPE isfe_request_duration_seconds histogram
-    isfe_request_duration_seconds_bucket{endpoint="/v1/embed",le="0.005"} 1
+    isfe_requests_total{endpoint="/v1/embed",method="POST",status="200"} 3.0
+    isfe_request_duration_seconds_bucket{endpoint="/v1/embed",le="0.005"} 1.0
     ...
-    isfe_request_duration_seconds_bucket{endpoint="/v1/embed",le="+Inf"} 3
-    isfe_request_duration_seconds_sum{endpoint="/v1/embed"} 0.0123
-    isfe_request_duration_seconds_count{endpoint="/v1/embed"} 3
+    isfe_request_duration_seconds_count{endpoint="/v1/embed"} 3.0
 
-All metric objects are thread-safe: the event loop records requests while the
-inference worker thread records batch sizes.
+plus the library's standard ``process_*`` (CPU seconds, resident memory, open
+fds, start time) and ``python_*`` metrics.
+
+**Several workers** (``--workers N``): ``python -m serving`` points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before the workers start, so
+every worker keeps its samples in memory-mapped files there and ``/metrics``
+on any worker reads all of them through
+:class:`prometheus_client.multiprocess.MultiProcessCollector`: counters and
+histograms are summed over the workers (including workers that have exited),
+``isfe_requests_in_flight`` and ``isfe_queue_depth`` are summed over the live
+workers, and the process metrics carry a ``pid`` label, one set per live
+worker.  A worker marks itself dead when it stops
+(:func:`prometheus_client.multiprocess.mark_process_dead`).
 
 Label values come from bounded sets only, so no client can grow the
 exposition: endpoints outside the API's paths are "other", and so are HTTP
@@ -23,32 +29,31 @@ methods outside :data:`METHODS` (see :func:`method_label`).
 
 from __future__ import annotations
 
-import math
-import threading
-from typing import Callable, Iterable, Sequence
+import glob
+import os
+from typing import Callable, Iterable
 
-__all__ = [
-    "CONTENT_TYPE",
-    "Counter",
-    "Gauge",
-    "Histogram",
-    "Registry",
-    "ServingMetrics",
-    "format_value",
-    "method_label",
-]
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import Metric
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "METHODS", "ServingMetrics", "mark_worker_dead", "method_label", "multiprocess_dir"]
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+#: The environment variable that switches prometheus_client to its multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Request latency buckets in seconds (1 ms .. 10 s).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Batch size buckets (images per inference call).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-LabelValues = tuple[str, ...]
-
 #: HTTP methods that get their own metrics label; any other method name is counted as "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+# ``*_created`` samples double the exposition and no dashboard reads them.
+prometheus_client.disable_created_metrics()
 
 
 def method_label(method: str) -> str:
@@ -56,223 +61,106 @@ def method_label(method: str) -> str:
     return method if method in METHODS else "other"
 
 
-def format_value(v: float) -> str:
-    """A sample value in exposition syntax (``+Inf``, ``-Inf``, ``NaN``, integers without ``.0``)."""
-    v = float(v)
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if v.is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    return repr(v)
+def multiprocess_dir() -> str | None:
+    """The multiprocess folder when this process runs in multiprocess mode, else None."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def mark_worker_dead(pid: int | None = None) -> None:
+    """Drop a stopping worker's live gauges (in-flight, queue depth) from the multiprocess folder."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid() if pid is None else pid)
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+class WorkerProcessCollector:
+    """``process_*`` metrics of every live worker, labelled ``pid`` (multiprocess mode).
 
+    The workers are the pids that own sample files in the multiprocess folder
+    and still run; each is read from ``/proc/<pid>`` by prometheus_client's
+    own :class:`~prometheus_client.ProcessCollector`.
+    """
 
-def _labels(names: Sequence[str], values: Sequence[str], extra: tuple[str, str] | None = None) -> str:
-    pairs = [f'{n}="{_escape_label(str(v))}"' for n, v in zip(names, values)]
-    if extra is not None:
-        pairs.append(f'{extra[0]}="{_escape_label(extra[1])}"')
-    return "{" + ",".join(pairs) + "}" if pairs else ""
+    def __init__(self, directory: str):
+        self.directory = directory
 
+    def _pids(self) -> list[int]:
+        pids = set()
+        for path in glob.glob(os.path.join(self.directory, "*.db")):
+            tail = os.path.basename(path)[:-3].rsplit("_", 1)[-1]
+            if tail.isdigit() and os.path.exists(f"/proc/{tail}"):
+                pids.add(int(tail))
+        return sorted(pids)
 
-class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()):
-        self.name = name
-        self.help = help
-        self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: Sequence[str]) -> LabelValues:
-        key = tuple(str(v) for v in labels)
-        if len(key) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {key}")
-        return key
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-
-    def render(self) -> list[str]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    """A monotonically increasing count per label combination."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()):
-        super().__init__(name, help, labelnames)
-        self._values: dict[LabelValues, float] = {}
-
-    def inc(self, labels: Sequence[str] = (), amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("counters only go up")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, labels: Sequence[str] = ()) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(self.labelnames, k)} {format_value(v)}" for k, v in items]
-
-
-class Gauge(_Metric):
-    """A value that goes up and down; optionally read from a callback at render time."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), callback: Callable[[], float] | None = None):
-        super().__init__(name, help, labelnames)
-        if callback is not None and labelnames:
-            raise ValueError("callback gauges have no labels")
-        self._values: dict[LabelValues, float] = {}
-        self._callback = callback
-
-    def set(self, value: float, labels: Sequence[str] = ()) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
-
-    def inc(self, amount: float = 1.0, labels: Sequence[str] = ()) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def dec(self, amount: float = 1.0, labels: Sequence[str] = ()) -> None:
-        self.inc(-amount, labels)
-
-    def value(self, labels: Sequence[str] = ()) -> float:
-        if self._callback is not None:
-            return float(self._callback())
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        if self._callback is not None:
-            return self.header() + [f"{self.name} {format_value(self._callback())}"]
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(self.labelnames, k)} {format_value(v)}" for k, v in items]
-
-
-class Histogram(_Metric):
-    """Observations counted into cumulative ``le`` buckets, plus ``_sum`` and ``_count``."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Iterable[float] = LATENCY_BUCKETS):
-        super().__init__(name, help, labelnames)
-        if "le" in self.labelnames:
-            raise ValueError("'le' is reserved for histogram buckets")
-        bounds = sorted(float(b) for b in buckets)
-        if not bounds or len(set(bounds)) != len(bounds):
-            raise ValueError("histogram buckets must be non-empty and distinct")
-        if not math.isinf(bounds[-1]):
-            bounds.append(math.inf)
-        self.buckets = tuple(bounds)
-        # per label set: [per-bucket (non-cumulative) counts..., sum]
-        self._data: dict[LabelValues, tuple[list[int], list[float]]] = {}
-
-    def observe(self, value: float, labels: Sequence[str] = ()) -> None:
-        key = self._key(labels)
-        value = float(value)
-        # first bucket whose upper bound is >= value (le = "less or equal")
-        idx = next(i for i, b in enumerate(self.buckets) if value <= b or math.isnan(value) and math.isinf(b))
-        with self._lock:
-            counts, total = self._data.setdefault(key, ([0] * len(self.buckets), [0.0]))
-            counts[idx] += 1
-            total[0] += value
-
-    def snapshot(self, labels: Sequence[str] = ()) -> tuple[list[int], float, int]:
-        """(cumulative bucket counts, sum, count) for one label set."""
-        key = self._key(labels)
-        with self._lock:
-            counts, total = self._data.get(key, ([0] * len(self.buckets), [0.0]))
-            counts = list(counts)
-            s = total[0]
-        cum, run = [], 0
-        for c in counts:
-            run += c
-            cum.append(run)
-        return cum, s, run
-
-    def render(self) -> list[str]:
-        with self._lock:
-            keys = sorted(self._data)
-        lines = self.header()
-        for key in keys:
-            cum, s, n = self.snapshot(key)
-            for bound, c in zip(self.buckets, cum):
-                lines.append(f"{self.name}_bucket{_labels(self.labelnames, key, ('le', format_value(bound)))} {c}")
-            lines.append(f"{self.name}_sum{_labels(self.labelnames, key)} {format_value(s)}")
-            lines.append(f"{self.name}_count{_labels(self.labelnames, key)} {n}")
-        return lines
-
-
-class Registry:
-    """An ordered set of metrics rendered together."""
-
-    def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
-        self._names: set[str] = set()
-
-    def register(self, metric: _Metric) -> _Metric:
-        if metric.name in self._names:
-            raise ValueError(f"metric {metric.name} registered twice")
-        self._names.add(metric.name)
-        self._metrics.append(metric)
-        return metric
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for m in self._metrics:
-            lines.extend(m.render())
-        return "\n".join(lines) + "\n"
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self._pids():
+            for m in prometheus_client.ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                out = merged.setdefault(m.name, Metric(m.name, m.documentation, m.type))
+                for s in m.samples:
+                    out.add_sample(s.name, {**s.labels, "pid": str(pid)}, s.value)
+        return list(merged.values())
 
 
 class ServingMetrics:
-    """The metrics the ISFE server exports (one instance per server process)."""
+    """The metrics of one server process (or, in multiprocess mode, this worker's share of them).
+
+    Attributes are prometheus_client metrics: ``requests`` (labels endpoint,
+    method, status), ``latency`` (endpoint), ``in_flight``, ``batch_size``,
+    ``inference``, ``images``, ``image_errors`` (reason), ``decode_restarts``
+    (reason), ``queue_depth``, ``reloads`` (result: ok, error), and the
+    gallery's ``gallery_items``.
+    """
 
     def __init__(self, queue_depth: Callable[[], float] | None = None):
-        self.registry = Registry()
-        r = self.registry
-        self.requests = r.register(Counter("isfe_requests_total", "HTTP requests by endpoint, method and status.", ("endpoint", "method", "status")))
-        self.latency = r.register(
-            Histogram("isfe_request_duration_seconds", "HTTP request latency in seconds, by endpoint.", ("endpoint",), LATENCY_BUCKETS)
-        )
-        self.in_flight = r.register(Gauge("isfe_requests_in_flight", "HTTP requests being served now."))
-        self.batch_size = r.register(Histogram("isfe_batch_size", "Images per inference call (micro-batch size).", (), BATCH_BUCKETS))
-        self.inference = r.register(
-            Histogram("isfe_inference_duration_seconds", "Duration of one batched inference call in seconds.", (), LATENCY_BUCKETS)
-        )
-        self.images = r.register(Counter("isfe_images_embedded_total", "Images embedded by the model."))
-        self.image_errors = r.register(Counter("isfe_image_errors_total", "Uploads refused, by reason.", ("reason",)))
-        self.decode_restarts = r.register(
-            Counter("isfe_decode_worker_restarts_total", "Decode worker processes replaced, by reason (timeout, crash, demoted).", ("reason",))
-        )
-        self.queue_depth = r.register(
-            Gauge("isfe_queue_depth", "Images waiting for the inference worker.", callback=queue_depth or (lambda: 0.0))
-        )
+        self.multiprocess = multiprocess_dir()
+        own = None if self.multiprocess else CollectorRegistry(auto_describe=True)
+        live = {"multiprocess_mode": "livesum"}
+        self.requests = Counter("isfe_requests_total", "HTTP requests by endpoint, method and status.",
+                                ("endpoint", "method", "status"), registry=own)
+        self.latency = Histogram("isfe_request_duration_seconds", "HTTP request latency in seconds, by endpoint.",
+                                 ("endpoint",), buckets=LATENCY_BUCKETS, registry=own)
+        self.in_flight = Gauge("isfe_requests_in_flight", "HTTP requests being served now.", registry=own, **live)
+        self.batch_size = Histogram("isfe_batch_size", "Images per inference call (micro-batch size).",
+                                    buckets=BATCH_BUCKETS, registry=own)
+        self.inference = Histogram("isfe_inference_duration_seconds", "Duration of one batched inference call in seconds.",
+                                   buckets=LATENCY_BUCKETS, registry=own)
+        self.images = Counter("isfe_images_embedded_total", "Images embedded by the model.", registry=own)
+        self.image_errors = Counter("isfe_image_errors_total", "Uploads refused, by reason.", ("reason",), registry=own)
+        self.decode_restarts = Counter("isfe_decode_worker_restarts_total",
+                                       "Decode worker processes replaced, by reason (timeout, crash, demoted).", ("reason",),
+                                       registry=own)
+        self.reloads = Counter("isfe_gallery_reload_total", "Gallery reloads per worker, by result (ok, error).", ("result",),
+                               registry=own)
+        self.gallery_items = Gauge("isfe_gallery_items", "Items in the gallery being served.", registry=own,
+                                   multiprocess_mode="max")
+        self.queue_depth = Gauge("isfe_queue_depth", "Images waiting for the inference worker.", registry=own, **live)
+        self._depth = queue_depth or (lambda: 0.0)
+        if own is None:
+            self.registry = CollectorRegistry()
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry)
+            self.registry.register(WorkerProcessCollector(self.multiprocess))  # type: ignore[arg-type]
+        else:
+            self.registry = own
+            self.queue_depth.set_function(lambda: float(self._depth()))
+            prometheus_client.ProcessCollector(registry=own)
+            prometheus_client.PlatformCollector(registry=own)
+            prometheus_client.GCCollector(registry=own)
 
     def record_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
-        self.images.inc(amount=size)
+        self.images.inc(size)
+        if self.multiprocess:
+            self.queue_depth.set(self._depth())
 
-    def render(self) -> str:
-        return self.registry.render()
+    def note_queue(self) -> None:
+        """Multiprocess mode: publish this worker's queue depth (a callback cannot be read across processes)."""
+        if self.multiprocess:
+            self.queue_depth.set(self._depth())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -28,7 +28,7 @@ from serving.batcher import BatcherClosed, BatcherFull, MicroBatcher
 from serving.errors import ApiError
 from serving.inputs import Upload, decode_image, parse_k
 from isfe_model.preprocess import SUPPORTED_FORMATS
-from serving.metrics import Counter, Histogram, Registry, ServingMetrics, format_value
+from serving.metrics import ServingMetrics
 from isfe_model.preprocess import PreprocessSpec, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,19 @@ PY = sys.executable
 # --------------------------------------------------------------------------- metrics
 
 
+def _le(value: str) -> str:
+    """A bucket bound in one spelling: "8.0" and "8" (both legal) -> "8"; "+Inf" stays."""
+    if value in ("+Inf", "-Inf", "NaN"):
+        return value
+    f = float(value)
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
 def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
-    """A minimal Prometheus text-format parser: {(name, labels): value}; checks TYPE lines."""
+    """A minimal Prometheus text-format parser: {(name, labels): value}; checks TYPE lines.
+
+    Bucket bounds (``le``) are compared as numbers (``le="8.0"`` is ``le="8"``), as Prometheus does.
+    """
     out: dict[tuple[str, frozenset], float] = {}
     typed: set[str] = set()
     line_re = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
@@ -56,75 +67,65 @@ def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
         name, _, labels, value = m.groups()
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         assert name in typed or base in typed, f"sample {name} has no TYPE line"
-        lab = frozenset(label_re.findall(labels or ""))
+        lab = frozenset((k, _le(v) if k == "le" else v) for k, v in label_re.findall(labels or ""))
         v = {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}.get(value)
+        assert (name, lab) not in out, f"duplicate sample {name}{labels}"
         out[(name, lab)] = float(value) if v is None else v
     return out
 
 
-def test_format_value():
-    assert format_value(3) == "3"
-    assert format_value(0.25) == "0.25"
-    assert format_value(math.inf) == "+Inf"
-    assert format_value(-math.inf) == "-Inf"
-    assert format_value(math.nan) == "NaN"
-
-
 def test_histogram_matches_naive_count():
+    """The request-latency histogram's cumulative buckets equal a naive count of the observations."""
+    from serving.metrics import LATENCY_BUCKETS
+
     rng = np.random.default_rng(0)
     values = rng.exponential(0.05, size=500).tolist() + [0.01, 0.0, 100.0]
-    buckets = (0.001, 0.01, 0.1, 1.0)
-    h = Histogram("x_seconds", "help", ("endpoint",), buckets)
+    m = ServingMetrics()
     for v in values:
-        h.observe(v, ("/a",))
-    h.observe(1.0, ("/b",))
-    reg = Registry()
-    reg.register(h)
-    parsed = parse_exposition(reg.render())
-    for b in buckets:
-        le = format_value(b)
+        m.latency.labels("/a").observe(v)
+    m.latency.labels("/b").observe(1.0)
+    parsed = parse_exposition(m.render().decode())
+    for b in LATENCY_BUCKETS:
         naive = sum(1 for v in values if v <= b)
-        assert parsed[("x_seconds_bucket", frozenset({("endpoint", "/a"), ("le", le)}))] == naive
-    assert parsed[("x_seconds_bucket", frozenset({("endpoint", "/a"), ("le", "+Inf")}))] == len(values)
-    assert parsed[("x_seconds_count", frozenset({("endpoint", "/a")}))] == len(values)
-    assert parsed[("x_seconds_sum", frozenset({("endpoint", "/a")}))] == pytest.approx(sum(values))
-    assert parsed[("x_seconds_count", frozenset({("endpoint", "/b")}))] == 1
+        assert parsed[("isfe_request_duration_seconds_bucket", frozenset({("endpoint", "/a"), ("le", _le(str(b)))}))] == naive
+    assert parsed[("isfe_request_duration_seconds_bucket", frozenset({("endpoint", "/a"), ("le", "+Inf")}))] == len(values)
+    assert parsed[("isfe_request_duration_seconds_count", frozenset({("endpoint", "/a")}))] == len(values)
+    assert parsed[("isfe_request_duration_seconds_sum", frozenset({("endpoint", "/a")}))] == pytest.approx(sum(values))
+    assert parsed[("isfe_request_duration_seconds_count", frozenset({("endpoint", "/b")}))] == 1
 
 
-def test_counter_labels_escaped_and_thread_safe():
-    c = Counter("reqs_total", "requests", ("path",))
-    weird = 'a"b\\c\nd'
+def test_counter_is_thread_safe_and_checks_labels():
+    m = ServingMetrics()
 
     def work():
         for _ in range(1000):
-            c.inc((weird,))
+            m.requests.labels("/v1/embed", "POST", "200").inc()
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    reg = Registry()
-    reg.register(c)
-    text = reg.render()
-    assert 'path="a\\"b\\\\c\\nd"' in text
-    parsed = parse_exposition(text)
-    assert parsed[("reqs_total", frozenset({("path", 'a\\"b\\\\c\\nd')}))] == 4000
+    parsed = parse_exposition(m.render().decode())
+    assert parsed[("isfe_requests_total", frozenset({("endpoint", "/v1/embed"), ("method", "POST"), ("status", "200")}))] == 4000
     with pytest.raises(ValueError):
-        c.inc(("x", "y"))
+        m.requests.labels("x", "y")
     with pytest.raises(ValueError):
-        c.inc(("x",), -1)
+        m.requests.labels("x", "y", "z").inc(-1)
 
 
 def test_serving_metrics_render_parses():
     m = ServingMetrics(queue_depth=lambda: 7)
-    m.requests.inc(("/v1/embed", "POST", "200"))
+    m.requests.labels("/v1/embed", "POST", "200").inc()
     m.record_batch(5, 0.004)
-    parsed = parse_exposition(m.render())
+    parsed = parse_exposition(m.render().decode())
     assert parsed[("isfe_queue_depth", frozenset())] == 7
     assert parsed[("isfe_images_embedded_total", frozenset())] == 5
     assert parsed[("isfe_batch_size_bucket", frozenset({("le", "4")}))] == 0
     assert parsed[("isfe_batch_size_bucket", frozenset({("le", "8")}))] == 1
+    # the standard process metrics of prometheus_client
+    assert parsed[("process_resident_memory_bytes", frozenset())] > 0
+    assert ("process_cpu_seconds_total", frozenset()) in parsed
 
 
 # --------------------------------------------------------------------------- batcher
