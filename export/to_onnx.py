@@ -96,7 +96,9 @@ def summarize_train_config(config: dict[str, Any] | None, max_len: int = 200) ->
 def metadata_for_encoder(model: nn.Module, model_name: str | None = None, model_version: str = "1") -> ModelMetadata:
     """ISFE metadata of an encoder returned by :func:`training.model.load_encoder`.
 
-    Uses ``model.cfg`` (architecture, embedding dim, preprocessing),
+    Uses ``model.cfg`` (architecture, embedding dim, preprocessing: the checkpoint's training spec,
+    whose ``decode`` policy becomes ``isfe.decode`` -- "full" for checkpoints from before the field,
+    "draft" when training decoded JPEGs in draft mode, so inference sees the pixels training saw),
     ``model.checkpoint_sha256`` (the fingerprint) and ``model.checkpoint``
     (training config and bookkeeping such as the epoch).
     """

@@ -101,6 +101,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime execution providers in order, e.g. 'cuda,cpu' or 'cpu' "
                         "(default: TensorRT, CUDA, CPU — those this onnxruntime build has)")
     g.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    g.add_argument("--decode-threads", type=positive_int, default=None, metavar="N",
+                   help="threads that decode images while the model runs (default: the cores available)")
     g.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
     g.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images with more decoded pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,}; 'none' = no limit)")
@@ -139,7 +141,8 @@ def _progress(args: argparse.Namespace) -> bool:
 def _open_encoder(args: argparse.Namespace, prog: str) -> Encoder:
     lift_pillow_pixel_limit(args.max_pixels)  # ours is the limit that counts (_run restores Pillow's)
     try:
-        enc = Encoder(args.model, providers=args.providers, threads=args.threads, max_pixels=args.max_pixels)
+        enc = Encoder(args.model, providers=args.providers, threads=args.threads, max_pixels=args.max_pixels,
+                      decode_threads=args.decode_threads)
     except ValueError as e:  # ModelError, MetadataError, bad --providers
         raise CliError(str(e)) from None
     if not args.quiet:

@@ -3,12 +3,14 @@
 The model file carries everything needed (ISFE metadata: embedding size,
 preprocessing, fingerprint), so ``Encoder("model.onnx").embed(paths)`` is the
 whole API.  Images are decoded and preprocessed by :mod:`isfe_model.preprocess`
-(the same code as the training evaluation transform) in a few threads while
-ONNX Runtime runs the previous batch.
+(the same code as the training evaluation transform) by a pool of decode
+threads while ONNX Runtime runs the previous batch; :meth:`Encoder.embed_iter`
+streams any iterable of images in bounded memory and ``embed`` collects it.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.metadata
 import logging
@@ -17,7 +19,7 @@ import stat
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +32,7 @@ from .progress import Progress
 
 __all__ = [
     "Encoder",
+    "default_decode_threads",
     "GPU_PROVIDERS",
     "ModelError",
     "PREFERRED_PROVIDERS",
@@ -155,17 +158,19 @@ def _dim(d: Any) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
 
-def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
-    """One image or a sequence of images -> list (a uint8 [N,H,W,C] array is N images)."""
+def _as_iterable(images: Iterable[ImageInput] | ImageInput) -> tuple[Iterable[ImageInput], int | None]:
+    """One image or an iterable of images -> (iterable, count or None when unknown); a uint8 [N,H,W,C] array is N
+    images.  Nothing is copied: a generator stays lazy."""
     if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
-        return [images]
+        return [images], 1
     if isinstance(images, np.ndarray):
-        if images.ndim == 4:
-            return list(images)
-        return [images]
+        return (images, images.shape[0]) if images.ndim == 4 else ([images], 1)
     if isinstance(images, Iterable):
-        return list(images)
-    return [images]
+        try:
+            return images, len(images)  # type: ignore[arg-type]
+        except TypeError:
+            return images, None
+    return [images], 1
 
 
 def _check_model_file(path: Path) -> None:
@@ -207,7 +212,10 @@ class Encoder:
         threads: intra-op threads of ONNX Runtime (None: its default, all cores).
         max_pixels: refuse images with more decoded pixels (decompression
             bombs); None disables the check.
-        workers: threads that decode/preprocess images (None: min(4, cores)).
+        decode_threads: threads that decode and preprocess images, separate from ONNX Runtime's
+            ``threads`` (None: the cores this process may use, :func:`default_decode_threads`);
+            decoding overlaps inference (:meth:`embed_iter`).
+        workers: the former name of ``decode_threads`` (give one of the two).
         precision: for a package: "fp32", "int8" or "auto" (INT8 when the
             first provider is the CPU and the package has a gated INT8 model);
             for a .onnx file "auto" or the file's own precision.
@@ -232,7 +240,7 @@ class Encoder:
 
     def __init__(self, model_path: str | os.PathLike, providers: str | Sequence[ProviderSpec] | None = None,
                  threads: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", decode_threads: int | None = None):
         located = locate(model_path)
         self.package: ModelPackage | None = located if isinstance(located, ModelPackage) else None
         if threads is not None and int(threads) < 1:
@@ -251,7 +259,12 @@ class Encoder:
         _check_model_file(path)
         self.model_path = path
         self.max_pixels = None if max_pixels is None else int(max_pixels)
-        self.workers = max(1, int(workers) if workers is not None else min(4, os.cpu_count() or 1))
+        if workers is not None and decode_threads is not None and int(workers) != int(decode_threads):
+            raise ValueError(f"workers ({workers}) is the former name of decode_threads ({decode_threads}); give one")
+        chosen = decode_threads if decode_threads is not None else workers
+        if chosen is not None and int(chosen) < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {chosen}")
+        self.decode_threads = int(chosen) if chosen is not None else default_decode_threads()
         try:
             self.model_sha256 = sha256_file(path)
         except OSError as e:
@@ -393,6 +406,11 @@ class Encoder:
                         "of onnxruntime to use an NVIDIA GPU)")
 
     @property
+    def workers(self) -> int:
+        """The former name of :attr:`decode_threads`."""
+        return self.decode_threads
+
+    @property
     def on_gpu(self) -> bool:
         """True when ONNX Runtime runs the model on a GPU provider."""
         return any(p in GPU_PROVIDERS for p in self.providers)
@@ -418,6 +436,8 @@ class Encoder:
             "providers": list(self.providers),
             "requested_providers": list(self.requested_providers),
             "max_pixels": self.max_pixels,
+            "decode": self.spec.decode,
+            "decode_threads": self.decode_threads,
             **runtime_info(),
         }
 
@@ -494,25 +514,27 @@ class Encoder:
                              f"(re-export it with `python -m export`)")
         return (out / norms[:, None]).astype(np.float32)
 
-    def embed(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 64,
-              progress: bool = False) -> np.ndarray:
-        """Images -> float32 [N, D] unit rows, in input order.
+    def embed(self, images: Iterable[ImageInput] | ImageInput, batch_size: int = 64,
+              progress: bool = False, decode_threads: int | None = None) -> np.ndarray:
+        """Images -> float32 [N, D] unit rows, in input order (:meth:`embed_iter` collected).
 
         Args:
-            images: one image or a sequence; each a file path, encoded bytes,
+            images: one image or an iterable of them; each a file path, encoded bytes,
                 a PIL image or a uint8 array (HxW, HxWx3, HxWx4); a uint8
                 [N, H, W, 3] array counts as N images.
             batch_size: images per ONNX Runtime call.
             progress: print a progress line on stderr.
+            decode_threads: threads that decode images (None: the encoder's ``decode_threads``).
 
         Raises:
             ImageError: naming the first input that is not a usable image.
         """
-        return self.embed_partial(images, batch_size=batch_size, progress=progress, skip_bad=False)[0]
+        return self.embed_partial(images, batch_size=batch_size, progress=progress, skip_bad=False,
+                                  decode_threads=decode_threads)[0]
 
-    def embed_partial(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 64, progress: bool = False,
-                      skip_bad: bool = True, names: Sequence[str] | None = None,
-                      label: str = "embedding") -> tuple[np.ndarray, list[int], list[ImageError]]:
+    def embed_partial(self, images: Iterable[ImageInput] | ImageInput, batch_size: int = 64, progress: bool = False,
+                      skip_bad: bool = True, names: Sequence[str] | None = None, label: str = "embedding",
+                      decode_threads: int | None = None) -> tuple[np.ndarray, list[int], list[ImageError]]:
         """Like :meth:`embed` but bad images can be skipped.
 
         Returns:
@@ -520,68 +542,108 @@ class Encoder:
             their indices into ``images`` (length M), the ImageErrors of the
             skipped ones).  With ``skip_bad=False`` the first bad image raises.
         """
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        batch_size = int(batch_size)
-        items = _as_list(images)
-        if names is not None and len(names) != len(items):
-            raise ValueError(f"names has {len(names)} entries for {len(items)} images")
-        n = len(items)
-        s = self.spec.input_size
+        errors: list[ImageError] = []
         embs: list[np.ndarray] = []
         kept: list[int] = []
-        errors: list[ImageError] = []
-        if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32), kept, errors
+        for idx, vecs in self.embed_iter(images, batch_size=batch_size, decode_threads=decode_threads,
+                                         progress=progress, names=names, label=label,
+                                         on_error=(lambda i, e: errors.append(e)) if skip_bad else None):
+            kept.extend(idx.tolist())
+            embs.append(vecs)
+        emb = np.concatenate(embs) if len(embs) > 1 else embs[0] if embs else np.zeros((0, self.dim), np.float32)
+        return emb, kept, errors
 
-        def name_of(i: int) -> str:
-            return names[i] if names is not None else describe_source(items[i], i if n > 1 else None)
+    def embed_iter(self, inputs: Iterable[ImageInput] | ImageInput, batch_size: int = 64,
+                   decode_threads: int | None = None, progress: bool = False, names: Sequence[str] | None = None,
+                   label: str = "embedding", on_error: Callable[[int, ImageError], None] | None = None,
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream images -> batches ``(indices int64 [b], embeddings float32 [b, D] unit rows)``, in input order.
 
-        def prep(i: int) -> np.ndarray | ImageError:
-            name = name_of(i)
-            try:
-                return preprocess(items[i], self.spec, max_pixels=self.max_pixels, name=name)
-            except ImageError as e:
-                return e
-            except MemoryError:
-                return ImageError(name, "not enough memory to decode this image; lower max_pixels or free memory")
+        ``inputs`` is any iterable (a generator too: it is consumed lazily) or one image.  A pool
+        of ``decode_threads`` threads decodes and preprocesses at most ``batch_size + max(batch_size,
+        2 x decode_threads)`` images ahead of the batch ONNX Runtime is running, so decoding and
+        inference overlap and memory holds a bounded number of decoded images however many
+        inputs there are (only what the caller keeps of the yielded batches grows).
+        ``indices`` are the positions in ``inputs``; with ``on_error`` a bad image is reported
+        as ``on_error(index, ImageError)`` and left out, otherwise its ImageError is raised
+        when its batch is reached.  ``names`` (indexable by position) name the inputs in errors.
+        Closing the generator early (or Ctrl-C) cancels the queued decodes.
 
-        starts = list(range(0, n, batch_size))
-        threaded = self.workers > 1 and n > 1
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="isfe-preprocess") if threaded else None
+        Raises:
+            ImageError: the first bad image (without ``on_error``).  ValueError: batch_size or
+            decode_threads < 1, or ``names`` of another length than a sized ``inputs``.
+        """
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        threads = self.decode_threads if decode_threads is None else int(decode_threads)
+        if threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
+        items, total = _as_iterable(inputs)
+        if names is not None and total is not None and len(names) != total:
+            raise ValueError(f"names has {len(names)} entries for {total} images")
+        return self._stream(items, total, int(batch_size), threads, names, label, on_error, progress)
 
-        def submit(start: int) -> list[Future | np.ndarray | ImageError]:
-            idx = range(start, min(start + batch_size, n))
-            if pool is None:
-                return [prep(i) for i in idx]
-            return [pool.submit(prep, i) for i in idx]
-
-        bar = Progress(n, label, enabled=progress)
+    def _prep(self, item: ImageInput, name: str) -> np.ndarray | ImageError:
+        """One input -> float32 [3, S, S], or the ImageError saying why it is not usable (runs in a decode thread)."""
         try:
-            pending = submit(starts[0])
-            for bi, start in enumerate(starts):
-                results = [r.result() if isinstance(r, Future) else r for r in pending]
-                if bi + 1 < len(starts):
-                    pending = submit(starts[bi + 1])  # decode the next batch while this one runs
-                good_idx, arrays = [], []
-                for j, r in enumerate(results):
+            return preprocess(item, self.spec, max_pixels=self.max_pixels, name=name)
+        except ImageError as e:
+            return e
+        except MemoryError:
+            return ImageError(name, "not enough memory to decode this image; lower max_pixels or free memory")
+
+    def _stream(self, items: Iterable[ImageInput], total: int | None, batch_size: int, threads: int,
+                names: Sequence[str] | None, label: str, on_error: Callable[[int, ImageError], None] | None,
+                progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The generator behind :meth:`embed_iter`: a bounded deque of decode futures, one batch run at a time."""
+        single = total == 1
+
+        def name_of(i: int, item: ImageInput) -> str:
+            return names[i] if names is not None else describe_source(item, None if single else i)
+
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="isfe-decode") if threads > 1 and total != 1 else None
+        ahead = batch_size + max(batch_size, 2 * threads)  # decoded or decoding, not yet run
+        source = enumerate(items)
+        pending: collections.deque[tuple[int, str, Future | np.ndarray | ImageError]] = collections.deque()
+        bar = Progress(total, label, enabled=progress)
+
+        def fill() -> None:
+            while len(pending) < ahead:
+                nxt = next(source, None)
+                if nxt is None:
+                    return
+                i, item = nxt
+                name = name_of(i, item)
+                pending.append((i, name, pool.submit(self._prep, item, name) if pool else self._prep(item, name)))
+
+        try:
+            fill()
+            while pending:
+                batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+                fill()  # the next images decode while this batch waits and runs
+                good: list[tuple[int, str, np.ndarray]] = []
+                for i, name, r in batch:
+                    r = r.result() if isinstance(r, Future) else r
                     if isinstance(r, ImageError):
-                        if not skip_bad:
+                        if on_error is None:
                             raise r
-                        errors.append(r)
+                        on_error(i, r)
                     else:
-                        good_idx.append(start + j)
-                        arrays.append(r)
-                if arrays:
-                    x = np.stack(arrays) if len(arrays) > 1 else arrays[0][None]
-                    assert x.shape[1:] == (3, s, s)
-                    embs.append(self._embed_arrays(x, [name_of(i) for i in good_idx]))
-                    kept.extend(good_idx)
-                bar.update(len(results))
+                        good.append((i, name, r))
+                bar.update(len(batch))
+                if good:
+                    x = np.stack([a for _, _, a in good])
+                    yield (np.fromiter((i for i, _, _ in good), np.int64, len(good)),
+                           self._embed_arrays(x, [n for _, n, _ in good]))
         finally:
             bar.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        emb = np.concatenate(embs) if embs else np.zeros((0, self.dim), dtype=np.float32)
-        return emb, kept, errors
 
+
+def default_decode_threads() -> int:
+    """The CPU cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` elsewhere)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

@@ -106,6 +106,25 @@ class SearchResult:
         return out
 
 
+def _embed_paths(encoder: Any, paths: Sequence[Path], dtype: str, batch_size: int, progress: bool, skip_bad: bool,
+                 decode_threads: int | None) -> tuple[np.ndarray, list[int], list[Any]]:
+    """``paths`` -> (``dtype`` [M, D] rows of the usable images in order, their indices, the ImageErrors skipped).
+
+    The rows are written into one [N, D] array as the batches of ``encoder.embed_iter`` arrive
+    (skipped images leave no row: the result is its first M rows).
+    """
+    names = [str(p) for p in paths]
+    out = np.empty((len(names), int(encoder.dim)), dtype=dtype)
+    kept: list[int] = []
+    errors: list[Any] = []
+    for idx, vecs in encoder.embed_iter(names, batch_size=batch_size, decode_threads=decode_threads,
+                                        progress=progress, names=names, label="indexing",
+                                        on_error=(lambda i, e: errors.append(e)) if skip_bad else None):
+        out[len(kept) : len(kept) + len(idx)] = vecs
+        kept.extend(idx.tolist())
+    return (out if len(kept) == len(out) else out[: len(kept)].copy()), kept, errors
+
+
 class Gallery:
     """Embeddings [N, D] with one item per row, searchable by cosine similarity.
 
@@ -190,7 +209,7 @@ class Gallery:
     def build(cls, encoder: Any, source: str | os.PathLike | Sequence[str | os.PathLike], skip_bad: bool = False,
               progress: bool = False, dtype: str = "float32", batch_size: int = 64,
               metadata: Mapping[str, Mapping[str, Any]] | None = None, exclude: Sequence[str | os.PathLike] = (),
-              backend: str = "numpy") -> "Gallery":
+              backend: str = "numpy", decode_threads: int | None = None) -> "Gallery":
         """Embed a folder (recursively) or a list of image files.
 
         ids are paths relative to the folder (for a list: to the folders'
@@ -210,6 +229,10 @@ class Gallery:
                 it is several times slower per query than float32).
             metadata: optional {id: {free metadata}} stored with the items.
             exclude: paths under the folder to leave out.
+            decode_threads: image decoding threads (None: the encoder's).
+
+        The images are streamed through ``encoder.embed_iter`` into one preallocated
+        [N, D] array: memory holds a bounded number of decoded images besides it.
 
         Raises:
             GalleryError: no such folder, no files, nothing embeddable.
@@ -251,8 +274,7 @@ class Gallery:
                           for n in unnamed]
             keep = sorted(set(range(len(paths))) - set(unnamed))
             paths, ids, labels = [paths[n] for n in keep], [ids[n] for n in keep], [labels[n] for n in keep]
-        emb, kept, errors = encoder.embed_partial([str(p) for p in paths], batch_size=batch_size, progress=progress,
-                                                  skip_bad=skip_bad, names=[str(p) for p in paths], label="indexing")
+        emb, kept, errors = _embed_paths(encoder, paths, dtype, batch_size, progress, skip_bad, decode_threads)
         bad = name_skips + [{"path": _printable(e.source), "reason": _printable(e.reason)} for e in errors]
         skipped = left_out + bad
         if not kept:
@@ -261,7 +283,7 @@ class Gallery:
         metadata = metadata or {}
         items = [{"id": ids[i], "label": labels[i], "metadata": metadata.get(ids[i]) or {}} for i in kept]
         manifest = cls.new_manifest(encoder, dtype, source=src_desc, skipped=skipped)
-        return cls(emb.astype(dtype), items, manifest, backend=backend)
+        return cls(emb, items, manifest, backend=backend)
 
     # ------------------------------------------------------------------ accessors
 

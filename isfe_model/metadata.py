@@ -13,7 +13,7 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .preprocess import PreprocessSpec
+from .preprocess import DECODE_POLICIES, PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_EMBEDDING_DIM", "MAX_IMAGE_SIDE", "MetadataError", "ModelError",
            "ModelMetadata",
@@ -104,6 +104,7 @@ class ModelMetadata:
             "isfe.resize_size": str(p.resize_size),
             "isfe.resize_policy": p.resize_policy,
             "isfe.interpolation": p.interpolation,
+            "isfe.decode": p.decode,
             "isfe.mean": json.dumps(list(p.mean)),
             "isfe.std": json.dumps(list(p.std)),
             "isfe.input_name": self.input_name,
@@ -135,7 +136,7 @@ class ModelMetadata:
                 f"by this isfe_model (supports {FORMAT_VERSION!r}); upgrade isfe-model or re-export the model"
             )
         fix = FIX
-        sizes, norm = _sizes(props, source), _normalisation(props, source)
+        sizes, norm, decode = _sizes(props, source), _normalisation(props, source), _decode_policy(props, source)
         try:
             spec = PreprocessSpec(
                 input_size=sizes["isfe.input_size"],
@@ -144,6 +145,7 @@ class ModelMetadata:
                 std=norm["isfe.std"],
                 resize_policy=props["isfe.resize_policy"],
                 interpolation=props["isfe.interpolation"],
+                decode=decode,
             )
         except (ValueError, TypeError) as e:
             raise MetadataError(f"{source}: unreadable ISFE metadata ({e}); {fix}") from None
@@ -158,7 +160,7 @@ class ModelMetadata:
                 "checkpoint with `python -m export --checkpoint CHECKPOINT --onnx MODEL.onnx`"
             )
         known = set(REQUIRED_KEYS) | {"isfe.model_name", "isfe.model_version", "isfe.arch", "isfe.quantization",
-                                      "isfe.train_config"}
+                                      "isfe.train_config", "isfe.decode"}
         return cls(
             embedding_dim=dim,
             preprocess=spec,
@@ -185,6 +187,15 @@ def _json(text: str, key: str, source: str) -> Any:
         raise MetadataError(f"{source}: metadata {key} is nested too deeply to be read; {FIX}") from None
     except (ValueError, TypeError) as e:
         raise MetadataError(f"{source}: metadata {key} is not JSON ({e}); {FIX}") from None
+
+
+def _decode_policy(props: Mapping[str, str], source: str) -> str:
+    """``isfe.decode``: "full" or "draft"; absent (models exported before the field) -> "full", as they were made."""
+    value = props.get("isfe.decode", "full")
+    if value not in DECODE_POLICIES:
+        raise MetadataError(f"{source}: metadata isfe.decode is {short_repr(value)}; it must be one of "
+                            f"{', '.join(DECODE_POLICIES)} (how JPEGs are decoded); {FIX}")
+    return value
 
 
 def _sizes(props: Mapping[str, str], source: str) -> dict[str, int]:

@@ -7,12 +7,15 @@ turned into exactly the same array in both places.
 Pipeline for one image (``PreprocessSpec`` holds the numbers)::
 
     bytes/path/PIL/array --load_image--> RGB PIL image
-        (file size cap; check_image_bytes: decode work bounded from the bytes -- JPEG scans,
-        PNG chunks, GIF blocks, every ICO frame's size; pixel limit and mode-aware memory
-        budget from the header; then first frame, EXIF orientation, any mode -> RGB in bands,
-        alpha on white)
+        (file size cap; check_image_bytes (isfe_model.decode_limits): decode work bounded from
+        the bytes -- JPEG scans, PNG chunks, GIF blocks, every ICO frame's size; pixel limit and
+        mode-aware memory budget from the header; with spec.decode == "draft" a JPEG whose
+        shorter side is >= 2 R is decoded by libjpeg at 1/s scale, s = draft_scale(w, h, R)
+        in {2, 4, 8} from the stored (pre-rotation) sides; then first frame, EXIF orientation,
+        any mode -> RGB in bands, alpha on white)
     --to_uint8_square--> uint8 [R, R, 3]
         (resize the shorter side to R = resize_size, bilinear; center-crop R x R)
+        [load_image + to_uint8_square = decode_square: the training cache's form]
     --center_crop_array--> uint8 [S, S, 3]  (S = input_size)
     --to_chw_float--> float32 [3, S, S] in [0, 1]
 
@@ -26,9 +29,7 @@ from __future__ import annotations
 import functools
 import io
 import os
-import re
 import stat
-import struct
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,23 @@ from typing import Any, Callable, Iterator, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .decode_limits import (  # noqa: F401  (re-exported: these were defined here before decode_limits.py)
+    DEFAULT_MAX_PIXELS,
+    ERROR_KINDS,
+    JPEG_SCAN_PASSES,
+    MAX_GIF_BLOCKS,
+    MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    MAX_PNG_CHUNKS,
+    MAX_SLOW_FORMAT_BYTES,
+    MAX_TIFF_ENTRIES,
+    MAX_TIFF_STRIPS,
+    PNG_BYTES_PER_CHUNK,
+    ImageError,
+    _check_dims,
+    check_image_bytes,
+)
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ERROR_KINDS",
@@ -46,9 +64,12 @@ __all__ = [
     "ImageError",
     "ImageInput",
     "PreprocessSpec",
+    "DECODE_POLICIES",
     "center_crop_array",
     "check_image_bytes",
     "decode_bytes",
+    "decode_square",
+    "draft_scale",
     "describe_source",
     "load_image",
     "preprocess",
@@ -57,8 +78,6 @@ __all__ = [
     "to_uint8_square",
 ]
 
-#: Default limit on decoded pixels (width x height) of one image: 50 megapixels.
-DEFAULT_MAX_PIXELS = 50_000_000
 #: Background that transparent pixels are composited on (white).
 BACKGROUND = (255, 255, 255)
 #: Pillow decoders that load_image uses (by Pillow format id).  Others that
@@ -82,30 +101,12 @@ MAX_RESIZED_PIXELS = 16_000_000
 MAX_FILE_BYTES = 512 << 20
 
 
-#: Decoding work and memory bounds (issue 15 class 2), checked from the encoded bytes or the header,
-#: before any pixel is decoded.  JPEG: scans (progressive passes) in one image; libjpeg's own default
-#: cap; a normal progressive JPEG has about 10.  Every scan is a pass over the whole image, so in
-#: addition the scans x pixels may not exceed JPEG_SCAN_PASSES x max_pixels (20 passes of the
-#: largest allowed image: about half a second of decoding here).
-MAX_JPEG_SCANS = 1000
-JPEG_SCAN_PASSES = 20
-#: JPEG marker segments (tables, APPn, COM, SOS) in one image; a camera JPEG has fewer than 50.
-MAX_JPEG_SEGMENTS = 4000
-#: PNG chunks: at most this many plus one per PNG_BYTES_PER_CHUNK bytes of file (image data comes
-#: in chunks of 8-64 KiB; ancillary chunks are few): Pillow parses each chunk in Python.
-MAX_PNG_CHUNKS = 1024
-PNG_BYTES_PER_CHUNK = 1024
-#: GIF: data sub-blocks of the extensions before the first image (Pillow joins comment
-#: sub-blocks in quadratic time: 40,000 of them take 15 s).
-MAX_GIF_BLOCKS = 4096
-#: TIFF: strips or tiles of the first image (Pillow makes one Python tile per strip: a 9 MB file of
-#: a million one-row strips took 11 s and 420 MiB), and directory entries (at most 65,535 in
-#: classic TIFF; BigTIFF allows more).
-MAX_TIFF_STRIPS = 65_536
-MAX_TIFF_ENTRIES = 65_535
-#: Run-length BMPs and plain-text (P1-P3) PNM files are decoded by Pillow in Python, at about
-#: 0.5-1 s per MB here (8 MB of 1-pixel runs: 1-4 s); larger ones are refused.
-MAX_SLOW_FORMAT_BYTES = 4 << 20
+#: Decode policies of PreprocessSpec.decode: "full" decodes every pixel (the default, and what a
+#: model without the field gets); "draft" lets libjpeg downscale a JPEG in the DCT domain by 2, 4
+#: or 8 while the shorter side stays >= resize_size (see draft_scale), then resizes as usual.
+DECODE_POLICIES = ("full", "draft")
+#: DCT scales of libjpeg's draft mode, largest first.
+DRAFT_SCALES = (8, 4, 2)
 #: Memory budget of one decode: max_pixels x this many bytes.  The estimate is mode-aware (the
 #: decoded image in Pillow's storage: 1 byte per pixel for L/P/1, 2 for I;16, 4 for RGB, RGBA,
 #: CMYK, I, F, ... plus the 4-byte RGB result for modes that are converted), so every mode fits
@@ -115,29 +116,6 @@ DECODE_BYTES_PER_PIXEL = 8
 CONVERT_CHUNK_PIXELS = 1 << 20
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
-
-#: The kinds of :class:`ImageError` (``error.kind``), for callers that map them to statuses.
-ERROR_KINDS = ("empty", "not_an_image", "too_large", "too_complex", "corrupt", "unreadable")
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image. ``str()`` names the source and the reason.
-
-    ``kind`` is one of ERROR_KINDS: ``empty`` (0 bytes), ``not_an_image`` (not a supported format),
-    ``too_large`` (pixels, bytes or decode memory over a limit), ``too_complex`` (decode work over a
-    limit: JPEG scans, PNG chunks, ...), ``corrupt`` (damaged data) and ``unreadable`` (the file
-    itself: missing, a folder, a FIFO, no permission).  Picklable (process pools).
-    """
-
-    def __init__(self, source: str, reason: str, kind: str = "corrupt"):
-        self.source = source
-        self.reason = reason
-        self.kind = kind
-        super().__init__(f"{source}: {reason}")
-
-    def __reduce__(self):
-        return (type(self), (self.source, self.reason, self.kind))
-
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -151,6 +129,12 @@ class PreprocessSpec:
             its [0, 1] input (informational for clients).
         resize_policy: always ``"shorter_side_center_crop"`` for now.
         interpolation: always ``"bilinear"`` (Pillow, antialiased on downscale).
+        decode: ``"full"`` (every JPEG pixel decoded; the default, and what specs, checkpoints
+            and models from before the field get) or ``"draft"`` (a JPEG whose shorter side is
+            at least 2 R is decoded at 1/2, 1/4 or 1/8 scale by libjpeg, see :func:`draft_scale`;
+            other formats decode fully).  :meth:`to_dict` leaves the field out when it is
+            ``"full"``, so a spec and the dicts written before the field existed (checkpoints,
+            package config.json, gallery manifests, cache keys) stay equal.
     """
 
     input_size: int = 32
@@ -159,6 +143,7 @@ class PreprocessSpec:
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     resize_policy: str = "shorter_side_center_crop"
     interpolation: str = "bilinear"
+    decode: str = "full"
 
     def __post_init__(self) -> None:
         if int(self.input_size) < 1 or int(self.resize_size) < int(self.input_size):
@@ -170,6 +155,8 @@ class PreprocessSpec:
             raise ValueError(f"unknown resize_policy {self.resize_policy!r}")
         if self.interpolation != "bilinear":
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        if self.decode not in DECODE_POLICIES:
+            raise ValueError(f"unknown decode policy {self.decode!r}; choose one of {', '.join(DECODE_POLICIES)}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "input_size", int(self.input_size))
@@ -179,11 +166,13 @@ class PreprocessSpec:
         d = asdict(self)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.decode == "full":
+            del d["decode"]  # the default: dicts from before the field compare equal
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
-        names = ("input_size", "resize_size", "mean", "std", "resize_policy", "interpolation")
+        names = ("input_size", "resize_size", "mean", "std", "resize_policy", "interpolation", "decode")
         known = {k: d[k] for k in names if k in d}
         return cls(**known)
 
@@ -384,14 +373,23 @@ def _oriented(im: Image.Image) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns "Corrupt EXIF data"; the pixels are fine
-            if im.getexif().get(0x0112, 1) not in (2, 3, 4, 5, 6, 7, 8):
+            if _orientation(im) == 1:
                 return im
             return ImageOps.exif_transpose(im) or im
     except Exception:  # noqa: BLE001 - an unreadable EXIF block: keep the stored orientation
         return im
 
 
-def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+def _orientation(im: Image.Image) -> int:
+    """The EXIF/XMP orientation tag (2-8), 1 when there is none or it is not valid."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o = im.getexif().get(0x0112, 1)
+    return o if o in (2, 3, 4, 5, 6, 7, 8) else 1
+
+
+def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None,
+               draft_size: int | None = None) -> Image.Image:
     """Decode any supported input into an 8-bit RGB Pillow image, in bounded time and memory.
 
     Args:
@@ -401,16 +399,32 @@ def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, nam
             need more than max_pixels x DECODE_BYTES_PER_PIXEL bytes (decompression bombs);
             ``None`` disables both checks (the work limits of :func:`check_image_bytes` stay).
         name: how to call the input in error messages.
+        draft_size: None (decode every pixel) or R: an encoded JPEG (path or bytes) is decoded
+            by libjpeg at 1/s scale, s = :func:`draft_scale` of its stored sides and R, so its
+            shorter side stays >= R; the limits are those of the full-size image.  A side that
+            is not a multiple of s ends in a partial scaled pixel (:func:`decode_square` resizes
+            the exact region).
 
     Raises:
         ImageError: naming the source and the reason (missing, empty,
             not an image, truncated, too large, too costly to decode, ...).
     """
+    return _load(src, max_pixels, name, draft_size)[0]
+
+
+#: A region (left, top, right, bottom) of an image, in its pixels (fractional).
+Box = tuple[float, float, float, float]
+
+
+def _load(src: ImageInput, max_pixels: int | None, name: str | None,
+          draft_size: int | None = None) -> tuple[Image.Image, Box | None, tuple[int, int]]:
+    """:func:`load_image` -> (RGB image, the region of it that the full image maps to or None for all of it,
+    the full-size upright (w, h)).  The region differs from the whole image only after a draft decode."""
     name = name or describe_source(src)
     if isinstance(src, np.ndarray):
         im = _from_array(src, name)
         _check_pixels(im, max_pixels, name)
-        return _to_rgb(im)
+        return _to_rgb(im), None, im.size
     if isinstance(src, Image.Image):
         im = src
     elif isinstance(src, (bytes, bytearray, memoryview)):
@@ -422,6 +436,8 @@ def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, nam
                                f"uint8 array", "not_an_image")
     _check_pixels(im, max_pixels, name)
     _check_memory(im, max_pixels, name)
+    full = im.size
+    region = _draft(im, int(draft_size)) if draft_size is not None and im is not src else None  # not a caller's image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -435,11 +451,62 @@ def load_image(src: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, nam
         raise _pillow_bomb(name, e) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct_error, IndexError) as e:
         raise ImageError(name, f"corrupt or truncated image data ({e})") from None
-    im = _oriented(im)
+    stored = im.size
+    upright = _oriented(im)
+    o = _orientation(im) if upright is not im else 1
+    im = upright
+    box = None if region is None else _oriented_box(region, stored, o)
     try:
-        return _to_rgb(im)
+        return _to_rgb(im), box, (full[1], full[0]) if o in (5, 6, 7, 8) else full
     except (ValueError, OSError) as e:
         raise ImageError(name, f"cannot convert pixel mode {im.mode} to RGB ({e})") from None
+
+
+def draft_scale(w: int, h: int, resize_size: int) -> int:
+    """DCT scale s of a draft decode of a w x h JPEG for resize size R; 1 means a full decode.
+
+    Drafting happens only when R <= min(w, h) / 2; then s is the largest of 8, 4, 2 whose decoded
+    shorter side ceil(min(w, h) / s) (libjpeg's scaled size) is still >= R (and s <= min(w, h)),
+    so the usual bilinear resize to R follows.  (w, h) are the stored sides, before EXIF
+    orientation: a rotation by 90 degrees swaps them and keeps min(w, h).
+    """
+    short, r = min(int(w), int(h)), int(resize_size)
+    if 2 * r > short:
+        return 1
+    return next(s for s in DRAFT_SCALES if s <= short and -(-short // s) >= r)  # s = 2 always qualifies
+
+
+def _draft(im: Image.Image, resize_size: int) -> tuple[float, float] | None:
+    """Ask Pillow's JPEG decoder (not yet run) for the 1/s-scale decode of :func:`draft_scale`.
+
+    Returns the full image's extent (w / s, h / s) in the scaled pixels (the decoder makes
+    ceil(w / s) x ceil(h / s) of them), or None when nothing is drafted.
+    """
+    if im.format not in ("JPEG", "MPO"):
+        return None
+    w, h = im.size  # the stored sides: EXIF orientation is applied after the decode
+    s = draft_scale(w, h, resize_size)
+    if s == 1:
+        return None
+    # Pillow picks the largest of 8, 4, 2, 1 <= min(w // (w // s), h // (h // s)), which is s
+    # (w // s >= 1 as s <= min(w, h); each quotient lies in [s, 2s)); "RGB" keeps the file's
+    # colour mode (L, RGB, CMYK)
+    if im.draft("RGB", (w // s, h // s)) is None:
+        return None
+    return w / s, h / s
+
+
+def _oriented_box(region: tuple[float, float], size: tuple[int, int], orientation: int) -> Box:
+    """Where the region (0, 0, bw, bh) of a stored image of ``size`` (dw, dh) lies after the EXIF transpose.
+
+    The padding (dw - bw, dh - bh: the partial last scaled pixel) is at the right and bottom of
+    the stored image; orientation 2 mirrors x, 4 mirrors y, 3 both, 5 swaps x and y, 6 (clockwise)
+    maps (x, y) -> (dh - y, x), 7 -> (dh - y, dw - x), 8 (counter-clockwise) -> (y, dw - x).
+    """
+    (bw, bh), (dw, dh) = region, size
+    px, py = dw - bw, dh - bh
+    return {1: (0.0, 0.0, bw, bh), 2: (px, 0.0, dw, bh), 3: (px, py, dw, dh), 4: (0.0, py, bw, dh),
+            5: (0.0, 0.0, bh, bw), 6: (py, 0.0, dh, bw), 7: (py, px, dh, dw), 8: (0.0, px, bh, dw)}[orientation]
 
 
 def _sniff(data: bytes) -> str:
@@ -456,18 +523,6 @@ def _sniff(data: bytes) -> str:
     if data[:4] == b"PK\x03\x04":
         return "a ZIP archive, not an image"
     return "not a recognised image format"
-
-
-def _check_dims(w: int, h: int, max_pixels: int | None, name: str, what: str = "image") -> None:
-    if w < 1 or h < 1:
-        raise ImageError(name, f"{what} has no pixels ({w}x{h})", "corrupt")
-    if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(
-            name,
-            f"{what} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
-            f"(a decompression bomb, or raise max_pixels if the image is genuine)",
-            "too_large",
-        )
 
 
 def _check_pixels(im: Image.Image, max_pixels: int | None, name: str) -> None:
@@ -501,180 +556,6 @@ def _check_memory(im: Image.Image, max_pixels: int | None, name: str) -> None:
                                f"pixel); downscale it or convert it to 8-bit RGB", "too_large")
 
 
-# --------------------------------------------------------------------------- decode work, from the bytes
-
-
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-#: The end of a JPEG scan's entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a
-#: restart marker (RST0-7) or a fill byte.
-_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def check_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "input") -> None:
-    """Refuse encoded bytes whose decoding would take unbounded time or memory; decodes no pixel.
-
-    One walk over the file's structure, before Pillow parses it (cost: at most about one step
-    per PNG_BYTES_PER_CHUNK bytes):
-
-    * JPEG: marker segments <= MAX_JPEG_SEGMENTS; scans <= MAX_JPEG_SCANS and
-      scans x width x height <= JPEG_SCAN_PASSES x max_pixels (each scan is a pass over the image);
-    * PNG: chunks <= MAX_PNG_CHUNKS + bytes / PNG_BYTES_PER_CHUNK;
-    * GIF: extension sub-blocks before the first frame <= MAX_GIF_BLOCKS;
-    * ICO: every embedded image's width x height <= max_pixels and its PNG chunks as above
-      (Pillow decodes an icon's image while it opens the file, before any other check could run);
-    * TIFF: strips or tiles of the first image <= MAX_TIFF_STRIPS, directory entries <= MAX_TIFF_ENTRIES;
-    * run-length BMP and plain-text PNM (decoded in Python): bytes <= MAX_SLOW_FORMAT_BYTES.
-
-    Raises:
-        ImageError: kind ``too_complex`` (decode work) or ``too_large`` (an icon's image).
-    """
-    data = data if isinstance(data, bytes) else bytes(data)
-    head = data[:8]
-    if head[:3] == b"\xff\xd8\xff":
-        _check_jpeg(data, max_pixels, name)
-    elif head == _PNG_MAGIC:
-        _check_png(data, name, 8, MAX_PNG_CHUNKS + len(data) // PNG_BYTES_PER_CHUNK)
-    elif head[:6] in (b"GIF87a", b"GIF89a"):
-        _check_gif(data, name)
-    elif head[:4] == b"\x00\x00\x01\x00":
-        _check_ico(data, max_pixels, name)
-    elif head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        _check_tiff(data, name)
-    elif head[:2] == b"BM" and len(data) >= 34 and int.from_bytes(data[14:18], "little") >= 40:
-        _check_slow_format(data, name, "a run-length compressed BMP", int.from_bytes(data[30:34], "little") in (1, 2))
-    elif head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3") and head[2:3].isspace():
-        _check_slow_format(data, name, "a plain-text (ASCII) PNM", True)
-
-
-def _too_complex(name: str, what: str, fix: str) -> ImageError:
-    return ImageError(name, f"{what}: decoding it would take too long (a decoding-time attack?); {fix}", "too_complex")
-
-
-def _check_jpeg(data: bytes, max_pixels: int | None, name: str) -> None:
-    """Walk the marker segments of the first image (up to EOI); count segments and scans."""
-    n, i, segments, scans, allowed = len(data), 2, 0, 0, MAX_JPEG_SCANS
-    while i + 4 <= n and data[i] == 0xFF:
-        m = data[i + 1]
-        if m == 0xFF:  # fill byte
-            i += 1
-            continue
-        if m in (0x01, 0xD8) or 0xD0 <= m <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        if m == 0xD9:  # EOI: the end of the first image (an MPO's others are not decoded)
-            return
-        segments += 1
-        if segments > MAX_JPEG_SEGMENTS:
-            raise _too_complex(name, f"JPEG of more than {MAX_JPEG_SEGMENTS:,} marker segments (a photo has fewer "
-                                     f"than 50)", "re-save the image")
-        if m in _JPEG_SOF and i + 9 <= n and max_pixels is not None:
-            pixels = int.from_bytes(data[i + 5 : i + 7], "big") * int.from_bytes(data[i + 7 : i + 9], "big")
-            allowed = min(MAX_JPEG_SCANS, JPEG_SCAN_PASSES * max_pixels // max(pixels, 1))
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-        if m == 0xDA:
-            scans += 1
-            if scans > allowed:
-                raise _too_complex(name, f"JPEG of more than {allowed:,} scans (progressive passes over the image; "
-                                         f"a normal progressive JPEG has about 10)",
-                                   "re-save it as a baseline JPEG or PNG")
-            end = _JPEG_SCAN_END.search(data, i)
-            if end is None:
-                return
-            i = end.start()
-
-
-def _check_png(data: bytes, name: str, start: int, limit: int) -> int:
-    """Walk the chunks from ``start`` (just after the signature) to IEND; returns how many there were."""
-    n, pos, count = len(data), start, 0
-    while pos + 8 <= n:
-        count += 1
-        if count > limit:
-            raise _too_complex(name, f"PNG of more than {limit:,} chunks in {n:,} bytes (Pillow parses each one)",
-                               "re-save the image")
-        if data[pos + 4 : pos + 8] == b"IEND":
-            break
-        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
-    return count
-
-
-def _check_gif(data: bytes, name: str) -> None:
-    """Count the extension sub-blocks before the first image descriptor."""
-    n = len(data)
-    if n < 13:
-        return
-    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # header, screen, global colour table
-    blocks = 0
-    while pos < n and data[pos] == 0x21:  # '!' extension: label, then sub-blocks until a 0 length
-        pos += 2
-        while pos < n and data[pos]:
-            blocks += 1
-            if blocks > MAX_GIF_BLOCKS:
-                raise _too_complex(name, f"GIF with more than {MAX_GIF_BLOCKS:,} extension blocks before its first "
-                                         f"image", "re-save the image")
-            pos += 1 + data[pos]
-        pos += 1
-
-
-def _check_ico(data: bytes, max_pixels: int | None, name: str) -> None:
-    """Every directory entry's embedded image: PNG (IHDR size, chunks) or DIB (header size)."""
-    n = len(data)
-    budget = MAX_PNG_CHUNKS + n // PNG_BYTES_PER_CHUNK  # chunk steps for all embedded PNGs together
-    seen: set[int] = set()
-    for k in range(int.from_bytes(data[4:6], "little")):
-        entry = 6 + 16 * k
-        if entry + 16 > n:
-            return  # truncated directory: Pillow reports it
-        offset = int.from_bytes(data[entry + 12 : entry + 16], "little")
-        if offset in seen:
-            continue
-        seen.add(offset)
-        what = f"icon image #{k + 1}"
-        if data[offset : offset + 8] == _PNG_MAGIC and offset + 24 <= n:
-            w = int.from_bytes(data[offset + 16 : offset + 20], "big")
-            h = int.from_bytes(data[offset + 20 : offset + 24], "big")
-            _check_dims(w, h, max_pixels, name, what)
-            budget -= _check_png(data, name, offset + 8, budget)
-        elif offset + 20 <= n:
-            w = abs(int.from_bytes(data[offset + 4 : offset + 8], "little", signed=True))
-            h = abs(int.from_bytes(data[offset + 8 : offset + 12], "little", signed=True))  # image + mask rows
-            _check_dims(w, h, max_pixels, name, what)
-            rle = int.from_bytes(data[offset + 16 : offset + 20], "little") in (1, 2)
-            _check_slow_format(data, name, f"an icon with a run-length compressed image (#{k + 1})", rle)
-
-
-def _check_tiff(data: bytes, name: str) -> None:
-    """The first directory (IFD): its entry count and the value counts of StripOffsets/TileOffsets."""
-    order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts
-    head, entry, count_fmt = (16, 20, "Q") if big else (8, 12, "I")
-    if len(data) < head:
-        return
-    ifd = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)[0]
-    if ifd + (8 if big else 2) > len(data):
-        return  # Pillow reports the damage
-    entries = struct.unpack_from(order + ("Q" if big else "H"), data, ifd)[0]
-    if entries > MAX_TIFF_ENTRIES:
-        raise _too_complex(name, f"TIFF directory of {entries:,} entries", "re-save the image")
-    pos = ifd + (8 if big else 2)
-    for _ in range(entries):
-        if pos + entry > len(data):
-            return
-        tag = struct.unpack_from(order + "H", data, pos)[0]
-        if tag in (273, 279, 324, 325):  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
-            count = struct.unpack_from(order + count_fmt, data, pos + 4)[0]
-            if count > MAX_TIFF_STRIPS:
-                raise _too_complex(name, f"TIFF of {count:,} strips or tiles (Pillow handles each in Python)",
-                                   "re-save it with fewer, larger strips (e.g. as PNG)")
-        pos += entry
-
-
-def _check_slow_format(data: bytes, name: str, what: str, slow: bool) -> None:
-    if slow and len(data) > MAX_SLOW_FORMAT_BYTES:
-        raise _too_complex(name, f"{what} of {len(data) / 2**20:,.1f} MiB (Pillow decodes it in Python, seconds for "
-                                 f"a few MB; the limit is {MAX_SLOW_FORMAT_BYTES >> 20} MiB)", "convert it to PNG")
-
-
 def to_uint8_square(im: Image.Image, resize_size: int) -> np.ndarray:
     """Resize the shorter side to ``resize_size`` (bilinear) and center-crop a square.
 
@@ -682,22 +563,29 @@ def to_uint8_square(im: Image.Image, resize_size: int) -> np.ndarray:
     """
     if im.mode != "RGB":
         im = _to_rgb(im)
-    w, h = im.size
-    r = int(resize_size)
-    if (w, h) != (r, r):
-        if w <= h:
-            new_w, new_h = r, max(r, int(r * h / w))
-        else:
-            new_w, new_h = max(r, int(r * w / h)), r
-        if new_w * new_h > MAX_RESIZED_PIXELS:
-            # extreme aspect ratio: resample only the crop window (bounded memory)
-            left = int(round((new_w - r) / 2.0))
-            top = int(round((new_h - r) / 2.0))
-            sx, sy = w / new_w, h / new_h
-            box = (left * sx, top * sy, (left + r) * sx, (top + r) * sy)
-            return np.asarray(im.resize((r, r), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
-        if (new_w, new_h) != (w, h):
-            im = im.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return _square(im, int(resize_size), None, im.size)
+
+
+def _square(im: Image.Image, r: int, box: Box | None, size: tuple[int, int]) -> np.ndarray:
+    """:func:`to_uint8_square` of the image of ``size`` (w, h) that ``box`` of ``im`` (None: all of ``im``) shows.
+
+    The resized size comes from (w, h): shorter side -> r, the other int(r x long / short).
+    """
+    w, h = size
+    x0, y0, x1, y1 = box if box is not None else (0, 0, im.size[0], im.size[1])
+    if w <= h:
+        new_w, new_h = r, max(r, int(r * h / w))
+    else:
+        new_w, new_h = max(r, int(r * w / h)), r
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        # extreme aspect ratio: resample only the crop window (bounded memory)
+        left = int(round((new_w - r) / 2.0))
+        top = int(round((new_h - r) / 2.0))
+        sx, sy = (x1 - x0) / new_w, (y1 - y0) / new_h
+        window = (x0 + left * sx, y0 + top * sy, x0 + (left + r) * sx, y0 + (top + r) * sy)
+        return np.asarray(im.resize((r, r), Image.Resampling.BILINEAR, box=window), dtype=np.uint8)
+    if box is not None or (new_w, new_h) != im.size:
+        im = im.resize((new_w, new_h), Image.Resampling.BILINEAR, box=box)
     return center_crop_array(np.asarray(im, dtype=np.uint8), r)
 
 
@@ -717,10 +605,25 @@ def to_chw_float(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
+def decode_square(src: ImageInput, resize_size: int, decode: str = "full",
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
+    """One image -> uint8 [R, R, 3], R = ``resize_size``: :func:`load_image` then :func:`to_uint8_square`.
+
+    ``decode`` is a spec's decode policy ("full", or "draft": JPEGs decoded at the 1/s scale of
+    :func:`draft_scale`).  The training data cache (``training.data``) stores exactly these arrays
+    and :func:`preprocess` crops them, so training and inference see the same pixels.
+    """
+    if decode not in DECODE_POLICIES:
+        raise ValueError(f"unknown decode policy {decode!r}; choose one of {', '.join(DECODE_POLICIES)}")
+    if decode == "full":
+        return to_uint8_square(load_image(src, max_pixels=max_pixels, name=name), resize_size)
+    im, box, size = _load(src, max_pixels, name, draft_size=int(resize_size))
+    return _square(im, int(resize_size), box, size)
+
+
 def preprocess(src: ImageInput, spec: PreprocessSpec, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                name: str | None = None) -> np.ndarray:
-    """One image -> float32 [3, S, S] in [0, 1], the model's input contract."""
-    im = load_image(src, max_pixels=max_pixels, name=name)
-    sq = to_uint8_square(im, spec.resize_size)
+    """One image -> float32 [3, S, S] in [0, 1], the model's input contract (decoded as ``spec.decode`` says)."""
+    sq = decode_square(src, spec.resize_size, spec.decode, max_pixels=max_pixels, name=name)
     return to_chw_float(center_crop_array(sq, spec.input_size))
 

@@ -35,12 +35,13 @@ class Progress:
     """``Progress(total, "embedding")``; ``update(n)`` after each step; ``close()`` at the end.
 
     Disabled (``enabled=False``) it does nothing, so callers need no ``if``.
-    Output looks like ``embedding  1,024/5,000  20%  310.2 img/s  ETA 13s``.
+    Output looks like ``embedding  1,024/5,000  20%  310.2 img/s  ETA 13s``; with
+    ``total=None`` (a stream of unknown length) ``embedding  1,024  310.2 img/s  in 3s``.
     """
 
-    def __init__(self, total: int, label: str, enabled: bool = True, stream: TextIO | None = None, unit: str = "img",
-                 interval: float | None = None):
-        self.total = max(0, int(total))
+    def __init__(self, total: int | None, label: str, enabled: bool = True, stream: TextIO | None = None,
+                 unit: str = "img", interval: float | None = None):
+        self.total = None if total is None else max(0, int(total))
         self.label = label
         self.enabled = bool(enabled)
         self.stream = stream if stream is not None else sys.stderr
@@ -65,6 +66,9 @@ class Progress:
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.done / elapsed
+        if self.total is None:
+            return "  ".join([self.label, f"{self.done:,}", f"{rate:.1f} {self.unit}/s",
+                              f"in {format_duration(elapsed)}"])
         parts = [self.label, f"{self.done:,}/{self.total:,}"]
         if self.total:
             parts.append(f"{100.0 * self.done / self.total:3.0f}%")
@@ -80,7 +84,7 @@ class Progress:
         if not self.enabled or self._closed:
             return
         now = time.monotonic()
-        if now - self._last >= self.interval or self.done >= self.total:
+        if now - self._last >= self.interval or (self.total is not None and self.done >= self.total):
             self._last = now
             self._write()
 

@@ -53,14 +53,27 @@ from isfe_model.preprocess import (
     IMAGE_EXTENSIONS,
     ImageError,
     PreprocessSpec,
+    decode_square,
     load_image,
     read_image_file,
     to_uint8_square,
 )
-from isfe_model.walk import printable
+from isfe_model.walk import (
+    BROKEN_LINK,
+    EXTENSION,
+    FOLDER_LINK,
+    HIDDEN,
+    SPECIAL,
+    TOO_LONG,
+    UNEXAMINABLE,
+    UNREADABLE_FOLDER,
+    Walk,
+    printable,
+    walk,
+)
 
 __all__ = ["DataError", "ImageDataset", "IMAGE_EXTENSIONS", "MIN_TRAIN_IMAGES", "Skipped", "UNLABELED_CLASS",
-           "default_spec", "has_split", "is_unlabeled_folder", "load_split", "cache_dir", "read_capped", "walk_files"]
+           "default_spec", "has_split", "is_unlabeled_folder", "load_split", "cache_dir", "read_capped", "walk_images"]
 
 CACHE_VERSION = "2"
 DECODE_CHUNK = 256  # images per decoding task
@@ -137,62 +150,41 @@ class Skipped:
         if line:
             print(line, file=sys.stderr, flush=True)
 
+    def take(self, walked: Walk, rel_to: Path | None = None) -> list[Path]:
+        """``walked.files``; each path the walk left out (and each hidden name) added under training's words for
+        its reason, relative to ``rel_to`` (default: the walked folder)."""
+        prefix = "" if rel_to is None else _rel(walked.root, rel_to)
+        for lo in (*walked.left_out, *walked.hidden):
+            rel = lo.rel if prefix in ("", ".") else prefix if lo.rel == "." else f"{prefix}/{lo.rel}"
+            self.add(_SKIP_WORDS[lo.reason].format(detail=lo.detail), rel)
+        return walked.files
 
-def walk_files(root: Path, skipped: Skipped | None = None, rel_to: Path | None = None) -> list[Path]:
-    """Every regular file below ``root`` (any depth), sorted; an explicit stack, so 10,000 nested folders are fine.
 
-    Policy: names starting with "." (hidden files and folders) are left out; a symlink to a
-    file is followed (the file is read), a symlink to a folder is not (a link can loop or lead
-    out of the dataset); folders that cannot be listed (no permission, a path longer than the OS
-    allows), broken symlinks and special files (FIFOs, devices, sockets) are left out.  Every
-    path left out is added to ``skipped`` with its reason (relative to ``rel_to``, default ``root``).
-    """
-    skipped = skipped if skipped is not None else Skipped()
-    base = rel_to or root
-    files: list[Path] = []
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError as e:
-            skipped.add(f"unreadable folder(s) ({e.strerror or e})", _rel(folder, base))
-            continue
-        for entry in entries:
-            path = Path(entry.path)
-            if entry.name.startswith("."):
-                skipped.add("hidden (name starts with '.')", _rel(path, base))
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(path)
-                elif entry.is_symlink() and os.path.isdir(path):
-                    skipped.add("symlinked folder(s) (not followed)", _rel(path, base))
-                elif entry.is_file():  # follows a symlink to a file
-                    files.append(path)
-                elif entry.is_symlink():
-                    skipped.add("broken symlink(s)", _rel(path, base))
-                else:
-                    skipped.add("special file(s) (FIFO, device or socket)", _rel(path, base))
-            except OSError as e:
-                skipped.add(f"unreadable path(s) ({e.strerror or e})", _rel(path, base))
-    return sorted(files)
+#: How the training log words each reason of :func:`isfe_model.walk.walk` (one group per wording).
+_SKIP_WORDS = {
+    HIDDEN: "hidden (name starts with '.')",
+    FOLDER_LINK: "symlinked folder(s) (not followed)",
+    BROKEN_LINK: "broken symlink(s)",
+    SPECIAL: "special file(s) (FIFO, device or socket)",
+    UNREADABLE_FOLDER: "unreadable folder(s) ({detail})",
+    UNEXAMINABLE: "unreadable path(s) ({detail})",
+    TOO_LONG: "path(s) over the system length limit (PATH_MAX; nothing can open them)",
+    EXTENSION: "file(s) without an image extension",
+}
 
 
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix() if path != root else "."
 
 
-def _image_files(root: Path, skipped: Skipped, rel_to: Path | None = None) -> list[Path]:
-    """The files of :func:`walk_files` with an image extension (others are added to ``skipped``)."""
-    out = []
-    for p in walk_files(root, skipped, rel_to):
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
-            out.append(p)
-        else:
-            skipped.add("file(s) without an image extension", _rel(p, rel_to or root))
-    return out
+def walk_images(root: Path, skipped: Skipped, rel_to: Path | None = None) -> list[Path]:
+    """The image files below ``root`` (any depth), in :func:`isfe_model.walk.walk`'s order and policy.
+
+    Hidden names, links to folders (not followed), broken links, FIFOs/devices/sockets, folders
+    that cannot be listed, paths over PATH_MAX and files without an image extension are added to
+    ``skipped`` (relative to ``rel_to``, default ``root``); links to files are followed.
+    """
+    return skipped.take(walk(root, extensions=IMAGE_EXTENSIONS), rel_to)
 
 
 def read_capped(f, cap: int) -> bytes | None:
@@ -310,8 +302,9 @@ def _archive_members(archive: Path) -> Iterator[list[tuple[str, int, Callable[[]
         handle.close()
 
 
-def default_spec(data: str | None, input_size: int | None = None, resize_size: int | None = None) -> PreprocessSpec:
-    """Default preprocessing for a data source (overridable sizes).
+def default_spec(data: str | None, input_size: int | None = None, resize_size: int | None = None,
+                 decode: str = "full") -> PreprocessSpec:
+    """Default preprocessing for a data source (overridable sizes; ``decode``: the JPEG decode policy).
 
     digits: 16/16; cifar10 and folders of small images: 32/32; folders whose
     first image is larger than 64 px: 224 input from 256 (ImageNet style).
@@ -330,7 +323,7 @@ def default_spec(data: str | None, input_size: int | None = None, resize_size: i
     elif resize_size is not None:
         r = int(resize_size)
         s = min(s, r)
-    return PreprocessSpec(input_size=s, resize_size=r, mean=mean, std=std)
+    return PreprocessSpec(input_size=s, resize_size=r, mean=mean, std=std, decode=decode)
 
 
 def _first_image_side(path: Path) -> int:
@@ -451,7 +444,7 @@ def _open_split(root: Path, split: str, log: bool = True) -> Iterator[list[Entry
 
     A folder without ``train/`` and ``test/`` is an unlabelled set: its
     ``train`` split is every image below it (one class, ``UNLABELED_CLASS``).
-    Folders are walked by :func:`walk_files` (its symlink policy; a class
+    Folders are walked by :func:`walk_images` (its symlink policy; a class
     folder that is itself a symlink is followed); with ``log`` the paths left
     out are summed up on stderr (count, reason, first names, escaped).
     """
@@ -463,7 +456,7 @@ def _open_split(root: Path, split: str, log: bool = True) -> Iterator[list[Entry
     skipped = Skipped()
     if not base.is_dir():
         if split == "train" and is_unlabeled_folder(root):
-            entries = [_folder_entry(UNLABELED_CLASS, p, root) for p in _image_files(root, skipped)]
+            entries = [_folder_entry(UNLABELED_CLASS, p, root) for p in walk_images(root, skipped)]
             if log:
                 skipped.log(str(root))
             yield entries
@@ -477,7 +470,7 @@ def _open_split(root: Path, split: str, log: bool = True) -> Iterator[list[Entry
                         f"(any class name)")
     entries: list[Entry] = []
     for c in classes:
-        entries.extend(_folder_entry(c, p, base) for p in _image_files(base / c, skipped, rel_to=base))
+        entries.extend(_folder_entry(c, p, base) for p in walk_images(base / c, skipped, rel_to=base))
     if log:
         skipped.log(str(base))
     yield entries
@@ -522,8 +515,9 @@ def _open_archive_split(archive: Path, split: str, log: bool = True) -> Iterator
         yield entries
 
 
-def _source_key(data: str, split: str, resize_size: int) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{split}|{resize_size}|".encode())
+def _source_key(data: str, split: str, resize_size: int, decode: str = "full") -> str:
+    # the decode policy is part of the key; "full" adds nothing, so caches from before the policy stay valid
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{split}|{resize_size}|{'' if decode == 'full' else decode + '|'}".encode())
     p = Path(data)
     if data in ("digits", "cifar10"):
         h.update(data.encode())
@@ -536,7 +530,7 @@ def _source_key(data: str, split: str, resize_size: int) -> str:
             base = p
         h.update(str(p.resolve()).encode())
         if base.is_dir():
-            for f in walk_files(base):
+            for f in walk(base).files:
                 try:
                     st = f.stat()
                 except OSError:
@@ -545,16 +539,22 @@ def _source_key(data: str, split: str, resize_size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode_chunk(out: np.ndarray, start: int, blobs: list[bytes], names: list[str], resize_size: int) -> None:
-    """Decode ``blobs`` into ``out[start : start + len(blobs)]`` (runs in a worker thread)."""
+def _decode_chunk(out: np.ndarray, start: int, blobs: list[bytes], names: list[str], resize_size: int,
+                  decode: str = "full") -> None:
+    """Decode ``blobs`` into ``out[start : start + len(blobs)]`` (runs in a worker thread).
+
+    Each image goes through isfe_model.preprocess.decode_square with the spec's resize size and
+    decode policy: the arrays the inference package makes from the same files.
+    """
     for i, (b, name) in enumerate(zip(blobs, names)):
         try:
-            out[start + i] = to_uint8_square(load_image(b, name=name), resize_size)
+            out[start + i] = decode_square(b, resize_size, decode, name=name)
         except ImageError as e:
             raise DataError(f"{e}. Remove or replace this file, then run again.") from None
 
 
-def _decode_entries(entries: list[Entry], out: np.ndarray, resize_size: int, workers: int | None = None) -> None:
+def _decode_entries(entries: list[Entry], out: np.ndarray, resize_size: int, workers: int | None = None,
+                    decode: str = "full") -> None:
     """Decode every entry into ``out`` [N, R, R, 3]: files are read in order, decoded by a thread pool.
 
     Pillow releases the GIL while it decodes and resizes, so large images
@@ -567,7 +567,7 @@ def _decode_entries(entries: list[Entry], out: np.ndarray, resize_size: int, wor
     if workers == 1 or len(entries) <= DECODE_CHUNK:
         for start in range(0, len(entries), DECODE_CHUNK):
             chunk = entries[start : start + DECODE_CHUNK]
-            _decode_chunk(out, start, [read() for *_, read in chunk], [e[2] for e in chunk], resize_size)
+            _decode_chunk(out, start, [read() for *_, read in chunk], [e[2] for e in chunk], resize_size, decode)
         return
     pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isfe-decode") as pool:
@@ -575,7 +575,8 @@ def _decode_entries(entries: list[Entry], out: np.ndarray, resize_size: int, wor
             for start in range(0, len(entries), DECODE_CHUNK):
                 chunk = entries[start : start + DECODE_CHUNK]
                 blobs = [read() for *_, read in chunk]  # reading stays in this thread (tar members are sequential)
-                pending.append(pool.submit(_decode_chunk, out, start, blobs, [e[2] for e in chunk], resize_size))
+                names = [e[2] for e in chunk]
+                pending.append(pool.submit(_decode_chunk, out, start, blobs, names, resize_size, decode))
                 while len(pending) > 2 * workers:
                     pending.popleft().result()
             while pending:
@@ -587,7 +588,7 @@ def _decode_entries(entries: list[Entry], out: np.ndarray, resize_size: int, wor
 
 
 def _decode_folder(data: str, split: str, resize_size: int, cache_entry: Path | None = None,
-                   workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   workers: int | None = None, decode: str = "full") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode a split of an image folder or archive -> (images uint8 [N, R, R, 3], labels [N], classes).
 
     With ``cache_entry`` the images are decoded straight into
@@ -618,11 +619,11 @@ def _decode_folder(data: str, split: str, resize_size: int, cache_entry: Path | 
                   + (", once: later runs read the cache" if mapped else ""), file=sys.stderr, flush=True)
         if mapped is None:
             images = np.empty(shape, dtype=np.uint8)
-            _decode_entries(entries, images, r, workers)
+            _decode_entries(entries, images, r, workers, decode)
         else:
             images, tmp = mapped
             try:
-                _decode_entries(entries, images, r, workers)
+                _decode_entries(entries, images, r, workers, decode)
                 images.flush()
                 del images
                 os.replace(tmp, cache_entry / "images.npy")
@@ -631,7 +632,8 @@ def _decode_folder(data: str, split: str, resize_size: int, cache_entry: Path | 
                 raise
             try:
                 atomic_save_npy(cache_entry / "labels.npy", labels)
-                meta = {"source": str(root), "split": split, "resize_size": r, "count": n, "classes": classes}
+                meta = {"source": str(root), "split": split, "resize_size": r, "decode": decode, "count": n,
+                        "classes": classes}
                 write_json(cache_entry / "meta.json", meta, indent=None)  # last: marks the entry complete
             except OSError:
                 pass  # without meta.json the entry is not used; the next run decodes again
@@ -699,6 +701,7 @@ def load_split(
     split: str,
     resize_size: int | None = None,
     use_cache: bool = True,
+    decode: str = "full",
 ) -> ImageDataset:
     """Load a split ("train" or "test") as decoded uint8 images.
 
@@ -707,6 +710,8 @@ def load_split(
         split: "train" or "test".
         resize_size: side R of the cached square images (default: the
             source's default spec).
+        decode: the JPEG decode policy of the model's spec ("full" or "draft",
+            see isfe_model.preprocess.PreprocessSpec); part of the cache key.
 
     Raises:
         DataError: missing or empty path, a folder without images, a
@@ -727,7 +732,7 @@ def load_split(
         if p.is_dir() and not any(p.iterdir()):
             raise DataError(f"--data {printable(key_name)}: the folder is empty; it needs train/<class>/ and "
                             f"test/<class>/ image folders")
-    spec = default_spec(key_name, None, resize_size)
+    spec = default_spec(key_name, None, resize_size, decode=decode)
     r = spec.resize_size
     if key_name == "digits":
         from PIL import Image
@@ -736,7 +741,7 @@ def load_split(
         x = np.stack([to_uint8_square(Image.fromarray(a, "L").convert("RGB"), r) for a in x8])
         return ImageDataset(x, y, classes, "digits", spec)
 
-    cdir = cache_dir() / "datasets" / _source_key(key_name, split, r)
+    cdir = cache_dir() / "datasets" / _source_key(key_name, split, r, spec.decode)
     if use_cache and (cdir / "meta.json").exists():
         cached = None
         try:
@@ -751,7 +756,7 @@ def load_split(
             _check_count(len(cached), key_name, split)
             return cached
     if key_name != "cifar10":
-        x, y, classes = _decode_folder(key_name, split, r, cdir if use_cache else None)
+        x, y, classes = _decode_folder(key_name, split, r, cdir if use_cache else None, decode=spec.decode)
         return ImageDataset(x, y, classes, key_name, spec)
     x, y, classes = _decode_cifar10(split, r)
     if use_cache:
