@@ -182,7 +182,7 @@ def load_parity_images(
     try:
         if split == "test" and not has_split(data, "test"):
             split = "train"  # a folder of unlabelled images has no test split: check on its (training) images
-        ds = load_split(data, split, resize_size=spec.resize_size)
+        ds = load_split(data, split, resize_size=spec.resize_size, decode=spec.decode)
     except DataError as e:
         raise ExportError(str(e)) from None
     idx = np.arange(len(ds))

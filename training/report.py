@@ -674,8 +674,8 @@ def _load_inputs(first: RunRecord, opts: ReportOptions, log) -> tuple[torch.devi
     config = first.config or dict(model.checkpoint.get("config") or {})
     data = opts.data if opts.data is not None else config.get("data")
     spec = model.cfg.preprocess
-    train = load_split(data, "train", resize_size=spec.resize_size)
-    test = load_split(data, "test", resize_size=spec.resize_size)
+    train = load_split(data, "train", resize_size=spec.resize_size, decode=spec.decode)
+    test = load_split(data, "test", resize_size=spec.resize_size, decode=spec.decode)
     log(f"data {train.name}: {len(train)} train / {len(test)} test images (Fig. 5 bank: {opts.bank} split); "
         f"embedding with {model.cfg.arch} on {device}")
     return device, model, data, train, test
