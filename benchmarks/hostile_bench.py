@@ -45,8 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.serve_bench import HOST, build_reference, free_port, http_get, multipart_request, read_response, run_load, stop_server  # noqa: E402
 from benchmarks.common import cpu_model, write_result  # noqa: E402
+from benchmarks.serve_bench import (  # noqa: E402
+    HOST,
+    build_reference,
+    free_port,
+    http_get,
+    multipart_request,
+    read_response,
+    run_load,
+    stop_server,
+)
 
 
 def slow_png(side: int = 7000) -> bytes:
@@ -58,7 +67,9 @@ def slow_png(side: int = 7000) -> bytes:
     return buf.getvalue()
 
 
-def start(label: str, model: str, gallery: str, log: Path, extra: list[str], cwd: Path, env: dict[str, str] | None) -> tuple[subprocess.Popen, int]:
+def start(
+    label: str, model: str, gallery: str, log: Path, extra: list[str], cwd: Path, env: dict[str, str] | None
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "serving", "--model", model, "--gallery", gallery, "--host", HOST, "--port", str(port),
            "--log-level", "warning", *extra]
@@ -93,7 +104,9 @@ async def hostile_client(port: int, request: bytes, stop: asyncio.Event, log: li
         writer.close()
 
 
-async def phase(port: int, normal: list[bytes], hostile_req: bytes, clients: int, total: int, hostile: int) -> dict[str, Any]:
+async def phase(
+    port: int, normal: list[bytes], hostile_req: bytes, clients: int, total: int, hostile: int
+) -> dict[str, Any]:
     stop = asyncio.Event()
     log: list[tuple[int, float]] = []
     tasks = [asyncio.ensure_future(hostile_client(port, hostile_req, stop, log)) for _ in range(hostile)]
@@ -115,7 +128,9 @@ async def phase(port: int, normal: list[bytes], hostile_req: bytes, clients: int
 
 def extract_serving(ref: str, dest: Path) -> Path:
     """The ``serving`` package of git revision ``ref``, unpacked under ``dest`` (read-only git use)."""
-    data = subprocess.run(["git", "archive", "--format=tar", ref, "serving"], cwd=REPO, capture_output=True, check=True).stdout
+    data = subprocess.run(
+        ["git", "archive", "--format=tar", ref, "serving"], cwd=REPO, capture_output=True, check=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(dest, filter="data")
     return dest
@@ -123,7 +138,9 @@ def extract_serving(ref: str, dest: Path) -> Path:
 
 def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "latency_ms": {q: round(float(np.median([r["latency_ms"][q] for r in samples])), 2) for q in ("p50", "p90", "p99", "max")},
+        "latency_ms": {
+            q: round(float(np.median([r["latency_ms"][q] for r in samples])), 2) for q in ("p50", "p90", "p99", "max")
+        },
         "requests_per_s": round(float(np.median([r["requests_per_s"] for r in samples])), 1),
         "errors": sum(sum(r["errors"].values()) for r in samples),
         "rounds": samples,
@@ -136,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gallery", help="gallery folder for --model")
     p.add_argument("--clients", type=int, default=4, help="concurrent normal clients (default 4)")
     p.add_argument("--requests", type=int, default=300, help="normal searches per phase (default 300)")
-    p.add_argument("--hostile", type=int, default=2, help="concurrent hostile uploaders in the hostile phase (default 2)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating idle/hostile rounds; medians reported (default 3)")
+    p.add_argument("--hostile", type=int, default=2,
+                   help="concurrent hostile uploaders in the hostile phase (default 2)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating idle/hostile rounds; medians reported (default 3)")
     p.add_argument("--side", type=int, default=7000, help="side of the hostile PNG (default 7000: 49 MP)")
     p.add_argument("--before", metavar="REF", help="also measure the serving package of this git revision (e.g. HEAD)")
     p.add_argument("--server-args", default="", help="extra flags for the current server, e.g. '--decode-timeout 2'")
@@ -157,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, gallery, queries = build_reference(tmpdir)
         hostile_png = slow_png(args.side)
-        variants: dict[str, tuple[Path, dict[str, str] | None, list[str]]] = {"current": (REPO, None, args.server_args.split())}
+        variants: dict[str, tuple[Path, dict[str, str] | None, list[str]]] = {
+            "current": (REPO, None, args.server_args.split())
+        }
         if args.before:
             old = extract_serving(args.before, tmpdir / "before")
             variants[f"before ({args.before})"] = (old, {**os.environ, "PYTHONPATH": str(REPO)}, [])
@@ -168,14 +189,18 @@ def main(argv: list[str] | None = None) -> int:
                 servers[label] = start(label, model, gallery, tmpdir / f"{len(servers)}.log", extra, cwd, env)
             for rnd in range(args.rounds):
                 for label, (_, port) in servers.items():
-                    normal = [multipart_request("/v1/search", port, "file", q.name, q.read_bytes(), {"k": "5"}) for q in queries[:32]]
+                    normal = [
+                        multipart_request("/v1/search", port, "file", q.name, q.read_bytes(), {"k": "5"})
+                        for q in queries[:32]
+                    ]
                     hostile_req = multipart_request("/v1/embed", port, "file", "slow.png", hostile_png, {})
                     if rnd == 0:
                         asyncio.run(run_load(port, normal, args.clients, 64))  # warm-up
                     for name, n_hostile in (("idle", 0), ("hostile", args.hostile)):
                         res = asyncio.run(phase(port, normal, hostile_req, args.clients, args.requests, n_hostile))
                         samples.setdefault((label, name), []).append(res)
-                        print(f"round {rnd + 1}/{args.rounds} {label:14s} {name:7s} p50 {res['latency_ms']['p50']:7.1f} ms  "
+                        print(f"round {rnd + 1}/{args.rounds} {label:14s} {name:7s} "
+                              f"p50 {res['latency_ms']['p50']:7.1f} ms  "
                               f"p99 {res['latency_ms']['p99']:7.1f} ms  {res['requests_per_s']:6.1f} req/s  "
                               f"errors {res['errors'] or 0}  {res.get('hostile_uploads', '')}", flush=True)
         finally:
@@ -193,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": "Intel Xeon with AMX-BF16, 2 shared cores" if os.cpu_count() == 2 else cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "note": "machine shared with other work while measured: compare the phases of this run (ratios), not absolute numbers",
+        "note": "machine shared with other work while measured: "
+                "compare the phases of this run (ratios), not absolute numbers",
         "normal": f"POST /v1/search (multipart, k=5) from {args.clients} keep-alive clients, {args.requests} per phase",
-        "hostile": f"{args.hostile} clients uploading a {args.side}x{args.side} RGB PNG ({len(hostile_png):,} bytes) to /v1/embed back to back",
+        "hostile": f"{args.hostile} clients uploading a {args.side}x{args.side} RGB PNG "
+                   f"({len(hostile_png):,} bytes) to /v1/embed back to back",
         "rounds": args.rounds,
         "load_average_at_end": os.getloadavg(),
         "runs": runs,

@@ -1,4 +1,5 @@
-"""``python -m demo --model MODEL.onnx --gallery GALLERY_DIR [--images-root DIR] [--port 7860] [--allow-indexing ROOT]``.
+"""``python -m demo --model MODEL.onnx --gallery GALLERY_DIR [--images-root DIR] [--port 7860]
+[--allow-indexing ROOT]``.
 
 Exit codes: 0 after Ctrl-C / SIGTERM, 2 for a user error (one line on stderr:
 missing files, a gallery whose ids leave its image folder, a folder that is too
@@ -31,13 +32,16 @@ __all__ = ["build_parser", "main", "start"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m demo", description="Gradio demo: image search over an ISFE gallery.")
     p.add_argument("--model", required=True, help="ISFE ONNX model (from `python -m export`)")
-    p.add_argument("--gallery", required=True, help="gallery folder built with this model (isfe-index MODEL FOLDER -o GALLERY_DIR)")
-    p.add_argument("--images-root", default=None, help="folder the gallery ids are relative to (default: the manifest's 'source')")
+    p.add_argument("--gallery", required=True,
+                   help="gallery folder built with this model (isfe-index MODEL FOLDER -o GALLERY_DIR)")
+    p.add_argument("--images-root", default=None,
+                   help="folder the gallery ids are relative to (default: the manifest's 'source')")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
     p.add_argument("--max-k", type=positive_int, default=50, help="largest k on the slider (default 50)")
     p.add_argument("--default-k", type=positive_int, default=8, help="initial k (default 8)")
-    p.add_argument("--concurrency", type=positive_int, default=4, help="searches served at once (default 4, at least 2)")
+    p.add_argument("--concurrency", type=positive_int, default=4,
+                   help="searches served at once (default 4, at least 2)")
     p.add_argument("--examples", type=int, default=6, help="how many gallery images to offer as examples (default 6)")
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--allow-indexing", metavar="ROOT", default=None,
@@ -77,7 +81,9 @@ def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bo
 
     index_root = None
     if args.allow_indexing is not None:
-        index_root = check_folder(args.allow_indexing, "--allow-indexing", "give the folder that holds the image folders")
+        index_root = check_folder(
+            args.allow_indexing, "--allow-indexing", "give the folder that holds the image folders"
+        )
     encoder = Encoder(args.model, threads=args.threads)
     gallery = Gallery.load(args.gallery, encoder=encoder)
     root = resolve_image_root(gallery, args.images_root, args.gallery)

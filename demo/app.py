@@ -52,7 +52,15 @@ from PIL import Image
 from isfe_model.gallery import list_files
 from isfe_model.preprocess import ImageError, load_image
 
-from .paths import PUBLISHABLE_SUFFIXES, DemoError, UnsafePathError, check_gallery_ids, contained, links_out, resolve_under
+from .paths import (
+    PUBLISHABLE_SUFFIXES,
+    DemoError,
+    UnsafePathError,
+    check_gallery_ids,
+    contained,
+    links_out,
+    resolve_under,
+)
 
 __all__ = ["DemoError", "DemoState", "UnsafePathError", "build_ui", "check_gallery", "launch", "pick_examples",
            "resolve_image_root"]
@@ -71,7 +79,9 @@ def check_gallery(gallery: Any, image_root: Path, where: str) -> int:
     return check_gallery_ids(gallery.ids, Path(image_root), where)
 
 
-def resolve_image_root(gallery: Any, override: str | os.PathLike | None, gallery_dir: str | os.PathLike | None = None) -> Path:
+def resolve_image_root(
+    gallery: Any, override: str | os.PathLike | None, gallery_dir: str | os.PathLike | None = None
+) -> Path:
     """The folder the gallery's item ids are relative to.
 
     ``override`` (``--images-root``) wins; otherwise the manifest's ``source``
@@ -96,7 +106,9 @@ def resolve_image_root(gallery: Any, override: str | os.PathLike | None, gallery
             "pass --images-root DIR (the folder given to isfe-index)"
         )
     src = Path(source).expanduser()
-    candidates = [src] if src.is_absolute() else [src] + ([Path(gallery_dir) / src, Path(gallery_dir).parent / src] if gallery_dir else [])
+    candidates = [src] if src.is_absolute() else [src] + (
+        [Path(gallery_dir) / src, Path(gallery_dir).parent / src] if gallery_dir else []
+    )
     root = next((c for c in candidates if c.is_dir()), None)
     if root is None:
         raise DemoError(
@@ -161,7 +173,11 @@ class DemoState:
         payload = {
             "k": int(kf),
             "count": len(hits),
-            "gallery": {"count": len(current.gallery), "fingerprint": current.gallery.fingerprint, "image_root": str(current.image_root)},
+            "gallery": {
+                "count": len(current.gallery),
+                "fingerprint": current.gallery.fingerprint,
+                "image_root": str(current.image_root),
+            },
             "seconds": round(time.perf_counter() - t0, 4),
             "hits": hits,
         }
@@ -209,7 +225,10 @@ class DemoState:
         if not src.is_dir():
             raise DemoError(f"{folder.strip()} is not a folder on the server")
         save_dir = (save_dir or "").strip()
-        target = resolve_under(self.index_root, save_dir, "gallery folder", "save galleries in", strict=True) if save_dir else None
+        target = (
+            resolve_under(self.index_root, save_dir, "gallery folder", "save galleries in", strict=True)
+            if save_dir else None
+        )
         t0 = time.perf_counter()
         try:
             outside = links_out(src, list_files(src))
@@ -227,14 +246,17 @@ class DemoState:
             try:
                 gallery.save(target, overwrite=bool(overwrite))
             except (ValueError, OSError) as e:
-                raise DemoError(f"gallery built but not saved to {save_dir}: {e}; the current gallery is unchanged") from None
+                raise DemoError(
+                    f"gallery built but not saved to {save_dir}: {e}; the current gallery is unchanged"
+                ) from None
             saved = f" and saved to `{save_dir}`"
         with self._lock:
             self._current = _Current(gallery, src, f"built from {src}")
         skipped = gallery.manifest.get("skipped") or []
         msg = f"New gallery: {len(gallery)} images from `{src}`{saved} in {time.perf_counter() - t0:.1f} s."
         if skipped:
-            msg += f" Skipped {len(skipped)} unreadable file(s), e.g. {skipped[0].get('path')}: {skipped[0].get('reason')}."
+            msg += (f" Skipped {len(skipped)} unreadable file(s), "
+                    f"e.g. {skipped[0].get('path')}: {skipped[0].get('reason')}.")
         return msg, self.info()
 
     def info(self) -> dict[str, Any]:
@@ -315,7 +337,9 @@ def _query_image_class(gr: Any) -> type:
     return QueryImage
 
 
-def build_ui(state: DemoState, examples: list[str] | None = None, default_k: int = 8, temp_seconds: float = TEMP_SECONDS) -> Any:
+def build_ui(
+    state: DemoState, examples: list[str] | None = None, default_k: int = 8, temp_seconds: float = TEMP_SECONDS
+) -> Any:
     """The Gradio Blocks app (not launched).
 
     Files this Blocks creates (uploads, result images) are deleted once older
@@ -340,18 +364,28 @@ def build_ui(state: DemoState, examples: list[str] | None = None, default_k: int
     info = state.info()
     age = max(1, int(round(temp_seconds)))
     with gr.Blocks(title="ISFE image search", analytics_enabled=False, delete_cache=(min(age, 300), age)) as blocks:
-        gr.Markdown("# ISFE image search\nUpload an image or pick an example; the nearest gallery images appear on the right.")
+        gr.Markdown(
+            "# ISFE image search\nUpload an image or pick an example; the nearest gallery images appear on the right."
+        )
         header = gr.Markdown(_model_markdown(info))
         with gr.Tab("Search"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    query = _query_image_class(gr)(label="Query image", type="filepath", image_mode=None, sources=["upload", "clipboard"])
-                    k = gr.Slider(1, state.max_k, value=min(default_k, state.max_k), step=1, label="k (number of neighbours)")
+                    query = _query_image_class(gr)(
+                        label="Query image", type="filepath", image_mode=None, sources=["upload", "clipboard"]
+                    )
+                    k = gr.Slider(
+                        1, state.max_k, value=min(default_k, state.max_k), step=1, label="k (number of neighbours)"
+                    )
                     button = gr.Button("Search", variant="primary")
                     if examples:
-                        gr.Examples(examples=[[p] for p in examples], inputs=[query], label="Examples (from the gallery)")
+                        gr.Examples(
+                            examples=[[p] for p in examples], inputs=[query], label="Examples (from the gallery)"
+                        )
                 with gr.Column(scale=2):
-                    grid = gr.Gallery(label="Nearest gallery images", columns=4, height="auto", format="png", object_fit="contain")
+                    grid = gr.Gallery(
+                        label="Nearest gallery images", columns=4, height="auto", format="png", object_fit="contain"
+                    )
                     hits = gr.JSON(label="Hits (JSON)")
             button.click(_search, inputs=[query, k], outputs=[grid, hits], api_name="search")
             query.upload(_search, inputs=[query, k], outputs=[grid, hits], api_name=False)
@@ -360,18 +394,25 @@ def build_ui(state: DemoState, examples: list[str] | None = None, default_k: int
         with gr.Tab("Gallery"):
             on = state.index_root is not None
             gr.Markdown(
-                f"Index an image folder **on the server, under `{state.index_root}`**, with this model. The new gallery "
-                "replaces the current one for all users of this demo; give a directory (below that folder) to also save "
+                f"Index an image folder **on the server, under `{state.index_root}`**, with this model. "
+                "The new gallery replaces the current one for all users of this demo; "
+                "give a directory (below that folder) to also save "
                 "it (embeddings.npy, items.jsonl, manifest.json). Paths may be relative to that folder."
                 if on else f"{INDEXING_OFF[0].upper()}{INDEXING_OFF[1:]}."
             )
             folder = gr.Textbox(label="Image folder (server path)", placeholder="images", interactive=on)
-            save_dir = gr.Textbox(label="Save gallery to (optional, server path)", placeholder="gallery", interactive=on)
+            save_dir = gr.Textbox(
+                label="Save gallery to (optional, server path)", placeholder="gallery", interactive=on
+            )
             overwrite = gr.Checkbox(label="Replace an existing gallery in that directory", value=False, interactive=on)
             build_button = gr.Button("Build gallery", interactive=on)
             status = gr.Markdown()
             build_button.click(
-                _build, inputs=[folder, save_dir, overwrite], outputs=[status, model_json, header], api_name="build_gallery", concurrency_limit=1
+                _build,
+                inputs=[folder, save_dir, overwrite],
+                outputs=[status, model_json, header],
+                api_name="build_gallery",
+                concurrency_limit=1,
             )
     return blocks
 

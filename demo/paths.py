@@ -84,7 +84,9 @@ def check_folder(folder: str | os.PathLike, what: str, fix: str) -> Path:
     """
     path = Path(folder).expanduser()
     if not path.is_dir():
-        raise UnsafePathError(f"{what} {str(path)!r} is not a folder" if path.exists() else f"{what} {str(path)!r}: no such folder")
+        raise UnsafePathError(
+            f"{what} {str(path)!r} is not a folder" if path.exists() else f"{what} {str(path)!r}: no such folder"
+        )
     resolved = path.resolve()
     reason = broad_reason(resolved)
     if reason:

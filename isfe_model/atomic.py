@@ -190,7 +190,9 @@ def _swap_in(tmp: Path, target: Path, may_replace: Callable[[Path], bool]) -> Pa
     raise FileExistsError(str(target))
 
 
-def replace_directory(target: str | os.PathLike, fill: Callable[[Path], None], may_replace: Callable[[Path], bool]) -> Path:
+def replace_directory(
+    target: str | os.PathLike, fill: Callable[[Path], None], may_replace: Callable[[Path], bool]
+) -> Path:
     """Create folder ``target`` atomically: ``fill(tmpdir)`` writes its files, then it is renamed into place.
 
     If ``target`` exists, ``may_replace(target)`` must return True (the caller

@@ -218,7 +218,9 @@ class FaissIndex:
         try:
             import faiss
         except ImportError:
-            raise ImportError('the FAISS backend needs faiss: pip install "isfe-model[faiss]" (or pip install faiss-cpu)') from None
+            raise ImportError(
+                'the FAISS backend needs faiss: pip install "isfe-model[faiss]" (or pip install faiss-cpu)'
+            ) from None
         self._faiss: Any = faiss
         self.dim = int(embeddings.shape[1])
         self.index = faiss.IndexFlatIP(self.dim)

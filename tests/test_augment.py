@@ -62,7 +62,9 @@ def _images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8)
 
 
-def _fixed_params(b: int, crop_box, *, factors=(1.0, 1.0, 1.0, 0.0), order=(0, 1, 2, 3), gray=False, flip=False) -> AugmentParams:
+def _fixed_params(
+    b: int, crop_box, *, factors=(1.0, 1.0, 1.0, 0.0), order=(0, 1, 2, 3), gray=False, flip=False
+) -> AugmentParams:
     """The same crop/factors/order for all b samples; gray/flip a bool or a [b] tensor."""
     return AugmentParams(
         crop_box=torch.tensor(crop_box, dtype=torch.float32).expand(b, 4).clone(),
@@ -90,15 +92,17 @@ def test_resized_crop_matches_torchvision(antialias, h, w, s):
     g = torch.Generator().manual_seed(s)
     params = sample_params(b, h, w, AugmentConfig(), g)
     # Add boxes that are exactly the output size, the whole image and a 1-pixel box.
-    extra = torch.tensor([[0, 0, h, w], [1, 2, min(s, h - 1), min(s, w - 2)], [h // 2, w // 2, 1, 1]], dtype=torch.float32)
+    extra = torch.tensor(
+        [[0, 0, h, w], [1, 2, min(s, h - 1), min(s, w - 2)], [h // 2, w // 2, 1, 1]], dtype=torch.float32
+    )
     params.crop_box[: len(extra)] = extra
     cfg = AugmentConfig(antialias=antialias, color_jitter=False, grayscale=False)
     params.flip[:] = False
     out = apply_params(x, params, s, cfg)
     for i in range(b):
-        t, l, hh, ww = (int(v) for v in params.crop_box[i])
-        ref = TF.resized_crop(x[i], t, l, hh, ww, [s, s], antialias=antialias)
-        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0, msg=lambda m: f"box {t, l, hh, ww}: {m}")
+        t, left, hh, ww = (int(v) for v in params.crop_box[i])
+        ref = TF.resized_crop(x[i], t, left, hh, ww, [s, s], antialias=antialias)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0, msg=lambda m: f"box {t, left, hh, ww}: {m}")
 
 
 @pytest.mark.parametrize(
@@ -197,7 +201,9 @@ def test_ablation_configs_match_reference_views():
         AugmentConfig.none(),
     ):
         params = sample_params(b, h, h, cfg, torch.Generator().manual_seed(5))
-        torch.testing.assert_close(apply_params(x, params, 20, cfg), reference_views(x, params, 20, cfg), atol=2e-5, rtol=0)
+        torch.testing.assert_close(
+            apply_params(x, params, 20, cfg), reference_views(x, params, 20, cfg), atol=2e-5, rtol=0
+        )
 
 
 # ---------------------------------------------------------------- switches
@@ -245,7 +251,8 @@ def test_crop_boxes_fit_and_follow_torchvision_distribution():
     torch.manual_seed(0)
     rrc = T.RandomResizedCrop(w, scale=cfg.crop_scale, ratio=cfg.crop_ratio)
     img = torch.zeros(3, h, w)
-    tv = np.array([[p["top"], p["left"], p["height"], p["width"]] for p in (rrc.make_params([img]) for _ in range(n))], dtype=float)
+    tv = np.array([[p["top"], p["left"], p["height"], p["width"]] for p in (rrc.make_params([img]) for _ in range(n))],
+                  dtype=float)
     ours = box.numpy().astype(float)
     for name, a, b in (
         ("area", ours[:, 2] * ours[:, 3], tv[:, 2] * tv[:, 3]),
@@ -279,7 +286,9 @@ def test_crop_fallback_is_torchvisions_central_crop():
     cfg = AugmentConfig(crop_scale=(0.9, 1.0))  # 10 x 1000: no candidate fits
     box = sample_params(16, 10, 1000, cfg, torch.Generator().manual_seed(0)).crop_box
     p = T.RandomResizedCrop(8, scale=cfg.crop_scale, ratio=cfg.crop_ratio).make_params([torch.zeros(3, 10, 1000)])
-    assert torch.equal(box, torch.tensor([[p["top"], p["left"], p["height"], p["width"]]], dtype=torch.float32).expand(16, 4))
+    assert torch.equal(
+        box, torch.tensor([[p["top"], p["left"], p["height"], p["width"]]], dtype=torch.float32).expand(16, 4)
+    )
 
 
 def test_flip_gray_jitter_statistics():

@@ -37,7 +37,8 @@ def artifacts(tmp_path_factory):
     make_images(root / "other_images", per_class=3, size=24, seed=7, classes=("a", "b"))
     enc = Encoder(str(model))
     Gallery.build(enc, str(root / "images")).save(root / "gallery")
-    return {"root": root, "model": str(model), "gallery": str(root / "gallery"), "images": root / "images", "encoder": enc}
+    return {"root": root, "model": str(model), "gallery": str(root / "gallery"), "images": root / "images",
+            "encoder": enc}
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +46,15 @@ def demo(artifacts):
     from demo.__main__ import build_parser, start
 
     port = free_port()
-    args = build_parser().parse_args(["--model", artifacts["model"], "--gallery", artifacts["gallery"], "--port", str(port),
-                                      "--max-k", "20", "--concurrency", "3",
+    args = build_parser().parse_args(["--model", artifacts["model"], "--gallery", artifacts["gallery"],
+                                      "--port", str(port), "--max-k", "20", "--concurrency", "3",
                                       # the Gallery tab indexes (and saves) only under this folder: pytest's base temp
                                       "--allow-indexing", str(artifacts["root"].parent)])
     blocks, url = start(args, prevent_thread_lock=True, quiet=True)
     try:
         assert url.startswith(f"http://127.0.0.1:{port}")
-        client = Client(url, verbose=False, analytics_enabled=False, download_files=str(artifacts["root"] / "downloads"))
+        client = Client(url, verbose=False, analytics_enabled=False,
+                        download_files=str(artifacts["root"] / "downloads"))
         yield {"blocks": blocks, "client": client, "url": url}
     finally:
         blocks.close()
@@ -164,8 +166,10 @@ def test_startup_errors(artifacts, tmp_path):
     port = str(free_port())
     cases = [
         (["--model", artifacts["model"], "--gallery", str(g), "--port", port], "--images-root"),
-        (["--model", artifacts["model"], "--gallery", str(g), "--images-root", str(tmp_path / "nope"), "--port", port], "not a folder"),
-        (["--model", str(tmp_path / "missing.onnx"), "--gallery", artifacts["gallery"], "--port", port], "no such file"),
+        (["--model", artifacts["model"], "--gallery", str(g), "--images-root", str(tmp_path / "nope"), "--port", port],
+         "not a folder"),
+        (["--model", str(tmp_path / "missing.onnx"), "--gallery", artifacts["gallery"], "--port", port],
+         "no such file"),
         (["--model", artifacts["model"], "--gallery", str(tmp_path / "missing"), "--port", port], "no such folder"),
     ]
     for argv, needle in cases:
@@ -184,7 +188,8 @@ def test_resolve_image_root_variants(artifacts, tmp_path):
     images = artifacts["images"]
     assert resolve_image_root(G(str(images)), None) == images.resolve()
     assert resolve_image_root(G(f"12 files under {images}"), None) == images.resolve()
-    assert resolve_image_root(G("images"), None, artifacts["root"] / "gallery") == images.resolve()  # next to the gallery
+    # next to the gallery
+    assert resolve_image_root(G("images"), None, artifacts["root"] / "gallery") == images.resolve()
     assert resolve_image_root(G(None), str(images)) == images.resolve()
     with pytest.raises(DemoError, match="--images-root"):
         resolve_image_root(G(None), None)

@@ -66,7 +66,8 @@ def world(tmp_path_factory, model):
     Gallery.build(enc, str(images)).save(root / "gallery")
     (images / "secret.txt").write_text("beside the gallery images")
     (images / "a" / "notes.txt").write_text("inside a class folder")
-    (images / "b" / "not_indexed.png").write_bytes((images / "b" / "000.png").read_bytes())  # an image, not in the gallery
+    # an image, not in the gallery
+    (images / "b" / "not_indexed.png").write_bytes((images / "b" / "000.png").read_bytes())
     outside = root / "outside"
     make_images(outside, per_class=1, size=24, classes=("x",), seed=3)
     (outside / "secret.txt").write_text("outside the image folder")
@@ -147,12 +148,17 @@ def test_unsafe_galleries_and_roots_are_refused_at_start(world, tmp_path):
         cases.append((forge(g, tmp_path / "g_home", source=str(home)), [], "home folder"))
     for gallery, extra, needle in cases:
         t0 = time.perf_counter()
-        code, err = _run_main(["--model", world["model"], "--gallery", str(gallery), "--port", str(free_port()), *extra])
+        code, err = _run_main(
+            ["--model", world["model"], "--gallery", str(gallery), "--port", str(free_port()), *extra]
+        )
         lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("demo: error:") and needle in lines[0], (extra, err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("demo: error:") and needle in lines[0], (
+            extra, err)
         assert time.perf_counter() - t0 < 30  # refused, not served
     # the message names the bad id and the fix
-    code, err = _run_main(["--model", world["model"], "--gallery", str(tmp_path / "g_dotdot"), "--port", str(free_port())])
+    code, err = _run_main(
+        ["--model", world["model"], "--gallery", str(tmp_path / "g_dotdot"), "--port", str(free_port())]
+    )
     assert "../outside/x/000.png" in err and "--images-root" in err and str(outside) not in err
 
 
@@ -202,8 +208,8 @@ def test_file_route_serves_only_the_published_gallery_images(plain, world):
     codes = {str(p): _get(url, p) for p in refused}
     assert set(codes.values()) <= {403, 404}, {k: v for k, v in codes.items() if v not in (403, 404)}
     for trick in (f"{images}/a/../secret.txt", f"{images}//secret.txt", f"{images}/a/%2e%2e/secret.txt",
-                  f"{examples[0]}/../../secret.txt", "/etc/passwd", "../../../../etc/passwd", str(world["gallery"] / "manifest.json"),
-                  world["model"]):
+                  f"{examples[0]}/../../secret.txt", "/etc/passwd", "../../../../etc/passwd",
+                  str(world["gallery"] / "manifest.json"), world["model"]):
         assert _get(url, trick) in (403, 404), trick
 
 
@@ -232,7 +238,8 @@ def test_example_picker_stays_in_the_image_root(world, tmp_path):
 def test_indexing_is_off_by_default(plain, world):
     client = plain["client"]
     before = client.predict(handle_file(str(world["images"] / "a" / "000.png")), 3, api_name="/search")[1]
-    for folder, save in ((str(world["index_root"] / "cats"), ""), (str(world["images"]), str(world["root"] / "elsewhere" / "g"))):
+    for folder, save in ((str(world["index_root"] / "cats"), ""),
+                         (str(world["images"]), str(world["root"] / "elsewhere" / "g"))):
         with pytest.raises(AppError, match="indexing is off.*--allow-indexing ROOT"):
             client.predict(folder, save, False, api_name="/build_gallery")
     assert not (world["root"] / "elsewhere" / "g").exists()
@@ -242,7 +249,9 @@ def test_indexing_is_off_by_default(plain, world):
 
 def test_indexing_only_under_root(indexing, world):
     client, ir, root = indexing["client"], world["index_root"], world["root"]
-    fingerprint = client.predict(handle_file(str(world["images"] / "a" / "000.png")), 1, api_name="/search")[1]["gallery"]
+    fingerprint = client.predict(
+        handle_file(str(world["images"] / "a" / "000.png")), 1, api_name="/search"
+    )[1]["gallery"]
     refusals = [
         ((str(world["images"]), ""), "not under"),  # an existing folder outside ROOT
         ((str(root / "nowhere"), ""), "not under"),  # a missing one: the same message (no existence oracle)
@@ -262,7 +271,9 @@ def test_indexing_only_under_root(indexing, world):
         with pytest.raises(AppError, match=needle):
             client.predict(folder, save, False, api_name="/build_gallery")
     assert not (root / "elsewhere" / "g").exists() and not any((world["outside"]).glob("g*"))
-    assert client.predict(handle_file(str(world["images"] / "a" / "000.png")), 1, api_name="/search")[1]["gallery"] == fingerprint
+    assert client.predict(
+        handle_file(str(world["images"] / "a" / "000.png")), 1, api_name="/search"
+    )[1]["gallery"] == fingerprint
     # inside ROOT it works, relative or absolute, and saves below ROOT
     msg, info, _ = client.predict("cats", "saved/cats_gallery", False, api_name="/build_gallery")
     assert info["gallery"]["count"] == 4 and info["gallery"]["image_root"] == str((ir / "cats").resolve())
@@ -280,7 +291,8 @@ def test_upload_limit(plain, world, tmp_path):
     big.write_bytes((world["images"] / "a" / "000.png").read_bytes() + os.urandom(12 << 10))  # 12 KiB > 10 KiB
     r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", big.read_bytes(), "image/png")}, timeout=30)
     assert r.status_code == 413 and "size" in r.text.lower()
-    with pytest.raises(ValueError, match="maximum file size"):  # gradio_client checks the limit it reads from the server
+    # gradio_client checks the limit it reads from the server
+    with pytest.raises(ValueError, match="maximum file size"):
         client.predict(handle_file(str(big)), 2, api_name="/search")
     small = world["images"] / "a" / "000.png"
     assert client.predict(handle_file(str(small)), 2, api_name="/search")[1]["count"] == 2
@@ -291,7 +303,9 @@ def test_size_checked_before_decoding(world, tmp_path):
     from isfe_model import Gallery
 
     enc = world["encoder"]
-    state = DemoState(enc, Gallery.load(world["gallery"], encoder=enc), world["images"].resolve(), "t", max_upload_bytes=1000)
+    state = DemoState(
+        enc, Gallery.load(world["gallery"], encoder=enc), world["images"].resolve(), "t", max_upload_bytes=1000
+    )
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 2000)  # would be a decode error, but the size comes first
     with pytest.raises(DemoError, match=r"the image is 2 KiB; this demo takes images up to 1 KiB \(--max-upload-mb\)"):
@@ -310,7 +324,9 @@ def _call(url: str, api: str, data: list) -> str:
 def test_query_must_be_an_uploaded_file(plain, world):
     url = plain["url"]
     good = world["images"] / "a" / "000.png"
-    stream = _call(url, "search", [{"path": str(world["outside"] / "x" / "000.png"), "meta": {"_type": "gradio.FileData"}}, 2])
+    stream = _call(
+        url, "search", [{"path": str(world["outside"] / "x" / "000.png"), "meta": {"_type": "gradio.FileData"}}, 2]
+    )
     assert "event: error" in stream and "hits" not in stream
     data_url = "data:image/png;base64," + base64.b64encode(good.read_bytes()).decode()
     stream = _call(url, "search", [{"path": None, "url": data_url, "meta": {"_type": "gradio.FileData"}}, 2])
@@ -363,7 +379,8 @@ def test_temporary_files_are_removed(world, tmp_path):
     env.update(TMPDIR=str(tmp), GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(REPO))
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    proc = subprocess.Popen([sys.executable, "-m", "demo", "--model", world["model"], "--gallery", str(world["gallery"]),
+    proc = subprocess.Popen([sys.executable, "-m", "demo", "--model", world["model"],
+                             "--gallery", str(world["gallery"]),
                              "--port", str(port), "--temp-minutes", "0.03", "--threads", "1"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -371,13 +388,16 @@ def test_temporary_files_are_removed(world, tmp_path):
         private = [p for p in tmp.iterdir() if p.name.startswith("isfe-demo-")]
         assert len(private) == 1 and (private[0].stat().st_mode & 0o077) == 0  # one private folder, 0700
         query = world["images"] / "b" / "001.jpg"
-        r = httpx.post(f"{url}gradio_api/upload", files={"files": ("q.jpg", query.read_bytes(), "image/jpeg")}, timeout=30)
+        r = httpx.post(
+            f"{url}gradio_api/upload", files={"files": ("q.jpg", query.read_bytes(), "image/jpeg")}, timeout=30
+        )
         uploaded = Path(r.json()[0])
         assert uploaded.is_relative_to(private[0]) and uploaded.is_file()
         client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "dl"))
         assert client.predict(handle_file(str(query)), 3, api_name="/search")[1]["count"] == 3
         t0 = time.monotonic()
-        while uploaded.exists() and time.monotonic() - t0 < 20:  # --temp-minutes 0.03: older than ~2 s, checked every ~2 s
+        # --temp-minutes 0.03: older than ~2 s, checked every ~2 s
+        while uploaded.exists() and time.monotonic() - t0 < 20:
             time.sleep(0.5)
         assert not uploaded.exists()
     finally:

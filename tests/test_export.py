@@ -74,7 +74,8 @@ def test_onnx_contract_metadata_and_checker(exported):
     enc = load_encoder(exported["ckpt"])
     assert md.embedding_dim == 32 and md.preprocess == enc.cfg.preprocess
     assert md.checkpoint_sha256 == file_sha256(exported["ckpt"])
-    assert md.model_name == "isfe-test" and md.model_version == "1" and md.arch == "resnet18" and md.quantization == "none"
+    assert (md.model_name == "isfe-test" and md.model_version == "1" and md.arch == "resnet18"
+            and md.quantization == "none")
     assert md.train_config["lr"] == 0.03 and md.train_config["data.name"] == "synthetic"
     assert props["isfe.exporter"] == "torch.onnx.export(dynamo=True)"
     assert props["isfe.torch_version"] == torch.__version__ and props["isfe.onnx_version"] == onnx.__version__
@@ -124,7 +125,9 @@ def test_int8_model_is_quantized_and_keeps_fingerprint(exported):
     # the INT8 model also runs at any batch size
     sess = ort.InferenceSession(str(exported["out"] / "model-int8.onnx"), providers=["CPUExecutionProvider"])
     for b in (1, 5):
-        assert sess.run(None, {"image": np.random.default_rng(b).random((b, 3, 16, 16), dtype=np.float32)})[0].shape == (b, 32)
+        assert sess.run(
+            None, {"image": np.random.default_rng(b).random((b, 3, 16, 16), dtype=np.float32)}
+        )[0].shape == (b, 32)
 
 
 def _parse_pbtxt(text: str):
@@ -228,8 +231,9 @@ def test_failed_gate_keeps_nothing_under_final_name(exported, tmp_path, monkeypa
     monkeypatch.setitem(parity.GATES, "onnxruntime-int8", parity.Gate(mean_cosine=1.5))
     out = tmp_path / "o"
     out.mkdir()
-    rc = main(["--checkpoint", str(exported["ckpt"]), "--onnx", str(out / "m.onnx"), "--simplify", "--images", str(exported["images"]),
-               "--int8", str(out / "q.onnx"), "--calib", str(exported["images"]), "--calib-count", "8", "--max-batch", "4", "--max-images", "24"])
+    rc = main(["--checkpoint", str(exported["ckpt"]), "--onnx", str(out / "m.onnx"), "--simplify",
+               "--images", str(exported["images"]), "--int8", str(out / "q.onnx"), "--calib", str(exported["images"]),
+               "--calib-count", "8", "--max-batch", "4", "--max-images", "24"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "INT8 parity gate failed" in err and "Traceback" not in err
@@ -265,7 +269,9 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys):
     from training.model import build_encoder, save_checkpoint
 
     # weights of a 64-d encoder saved under a model_config that declares 32-d
-    save_checkpoint(tmp_path / "c.pt", build_encoder(small_config(embedding_dim=64)), small_config(embedding_dim=32), {})
+    save_checkpoint(
+        tmp_path / "c.pt", build_encoder(small_config(embedding_dim=64)), small_config(embedding_dim=32), {}
+    )
     rc, cap = _run_cli(["--checkpoint", tmp_path / "c.pt", "--onnx", tmp_path / "m.onnx"], capsys)
     assert rc == 2 and "do not fit" in cap.err and "Traceback" not in cap.err
     assert not (tmp_path / "m.onnx").exists()
@@ -280,9 +286,14 @@ def test_non_isfe_torch_file(tmp_path, capsys):
 def test_output_directory_missing(exported, tmp_path, capsys):
     rc, cap = _run_cli(["--checkpoint", exported["ckpt"], "--onnx", tmp_path / "nodir" / "m.onnx"], capsys)
     assert rc == 2 and "output directory" in cap.err and "does not exist" in cap.err
-    rc, cap = _run_cli(["--checkpoint", exported["ckpt"], "--onnx", tmp_path / "m.onnx", "--int8", tmp_path / "x" / "q.onnx"], capsys)
+    rc, cap = _run_cli(
+        ["--checkpoint", exported["ckpt"], "--onnx", tmp_path / "m.onnx", "--int8", tmp_path / "x" / "q.onnx"], capsys
+    )
     assert rc == 2 and "--int8" in cap.err
-    rc, cap = _run_cli(["--checkpoint", exported["ckpt"], "--onnx", tmp_path / "m.onnx", "--triton-repo", tmp_path / "a" / "b"], capsys)
+    rc, cap = _run_cli(
+        ["--checkpoint", exported["ckpt"], "--onnx", tmp_path / "m.onnx", "--triton-repo", tmp_path / "a" / "b"],
+        capsys,
+    )
     assert rc == 2 and "--triton-repo" in cap.err
     assert list(tmp_path.iterdir()) == []
 
@@ -308,7 +319,10 @@ def test_bad_flag_combinations(exported, tmp_path, capsys):
         rc, cap = _run_cli(["--checkpoint", ck, "--onnx", tmp_path / "m.onnx", *extra], capsys)
         assert rc == 2 and needle in cap.err, (extra, cap.err)
     with pytest.raises(SystemExit) as e:
-        _run_cli(["--checkpoint", ck, "--onnx", tmp_path / "m.onnx", "--trt", tmp_path / "e.plan", "--precision", "int4"], capsys)
+        _run_cli(
+            ["--checkpoint", ck, "--onnx", tmp_path / "m.onnx", "--trt", tmp_path / "e.plan", "--precision", "int4"],
+            capsys,
+        )
     assert e.value.code == 2
     assert list(tmp_path.iterdir()) == []
 
@@ -319,7 +333,9 @@ def test_trt_without_tensorrt_or_gpu_says_what_is_missing(exported, tmp_path, ca
     why = tensorrt_missing()
     if why is None:
         pytest.skip("TensorRT and a CUDA GPU are present here; the engine test covers --trt")
-    rc, cap = _run_cli(["--checkpoint", exported["ckpt"], "--onnx", tmp_path / "m.onnx", "--trt", tmp_path / "m.plan"], capsys)
+    rc, cap = _run_cli(
+        ["--checkpoint", exported["ckpt"], "--onnx", tmp_path / "m.onnx", "--trt", tmp_path / "m.plan"], capsys
+    )
     assert rc == 2 and why in cap.err and ("pip install tensorrt" in cap.err or "no CUDA device" in cap.err)
     assert list(tmp_path.iterdir()) == []
 
@@ -355,8 +371,8 @@ def test_fp16_trunk_of_real_encoder_meets_fp16_gate(exported):
     enc = load_encoder(exported["ckpt"])
     images = load_folder_images(exported["images"], enc.cfg.preprocess, None)
     sess = ort.InferenceSession(m16.SerializeToString(), providers=["CPUExecutionProvider"])
-    rep = run_parity("tensorrt-fp16", lambda b: sess.run(None, {"image": b})[0], images, reference_embeddings(enc, images.x),
-                     "fp16-trunk", save=False, log=None)
+    rep = run_parity("tensorrt-fp16", lambda b: sess.run(None, {"image": b})[0], images,
+                     reference_embeddings(enc, images.x), "fp16-trunk", save=False, log=None)
     assert rep.passed, rep.table()
     assert rep.metrics["max_abs"] > 0  # it really computes something different from fp32
 
@@ -375,8 +391,9 @@ def test_tensorrt_engine_parity(exported, tmp_path, precision, capsys):
 
     out = tmp_path / "o"
     out.mkdir()
-    rc = main(["--checkpoint", str(exported["ckpt"]), "--onnx", str(out / "m.onnx"), "--images", str(exported["images"]),
-               "--trt", str(out / "m.plan"), "--precision", precision, "--max-batch", "16", "--opt-batch", "8"])
+    rc = main(["--checkpoint", str(exported["ckpt"]), "--onnx", str(out / "m.onnx"),
+               "--images", str(exported["images"]), "--trt", str(out / "m.plan"), "--precision", precision,
+               "--max-batch", "16", "--opt-batch", "8"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     side = json.loads((out / "m.plan.meta.json").read_text())
@@ -397,7 +414,9 @@ def test_int8_needs_labelled_images(exported, tmp_path, capsys):
         (flat / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
     out = tmp_path / "out"
     out.mkdir()
-    rc, cap = _run_cli(["--checkpoint", exported["ckpt"], "--onnx", out / "m.onnx", "--images", flat, "--int8", out / "q.onnx"], capsys)
+    rc, cap = _run_cli(
+        ["--checkpoint", exported["ckpt"], "--onnx", out / "m.onnx", "--images", flat, "--int8", out / "q.onnx"], capsys
+    )
     assert rc == 2 and "labelled parity images" in cap.err
     assert list(out.iterdir()) == []
 
@@ -410,7 +429,9 @@ def test_library_call_takes_the_flags_as_keywords(tmp_path):
 
     with pytest.raises(ExportError, match="unknown export option.*bogus"):
         export_checkpoint(tmp_path / "c.pt", onnx=tmp_path / "m.onnx", bogus=1)
-    opts = options_from_args(build_parser().parse_args(["--checkpoint", "c.pt", "--onnx", str(tmp_path / "m.onnx"), "--int8"]))
+    opts = options_from_args(
+        build_parser().parse_args(["--checkpoint", "c.pt", "--onnx", str(tmp_path / "m.onnx"), "--int8"])
+    )
     assert opts == ExportOptions(checkpoint="c.pt", onnx=str(tmp_path / "m.onnx"), int8="")
     _validate(opts)  # a bare --int8 is named after --onnx
     assert opts.int8 == str(tmp_path / "m-int8.onnx")

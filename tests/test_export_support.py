@@ -16,10 +16,14 @@ CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 
 def small_config(embedding_dim: int = 32, input_size: int = 16, arch: str = "resnet18"):
     from training.model import ModelConfig
 
-    return ModelConfig(arch=arch, embedding_dim=embedding_dim, preprocess=PreprocessSpec(input_size=input_size, resize_size=input_size))
+    return ModelConfig(
+        arch=arch, embedding_dim=embedding_dim, preprocess=PreprocessSpec(input_size=input_size, resize_size=input_size)
+    )
 
 
-def make_checkpoint(path: Path, seed: int = 0, embedding_dim: int = 32, input_size: int = 16, arch: str = "resnet18") -> Path:
+def make_checkpoint(
+    path: Path, seed: int = 0, embedding_dim: int = 32, input_size: int = 16, arch: str = "resnet18"
+) -> Path:
     """A seeded, untrained encoder with non-trivial BatchNorm statistics, saved as a real ISFE checkpoint."""
     import torch
 
@@ -33,7 +37,9 @@ def make_checkpoint(path: Path, seed: int = 0, embedding_dim: int = 32, input_si
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    return save_checkpoint(path, model, cfg, config={"epochs": 0, "lr": 0.03, "purpose": "export tests", "data": {"name": "synthetic"}})
+    return save_checkpoint(
+        path, model, cfg, config={"epochs": 0, "lr": 0.03, "purpose": "export tests", "data": {"name": "synthetic"}}
+    )
 
 
 def colour_image(colour: tuple[int, int, int], size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -48,7 +54,9 @@ def colour_image(colour: tuple[int, int, int], size: tuple[int, int], rng: np.ra
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_labelled_folder(root: Path, per_class: int, seed: int = 0, size: tuple[int, int] = (22, 18), classes: dict | None = None) -> list[Path]:
+def make_labelled_folder(
+    root: Path, per_class: int, seed: int = 0, size: tuple[int, int] = (22, 18), classes: dict | None = None
+) -> list[Path]:
     """root/<class>/<i>.png|.jpg, ``per_class`` images for each class; returns the files."""
     rng = np.random.default_rng(seed)
     files = []

@@ -76,7 +76,8 @@ def test_compare_identical_and_noisy():
     ref = unit_rows(120, 16)
     labels = np.arange(120) % 4
     m = compare(ref, ref.copy(), labels)
-    assert m["max_abs"] == 0 and m["min_cosine"] == pytest.approx(1.0) and m["topk_identical"] == 1.0 and m["top1_agreement"] == 1.0
+    assert (m["max_abs"] == 0 and m["min_cosine"] == pytest.approx(1.0) and m["topk_identical"] == 1.0
+            and m["top1_agreement"] == 1.0)
     assert m["knn_top1_drop"] == 0.0 and m["nonfinite"] == 0
     assert all(r["passed"] for r in check_gate(m, GATES["onnxruntime-fp32"]))
     noisy = ref + np.random.default_rng(5).normal(0, 0.05, ref.shape).astype(np.float32)
@@ -84,9 +85,11 @@ def test_compare_identical_and_noisy():
     m2 = compare(ref, noisy, labels)
     assert m2["min_cosine"] < 0.999 and m2["topk_identical"] < 1.0
     rows = {r["metric"]: r["passed"] for r in check_gate(m2, GATES["onnxruntime-fp32"])}
-    assert rows["max_abs"] is False and rows["min_cosine"] is False and rows["topk_identical"] is False and rows["nonfinite"] is True
+    assert (rows["max_abs"] is False and rows["min_cosine"] is False and rows["topk_identical"] is False
+            and rows["nonfinite"] is True)
     # cosine computed by hand (slow twin)
-    cos = [float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(ref.astype(np.float64), noisy.astype(np.float64))]
+    cos = [float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+           for a, b in zip(ref.astype(np.float64), noisy.astype(np.float64))]
     assert m2["min_cosine"] == pytest.approx(min(cos)) and m2["mean_cosine"] == pytest.approx(np.mean(cos))
 
 
@@ -136,7 +139,8 @@ def test_run_parity_writes_report(tmp_path):
     saved = json.loads((tmp_path / "a.onnx.parity.json").read_text())
     assert saved["passed"] is True and saved["n_images"] == 12 and saved["metrics"]["max_abs"] == 0.0
     assert "=> PASSED" in lines[0] and "max_abs" in lines[0]
-    rep = run_parity("x", lambda b: embed(b) * 0 + np.nan, imgs, embed(x), tmp_path / "b.onnx", gate=Gate(min_cosine=0.9), log=None)
+    rep = run_parity("x", lambda b: embed(b) * 0 + np.nan, imgs, embed(x), tmp_path / "b.onnx",
+                     gate=Gate(min_cosine=0.9), log=None)
     assert not rep.passed
     assert json.loads((tmp_path / "b.onnx.parity.json").read_text())["metrics"]["max_abs"] is None
 
@@ -179,7 +183,8 @@ def test_default_dataset_images():
 
 
 def tiny_convnet(batch: int | str = "batch", seed: int = 0) -> onnx.ModelProto:
-    """(x-mean)/std -> Conv -> Relu -> Conv -> Add(skip) -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> L2 normalise."""
+    """(x-mean)/std -> Conv -> Relu -> Conv -> Add(skip) -> Relu -> GlobalAveragePool -> Flatten -> Gemm
+    -> L2 normalise."""
     rng = np.random.default_rng(seed)
     inits = [
         numpy_helper.from_array(np.array([0.5, 0.4, 0.3], np.float32).reshape(1, 3, 1, 1), "mean"),
@@ -237,7 +242,8 @@ def test_signature_check_names_a_frozen_batch_axis():
     with pytest.raises(ExportError, match="froze the batch axis"):
         _check_signature(tiny_convnet(2), md)
     with pytest.raises(ExportError, match=r"\[batch, 7\]"):
-        _check_signature(tiny_convnet("batch"), ModelMetadata(embedding_dim=7, preprocess=PreprocessSpec(8, 8), checkpoint_sha256="x"))
+        _check_signature(tiny_convnet("batch"),
+                         ModelMetadata(embedding_dim=7, preprocess=PreprocessSpec(8, 8), checkpoint_sha256="x"))
 
 
 def test_export_onnx_refuses_batch_of_one(tmp_path):
@@ -257,7 +263,8 @@ def test_export_onnx_refuses_batch_of_one(tmp_path):
 def test_summarize_train_config():
     from export.to_onnx import summarize_train_config
 
-    s = summarize_train_config({"lr": 0.1, "sched": {"kind": "step", "milestones": [120, 160]}, "obj": object(), "long": "x" * 500, "big": list(range(100))})
+    s = summarize_train_config({"lr": 0.1, "sched": {"kind": "step", "milestones": [120, 160]}, "obj": object(),
+                                "long": "x" * 500, "big": list(range(100))})
     assert s["lr"] == 0.1 and s["sched.kind"] == "step" and s["sched.milestones"] == [120, 160]
     assert "obj" not in s and "big" not in s and len(s["long"]) == 200
     json.dumps(s)
@@ -291,7 +298,8 @@ def test_fp16_conversion_needs_convolutions():
     from export.fp16 import convert_trunk_to_fp16
 
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     with pytest.raises(ValueError, match="no Conv"):
         convert_trunk_to_fp16(helper.make_model(g))
 
@@ -331,11 +339,13 @@ def test_profile_validation():
 def test_engine_sidecar_content():
     from export.to_tensorrt import Profile, build_plan, engine_sidecar
 
-    side = engine_sidecar("10.9.0", "NVIDIA H100", (9, 0), "ab" * 32, Profile(1, 16, 64), "fp16", build_plan(10, "fp16"),
-                          "image", "embedding", {"isfe.embedding_dim": "128"}, "cd" * 32)
-    assert side["tensorrt_version"] == "10.9.0" and side["gpu_name"] == "NVIDIA H100" and side["compute_capability"] == "9.0"
+    side = engine_sidecar("10.9.0", "NVIDIA H100", (9, 0), "ab" * 32, Profile(1, 16, 64), "fp16",
+                          build_plan(10, "fp16"), "image", "embedding", {"isfe.embedding_dim": "128"}, "cd" * 32)
+    assert (side["tensorrt_version"] == "10.9.0" and side["gpu_name"] == "NVIDIA H100"
+            and side["compute_capability"] == "9.0")
     assert side["profile"] == {"input": "image", "min": 1, "opt": 16, "max": 64}
-    assert side["precision"] == "fp16" and side["tf32"] is False and side["builder_flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    assert (side["precision"] == "fp16" and side["tf32"] is False
+            and side["builder_flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"])
     assert side["onnx_sha256"] == "ab" * 32 and side["isfe_metadata"]["isfe.embedding_dim"] == "128"
     json.dumps(side)
 
@@ -365,7 +375,8 @@ def test_triton_name_and_config_text():
     assert triton_name("isfe resnet/18 (v1)") == "isfe_resnet_18_v1"
     with pytest.raises(ExportError):
         triton_name("///")
-    text = render_config("m", [("image", "TYPE_FP32", [3, 32, 32])], [("embedding", "TYPE_FP32", [128])], 64, [16, 32, 64], 500)
+    text = render_config("m", [("image", "TYPE_FP32", [3, 32, 32])], [("embedding", "TYPE_FP32", [128])], 64,
+                         [16, 32, 64], 500)
     assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 64" in text and "dims: [ 3, 32, 32 ]" in text
     assert "preferred_batch_size: [ 16, 32, 64 ]" in text and "max_queue_delay_microseconds: 500" in text
 

@@ -36,7 +36,8 @@ def _items(n, prefix="x"):
 
 @pytest.mark.parametrize("n,q,k,chunk", [(1, 1, 1, None), (50, 3, 5, 7), (1000, 17, 10, 64), (1000, 5, 1000, 100),
                                          (999, 4, 1500, 128), (300, 2, 3, 1), (5000, 40, 20, None),
-                                         (500, 1, 7, None), (2000, 1, 10, None), (5000, 1, 10, 700), (40000, 1, 5, None)])
+                                         (500, 1, 7, None), (2000, 1, 10, None), (5000, 1, 10, 700),
+                                         (40000, 1, 5, None)])
 def test_topk_equals_brute_force_on_integer_data_with_ties(n, q, k, chunk):
     """Integer-valued vectors: float32 dot products are exact, so ties are real and must go to the lower index."""
     rng = np.random.default_rng(n + q + k)
@@ -117,7 +118,8 @@ def test_faiss_backend_matches_numpy():
     gal.remove(["x0", "x1"])
     gal.add(g[:1], [{"id": "again", "label": None}])
     r = gal.search(qs, 10)
-    ref = Gallery(np.concatenate([g[2:], g[:1]]), _items(5000)[2:] + [{"id": "again", "label": None}], {"dim": 48, "fingerprint": "f"})
+    ref = Gallery(np.concatenate([g[2:], g[:1]]), _items(5000)[2:] + [{"id": "again", "label": None}],
+                  {"dim": 48, "fingerprint": "f"})
     assert np.array_equal(r.indices, ref.search(qs, 10).indices)
 
 
@@ -217,7 +219,9 @@ def photos(tmp_path):
 
 def test_build_from_folder_ids_labels_and_bad_files(enc, photos):
     gal = Gallery.build(enc, photos)
-    assert gal.ids == ["000.png", "cat/000.png", "cat/001.jpg", "cat/002.png", "dog/000.png", "dog/001.jpg", "dog/002.png"]
+    assert gal.ids == [
+        "000.png", "cat/000.png", "cat/001.jpg", "cat/002.png", "dog/000.png", "dog/001.jpg", "dog/002.png"
+    ]
     assert gal.labels == [None, "cat", "cat", "cat", "dog", "dog", "dog"]
     assert gal.dim == EMBED_DIM and gal.fingerprint == enc.fingerprint
     assert np.allclose(gal.embeddings, enc.embed([photos / i for i in gal.ids]), atol=1e-6)
@@ -300,11 +304,14 @@ def test_load_refuses_another_model_and_damaged_folders(enc, model, photos, tmp_
         "no_manifest": (lambda d: (d / "manifest.json").unlink(), "lacks manifest.json"),
         "bad_json": (lambda d: (d / "manifest.json").write_text("{not json"), "unreadable"),
         "not_gallery": (lambda d: (d / "manifest.json").write_text('{"format": "other"}'), "not an ISFE gallery"),
-        "truncated_npy": (lambda d: (d / "embeddings.npy").write_bytes((d / "embeddings.npy").read_bytes()[:200]), "damaged"),
-        "pickle_npy": (lambda d: np.save(d / "embeddings.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True), "damaged|not a plain"),
+        "truncated_npy": (lambda d: (d / "embeddings.npy").write_bytes((d / "embeddings.npy").read_bytes()[:200]),
+                          "damaged"),
+        "pickle_npy": (lambda d: np.save(d / "embeddings.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+                       "damaged|not a plain"),
         "wrong_rows": (lambda d: np.save(d / "embeddings.npy", np.zeros((3, EMBED_DIM), np.float32)), "manifest says"),
         "int_npy": (lambda d: np.save(d / "embeddings.npy", np.zeros((7, EMBED_DIM), np.int64)), "expected float32"),
-        "few_items": (lambda d: (d / "items.jsonl").write_text('{"id": "a", "label": null, "metadata": {}}\n'), "1 items for 7"),
+        "few_items": (lambda d: (d / "items.jsonl").write_text('{"id": "a", "label": null, "metadata": {}}\n'),
+                      "1 items for 7"),
         "bad_item": (lambda d: (d / "items.jsonl").write_text("nope\n" * 7), "line 1 is unreadable"),
         "dup_ids": (lambda d: (d / "items.jsonl").write_text('{"id": "a"}\n' * 7), "twice"),
     }
@@ -352,11 +359,15 @@ def test_search_bench_runs_and_reports(tmp_path):
     """benchmarks/search_bench.py on tiny galleries: the JSON it writes, and that numpy and FAISS agree."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("search_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "search_bench.py")
+    spec = importlib.util.spec_from_file_location(
+        "search_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "search_bench.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    assert bench.main(["--sizes", "300,1200", "--reps", "1", "--batch", "8", "--threads", "default", "--out", str(out)]) == 0
+    assert bench.main(
+        ["--sizes", "300,1200", "--reps", "1", "--batch", "8", "--threads", "default", "--out", str(out)]
+    ) == 0
     doc = json.loads(out.read_text())
     assert doc["device"].startswith("cpu") and [r["gallery_size"] for r in doc["results"]] == [300, 1200]
     res = doc["results"][1]["by_threads"]["default"]
@@ -374,7 +385,8 @@ def _deep(levels: int) -> str:
 
 
 def test_items_must_be_strict_json():
-    """NaN/inf, sets, bytes, non-str keys, deep nesting, broken text: refused by add/build/constructor, naming the item."""
+    """NaN/inf, sets, bytes, non-str keys, deep nesting, broken text: refused by add/build/constructor,
+    naming the item."""
     rng = np.random.default_rng(8)
     g = _unit(rng, 3, 16)
     gal = Gallery(g[:1], _items(1), {"dim": 16, "fingerprint": "f"})
@@ -430,7 +442,8 @@ def test_build_refuses_metadata_that_is_not_json(enc, photos):
         (photos / "cat" / name).write_bytes((photos / "cat" / "000.png").read_bytes())
     except (OSError, UnicodeError):
         pytest.skip("this file system refuses non-UTF-8 file names")
-    with pytest.raises(GalleryError, match=r"item 'cat/caf\\udce9\.png': its id is text that is not valid Unicode.*rename"):
+    with pytest.raises(GalleryError,
+                       match=r"item 'cat/caf\\udce9\.png': its id is text that is not valid Unicode.*rename"):
         Gallery.build(enc, photos)
     gal = Gallery.build(enc, photos, skip_bad=True)  # skip_bad: skipped (and listed) like a bad image
     assert len(gal) == 7 and [Path(s["path"]).name for s in gal.manifest["skipped"]] == ["caf\\xe9.png"]
@@ -456,8 +469,10 @@ def test_load_refuses_items_and_manifests_that_are_not_json(enc, photos, tmp_pat
         return d
 
     cases = {
-        "nan": ('{"id": "n", "label": null, "metadata": {"score": NaN}}', r"line 3 is unreadable \(NaN is not valid JSON"),
-        "inf_literal": ('{"id": "n", "label": null, "metadata": {"score": 1e999}}', r"item 'n': metadata\['score'\] is inf"),
+        "nan": ('{"id": "n", "label": null, "metadata": {"score": NaN}}',
+                r"line 3 is unreadable \(NaN is not valid JSON"),
+        "inf_literal": ('{"id": "n", "label": null, "metadata": {"score": 1e999}}',
+                        r"item 'n': metadata\['score'\] is inf"),
         "deep_metadata": ('{"id": "n", "metadata": {"d": ' + _deep(100_000) + "}}", "line 3 is nested too deeply"),
         "deep_item": (_deep(100_000), "line 3 is nested too deeply"),
         "deep_but_parseable": ('{"id": "n", "metadata": {"d": ' + _deep(300) + "}}", "nested more than 100 levels"),
@@ -474,7 +489,8 @@ def test_load_refuses_items_and_manifests_that_are_not_json(enc, photos, tmp_pat
         return d
 
     m_cases = {
-        "m_deep": (json.dumps({**manifest, "extra": 0})[:-1] + ', "deep": ' + _deep(100_000) + "}", "nested too deeply"),
+        "m_deep": (json.dumps({**manifest, "extra": 0})[:-1] + ', "deep": ' + _deep(100_000) + "}",
+                   "nested too deeply"),
         "m_nan": (json.dumps({**manifest, "extra": float("nan")}), "NaN is not valid JSON"),
         "m_dim_str": (json.dumps({**manifest, "dim": str(manifest["dim"])}),
                       r"has dim '32' \(str\); it must be an integer >= 1"),
@@ -505,7 +521,8 @@ def test_load_checks_the_npy_header_before_reading(enc, photos, tmp_path):
 
     huge = with_header("huge", (10 ** 11, EMBED_DIM))
     for mmap in (False, True):
-        with pytest.raises(GalleryError, match=r"embeddings\.npy is damaged: its header says 100000000000 x 32 float32"):
+        with pytest.raises(GalleryError,
+                           match=r"embeddings\.npy is damaged: its header says 100000000000 x 32 float32"):
             Gallery.load(huge, mmap=mmap)
     m = _gallery_copy(out, tmp_path / "huge_manifest")
     (m / "manifest.json").write_text(json.dumps({**manifest, "count": 10 ** 11}))

@@ -67,13 +67,15 @@ def test_max_pixels_flag(model, photos, tmp_path, capsys):
     img = str(sorted(photos.rglob("*.png"))[0])
     rc = embed_main([str(model.onnx_path), img, "-o", str(tmp_path / "o.npy"), "--max-pixels", "100", "-q"])
     assert rc == 1 and "over the limit of 100" in _err_line(capsys)
-    from PIL import Image
     import logging
+
+    from PIL import Image
 
     limit, logger = Image.MAX_IMAGE_PIXELS, logging.getLogger("isfe_model")
     handlers = list(logger.handlers)
     assert embed_main([str(model.onnx_path), img, "-o", str(tmp_path / "o.npy"), "--max-pixels", "none", "-q"]) == 0
-    assert Image.MAX_IMAGE_PIXELS == limit and logger.handlers == handlers and logger.propagate  # process state restored
+    # process state restored
+    assert Image.MAX_IMAGE_PIXELS == limit and logger.handlers == handlers and logger.propagate
     assert embed_main([str(model.onnx_path), img, "-o", str(tmp_path / "o.npy"), "--max-pixels", "lots"]) == 2
     assert "--max-pixels" in _err_line(capsys)
 
@@ -112,7 +114,9 @@ def test_index_and_search(model, enc, photos, tmp_path, capsys):
     assert text[0] == f"query {q}"
     assert text[1].split() == ["1", "1.0000", "dog/001.jpg", "[dog]"]
     assert len(text) == 4
-    assert search_main([str(model.onnx_path), str(gal), str(q), str(photos / "cat" / "000.png"), "-k", "2", "--json"]) == 0
+    assert search_main(
+        [str(model.onnx_path), str(gal), str(q), str(photos / "cat" / "000.png"), "-k", "2", "--json"]
+    ) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["k"] == 2 and doc["fingerprint"] == enc.fingerprint and doc["gallery_size"] == 5
     r0, r1 = doc["results"]
@@ -142,7 +146,9 @@ def test_index_bad_files_skip_bad_and_overwrite(model, photos, tmp_path, capsys)
     assert "--overwrite" in _err_line(capsys)
     (photos / "dog" / "page.jpg").unlink()
     (photos / "empty.png").unlink()
-    assert index_main([str(model.onnx_path), str(photos), "-o", str(gal), "--overwrite", "--dtype", "float16", "-q"]) == 0
+    assert index_main(
+        [str(model.onnx_path), str(photos), "-o", str(gal), "--overwrite", "--dtype", "float16", "-q"]
+    ) == 0
     m = json.loads((gal / "manifest.json").read_text())
     assert m["skipped"] == [] and m["dtype"] == "float16" and m["count"] == 5
     # never replaces a folder that is not a gallery
@@ -232,7 +238,9 @@ def test_search_refuses_gallery_of_another_model(model, photos, tmp_path, capsys
 
 def test_progress_line_when_asked(model, photos, tmp_path, capsys):
     files = [str(p) for p in sorted(photos.rglob("*.*"))]
-    assert embed_main([str(model.onnx_path), *files, "-o", str(tmp_path / "p.npy"), "--progress", "--batch-size", "2"]) == 0
+    assert embed_main(
+        [str(model.onnx_path), *files, "-o", str(tmp_path / "p.npy"), "--progress", "--batch-size", "2"]
+    ) == 0
     err = capsys.readouterr().err
     assert "embedding" in err and f"{len(files)}/{len(files)}" in err and "img/s" in err
     assert embed_main([str(model.onnx_path), *files, "-o", str(tmp_path / "p.npy")]) == 0
@@ -243,7 +251,9 @@ def test_python_m_isfe_model_in_a_real_process(model, photos, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def run(*a: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "isfe_model", *a], capture_output=True, text=True, timeout=300, env=env)
+        return subprocess.run(
+            [sys.executable, "-m", "isfe_model", *a], capture_output=True, text=True, timeout=300, env=env
+        )
 
     r = run("info", str(model.onnx_path))
     assert r.returncode == 0, r.stderr

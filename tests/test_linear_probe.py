@@ -28,7 +28,9 @@ def test_fit_logistic_matches_sklearn(c):
     w, b = fit_logistic(torch.from_numpy(x), torch.from_numpy(y), 4, c=c, max_iter=2000, tol=1e-10)
     np.testing.assert_allclose(w.numpy(), ref.coef_, rtol=2e-3, atol=2e-4)
     # the bias is not penalised: softmax is invariant to a common shift, compare centred biases
-    np.testing.assert_allclose(b.numpy() - b.numpy().mean(), ref.intercept_ - ref.intercept_.mean(), rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(
+        b.numpy() - b.numpy().mean(), ref.intercept_ - ref.intercept_.mean(), rtol=2e-3, atol=2e-4
+    )
     xt, _ = blobs(30, 6, 4, 2.0, 1)
     ours = (torch.from_numpy(xt) @ w.t() + b).argmax(1).numpy()
     assert (ours == ref.predict(xt)).mean() >= 0.99
@@ -41,12 +43,18 @@ def test_linear_probe_accuracy_equals_sklearn_on_standardised_features():
     xtr, ytr = blobs(50, 8, 5, 1.5, 2)
     xte, yte = blobs(40, 8, 5, 1.5, 2)  # same centres (same seed), new noise below
     xte = xte + np.random.default_rng(3).normal(scale=1.5, size=xte.shape)
-    res = linear_probe(torch.from_numpy(xtr).float(), torch.from_numpy(ytr), torch.from_numpy(xte).float(), torch.from_numpy(yte), 5)
+    res = linear_probe(
+        torch.from_numpy(xtr).float(), torch.from_numpy(ytr), torch.from_numpy(xte).float(), torch.from_numpy(yte), 5
+    )
     scaler = StandardScaler().fit(xtr.astype(np.float32))
     ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(scaler.transform(xtr.astype(np.float32)), ytr)
-    assert res["probe_top1"] == pytest.approx(100 * ref.score(scaler.transform(xte.astype(np.float32)), yte), abs=100 / len(yte) + 1e-9)
+    assert res["probe_top1"] == pytest.approx(
+        100 * ref.score(scaler.transform(xte.astype(np.float32)), yte), abs=100 / len(yte) + 1e-9
+    )
     sep_tr, sep_ytr = blobs(20, 4, 3, 0.01, 4)
-    perfect = linear_probe(torch.from_numpy(sep_tr), torch.from_numpy(sep_ytr), torch.from_numpy(sep_tr), torch.from_numpy(sep_ytr), 3)
+    perfect = linear_probe(
+        torch.from_numpy(sep_tr), torch.from_numpy(sep_ytr), torch.from_numpy(sep_tr), torch.from_numpy(sep_ytr), 3
+    )
     assert perfect["probe_top1"] == 100.0 and perfect["probe_train_top1"] == 100.0
 
 
@@ -83,7 +91,9 @@ def test_evaluate_linear_probe_plumbing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ISFE_CACHE", str(tmp_path / "cache"))
     make_folder(tmp_path / "data", ["a", "b", "c"], ["a", "b", "c"])
     ck = tiny_checkpoint(tmp_path, str(tmp_path / "data"))
-    assert main(["--checkpoint", ck, "--linear-probe", "--probe-features", "backbone", "--no-nmi", "--json", "--device", "cpu"]) == 0
+    assert main(
+        ["--checkpoint", ck, "--linear-probe", "--probe-features", "backbone", "--no-nmi", "--json", "--device", "cpu"]
+    ) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["protocol"] == "seen" and res["probe_features"] == "512-d backbone" and "knn_top1" in res
     # the same number straight from scikit-learn on the same frozen features
@@ -95,7 +105,8 @@ def test_evaluate_linear_probe_plumbing(tmp_path, capsys, monkeypatch):
     ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(sc.transform(xtr), tr.labels)
     assert res["probe_top1"] == pytest.approx(100 * ref.score(sc.transform(xte), te.labels), abs=100 / len(te) + 1e-9)
     assert main(["--checkpoint", ck, "--linear-probe", "--no-nmi", "--device", "cpu"]) == 0
-    assert "linear probe (logistic regression, C=1.0, on 16-d embedding features): test top-1" in capsys.readouterr().out
+    assert ("linear probe (logistic regression, C=1.0, on 16-d embedding features): test top-1"
+            in capsys.readouterr().out)
 
 
 def test_linear_probe_refuses_disjoint_classes(tmp_path, capsys, monkeypatch):

@@ -20,7 +20,9 @@ from training.model import (
 
 
 def small_cfg(**kw) -> ModelConfig:
-    return ModelConfig(embedding_dim=kw.pop("embedding_dim", 32), preprocess=PreprocessSpec(input_size=16, resize_size=16), **kw)
+    return ModelConfig(
+        embedding_dim=kw.pop("embedding_dim", 32), preprocess=PreprocessSpec(input_size=16, resize_size=16), **kw
+    )
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -177,7 +179,8 @@ def test_authors_init_matches_pytorch_defaults():
         # the same distribution as PyTorch's own default: same bound, same std within sampling error
         assert float(fresh.weight.detach().abs().max()) <= 1 / fan_in ** 0.5 * (1 + 1e-6)
         _check_uniform(f"fresh {name}", fresh.weight.detach(), 1 / fan_in ** 0.5)
-        assert abs(float(fresh.weight.detach().std()) / float(m.weight.detach().std()) - 1) < 12 * (0.2 / m.weight.numel()) ** 0.5
+        assert (abs(float(fresh.weight.detach().std()) / float(m.weight.detach().std()) - 1)
+                < 12 * (0.2 / m.weight.numel()) ** 0.5)
     for name, m in _layers(net, torch.nn.BatchNorm2d):
         assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias)), name
     fan_in, _ = _fan(net.head.weight)  # the head: PyTorch's nn.Linear default under both options

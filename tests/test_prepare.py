@@ -43,7 +43,8 @@ def make_tgz(path: Path, files: dict[str, bytes]) -> Path:
 def cub_files(n_classes: int = 4, per_class: int = 3) -> dict[str, bytes]:
     """CUB_200_2011.tgz layout: images.txt, image_class_labels.txt, classes.txt, images/<class>/..."""
     files, images, labels, classes = {}, [], [], []
-    names = ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Groove_billed_Ani", "Crested_Auklet", "Least_Auklet"]
+    names = ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Groove_billed_Ani", "Crested_Auklet",
+             "Least_Auklet"]
     i = 1
     for c in range(1, n_classes + 1):
         cname = f"{c:03d}.{names[c - 1]}"
@@ -173,9 +174,10 @@ def test_cars196_wrong_annotation_file(tmp_path, capsys):
 
 
 def test_sop_official_split_files(tmp_path):
-    rows = {"train": [(1, 1, "bicycle_final/111_0.JPG"), (2, 1, "bicycle_final/111_1.JPG"), (3, 2, "bicycle_final/222_0.JPG"),
-                      (4, 3, "chair_final/333_0.JPG")],
-            "test": [(5, 4, "chair_final/444_0.JPG"), (6, 4, "chair_final/444_1.JPG"), (7, 5, "kettle_final/555_0.JPG")]}
+    rows = {"train": [(1, 1, "bicycle_final/111_0.JPG"), (2, 1, "bicycle_final/111_1.JPG"),
+                      (3, 2, "bicycle_final/222_0.JPG"), (4, 3, "chair_final/333_0.JPG")],
+            "test": [(5, 4, "chair_final/444_0.JPG"), (6, 4, "chair_final/444_1.JPG"),
+                     (7, 5, "kettle_final/555_0.JPG")]}
     files = {}
     for split, rs in rows.items():
         lines = ["image_id class_id super_class_id path"] + [f"{i} {c} 1 {p}" for i, c, p in rs]
@@ -193,7 +195,8 @@ def test_sop_official_split_files(tmp_path):
         "train/00001/111_0.jpg", "train/00001/111_1.jpg", "train/00002/222_0.jpg", "train/00003/333_0.jpg"]
     info = read_dataset_info(out)
     assert info["recall_ks"] == [1, 10, 100] and info["name"] == "sop"
-    assert info["splits"]["train"] == {"images": 4, "classes": 3} and info["splits"]["test"] == {"images": 3, "classes": 2}
+    assert (info["splits"]["train"] == {"images": 4, "classes": 3}
+            and info["splits"]["test"] == {"images": 3, "classes": 2})
 
 
 def fake_stl10(root: Path, n_train=4, n_test=3, n_unlabeled=5, seed=0) -> dict[str, np.ndarray]:
@@ -210,7 +213,9 @@ def fake_stl10(root: Path, n_train=4, n_test=3, n_unlabeled=5, seed=0) -> dict[s
             y = (np.arange(n) % 10 + 1).astype(np.uint8)
             y.tofile(d / f"{split}_y.bin")
             out[split + "_y"] = y
-    (d / "class_names.txt").write_text("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n")
+    (d / "class_names.txt").write_text(
+        "\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n"
+    )
     return out
 
 
@@ -276,7 +281,8 @@ def test_split_classes_of_any_folder(tmp_path):
     (src / "notes.txt").write_text("not an image folder")
     out = tmp_path / "split"
     assert main(["split-classes", str(src), "--out", str(out)]) == 0
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["apple", "bee"]  # first half (5 // 2) of the sorted names
+    # first half (5 // 2) of the sorted names
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["apple", "bee"]
     assert sorted(p.name for p in (out / "test").iterdir()) == ["cat", "dog", "zebra"]
     info = read_dataset_info(out)
     assert info["train_classes"] == ["apple", "bee"] and info["protocol"] == "unseen"

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+import training.report as report_module
 from training.data import load_split
 from training.model import build_encoder, load_encoder
-import training.report as report_module
 from training.report import (
     ReportError,
     RunRecord,
@@ -89,7 +89,8 @@ def test_retrieval_frames_are_green_and_red(report_dir):
     red = ((abs(rgb[..., 0] - 0xD6) < 8) & (abs(rgb[..., 1] - 0x27) < 8) & (abs(rgb[..., 2] - 0x28) < 8)).sum()
     rep = json.loads((report_dir / "report.json").read_text())
     test = load_split(None, "test", 8)
-    same = test.labels[np.array(rep["retrieval"]["neighbour_indices"])] == test.labels[np.array(rep["retrieval"]["query_indices"])][:, None]
+    same = (test.labels[np.array(rep["retrieval"]["neighbour_indices"])]
+            == test.labels[np.array(rep["retrieval"]["query_indices"])][:, None])
     assert np.array(rep["retrieval"]["neighbour_indices"]).shape == (4, 5)
     assert rep["retrieval"]["same_class_fraction"] == pytest.approx(same.mean())
     assert (green > 100) == bool(same.any()) and (red > 100) == bool((~same).any())
@@ -128,7 +129,8 @@ def test_report_json_numbers_recomputed_independently(run_dir, report_dir):
     rep = json.loads((report_dir / "report.json").read_text())
     sim = rep["similarity"]
     model = load_encoder(run_dir / "checkpoint.pt")
-    assert model.cfg.preprocess.input_size == model.cfg.preprocess.resize_size == 8  # no crop: a plain forward is the eval transform
+    # no crop: a plain forward is the eval transform
+    assert model.cfg.preprocess.input_size == model.cfg.preprocess.resize_size == 8
     train, test = load_split(None, "train", 8), load_split(None, "test", 8)
     q = np.sort(np.random.default_rng(0).choice(len(test), size=100, replace=False))
     assert sim["query_indices"] == q.tolist() and sim["num_queries"] == 100 and sim["nn_k"] == 5
@@ -211,7 +213,8 @@ def test_training_writes_curves(run_dir):
 def test_curves_overlay_one_line_per_run(run_dir, tmp_path):
     a = load_run(run_dir)
     b = RunRecord(path=tmp_path / "ablation", name="ablation", rows=[
-        {"epoch": 0, "knn_top1": 10.0}, {"epoch": 2, "knn_top1": 30.0, "loss": 4.0}, {"epoch": 4, "knn_top1": 50.0, "loss": 3.0}], config={})
+        {"epoch": 0, "knn_top1": 10.0}, {"epoch": 2, "knn_top1": 30.0, "loss": 4.0},
+        {"epoch": 4, "knn_top1": 50.0, "loss": 3.0}], config={})
     fig = curves_figure([a, b])
     ax_loss, ax_knn = fig.axes
     assert [t.get_text() for t in ax_knn.get_legend().get_texts()] == [a.name, "ablation"]

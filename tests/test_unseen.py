@@ -59,7 +59,8 @@ def test_googlenet_small_input_train_mode_and_checkpoint(tmp_path):
 
 
 def test_stem_threshold_covers_stl10():
-    assert build_encoder(ModelConfig(preprocess=PreprocessSpec(96, 96))).cfg.cifar_stem  # STL-10, as the authors' ResNet
+    # STL-10, as the authors' ResNet
+    assert build_encoder(ModelConfig(preprocess=PreprocessSpec(96, 96))).cfg.cifar_stem
     assert not build_encoder(ModelConfig(preprocess=PreprocessSpec(112, 128))).cfg.cifar_stem
 
 
@@ -159,7 +160,8 @@ def test_pretrained_normalisation():
     m = build_encoder(ModelConfig(arch="googlenet", embedding_dim=4, preprocess=g)).eval()
     m.backbone.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
     x = torch.rand(1, 3, 64, 64)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                 torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     tv.fc = torch.nn.Identity()
     with torch.no_grad():
         torch.testing.assert_close(m.features(x), tv((x - mean) / std), rtol=1e-4, atol=1e-4)
@@ -173,7 +175,8 @@ def test_pretrained_normalisation():
 def test_recall_ks_per_dataset(tmp_path):
     from training.evaluate import default_recall_ks
 
-    for name, ks in {"cub200": (1, 2, 4, 8), "cars196": (1, 2, 4, 8), "sop": (1, 10, 100), "stl10": (1, 2, 4, 8)}.items():
+    for name, ks in {"cub200": (1, 2, 4, 8), "cars196": (1, 2, 4, 8), "sop": (1, 10, 100),
+                     "stl10": (1, 2, 4, 8)}.items():
         d = tmp_path / name
         d.mkdir()
         (d / "dataset.json").write_text(json.dumps({"name": name}))
@@ -291,7 +294,8 @@ def test_unseen_run_with_nearest_neighbour_positives(tmp_path, monkeypatch, caps
 
     assert evaluate_main(["--checkpoint", str(out), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    assert "kNN: skipped (train and test classes are disjoint)" in text and "R@8" in text and "unseen categories" in text
+    assert ("kNN: skipped (train and test classes are disjoint)" in text and "R@8" in text
+            and "unseen categories" in text)
 
 
 def test_pretrained_option_in_training(tmp_path, monkeypatch, capsys):
@@ -306,12 +310,14 @@ def test_pretrained_option_in_training(tmp_path, monkeypatch, capsys):
     assert main(common + ["--out", str(tmp_path / "a")]) == 0
     capsys.readouterr()
     assert main(common + ["--pretrained", str(tmp_path / "a" / "checkpoint.pt"), "--out", str(tmp_path / "b")]) == 0
-    assert f"loaded pretrained resnet18 backbone weights from {tmp_path / 'a' / 'checkpoint.pt'}" in capsys.readouterr().out
+    assert (f"loaded pretrained resnet18 backbone weights from {tmp_path / 'a' / 'checkpoint.pt'}"
+            in capsys.readouterr().out)
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["pretrained"] == str(tmp_path / "a" / "checkpoint.pt")
     assert cfg["model"]["preprocess"]["mean"] == [0.485, 0.456, 0.406]  # the ImageNet weights' normalisation
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
-    for bad, msg in [(str(tmp_path / "missing.pth"), "no such file"), (str(tmp_path / "r34.pth"), "do not fit a resnet18")]:
+    for bad, msg in [(str(tmp_path / "missing.pth"), "no such file"),
+                     (str(tmp_path / "r34.pth"), "do not fit a resnet18")]:
         assert main(common + ["--pretrained", bad, "--out", str(tmp_path / "c")]) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -334,4 +340,6 @@ def test_stl10_train_plus_unlabeled(tmp_path, monkeypatch, capsys):
     assert "16 train / 10 test images" in log and "kNN top-1" in log  # 10 labelled + 6 unlabeled; kNN on the labelled
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["train_split"] == "train+unlabeled" and cfg["steps_per_epoch"] == 2
-    assert main(args + ["--train-split", "train+unlabeled", "--data", str(tmp_path / "root"), "--out", str(tmp_path / "x")]) == 2
+    assert main(
+        args + ["--train-split", "train+unlabeled", "--data", str(tmp_path / "root"), "--out", str(tmp_path / "x")]
+    ) == 2

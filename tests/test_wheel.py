@@ -1,4 +1,5 @@
-"""The wheel: only isfe_model inside, only numpy/pillow/onnxruntime required, and it works in a fresh venv without torch.
+"""The wheel: only isfe_model inside, only numpy/pillow/onnxruntime required, and it works in a fresh venv
+without torch.
 
 Builds the wheel from a copy of the project (the checkout stays clean), installs
 it into a new virtual environment under tmp_path (dependencies come from the
@@ -28,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 APP_FOLDERS = ("training", "export", "serving", "demo", "tests", "benchmarks")
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**base, **(env or {})})
 
@@ -51,7 +54,8 @@ def wheel(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     src = _copy_project(work / "src")
     out = work / "dist"
-    r = _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check", "--outdir", str(out), str(src)], cwd=work)
+    r = _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check",
+              "--outdir", str(out), str(src)], cwd=work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     wheels = list(out.glob("isfe_model-*.whl"))
     assert len(wheels) == 1, wheels
@@ -98,7 +102,8 @@ def test_fresh_venv_has_no_torch_and_imports_cleanly(venv, tmp_path):
     assert not installed & {"torch", "torchvision", "onnx", "faiss-cpu", "tqdm"}, installed
     code = (
         "import sys, json, isfe_model, isfe_model.cli, isfe_model.gallery\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', " + ", ".join(repr(a) for a in APP_FOLDERS) + "))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', "
+        + ", ".join(repr(a) for a in APP_FOLDERS) + "))\n"
         "print(json.dumps({'file': isfe_model.__file__, 'bad': bad}))\n"
     )
     r = _run([py, "-c", code], cwd=tmp_path)

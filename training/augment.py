@@ -374,7 +374,9 @@ def _params_from_uniforms(u: Tensor, height: int, width: int, cfg: AugmentConfig
     jitter_order = _inverse_perm(_ranks(order_u))  # == argsort(order_u): a uniform random permutation
     gray = gray_u < cfg.grayscale_p if cfg.grayscale else torch.zeros(B, dtype=torch.bool, device=draw_device)
     flip = flip_u < cfg.flip_p if cfg.flip else torch.zeros(B, dtype=torch.bool, device=draw_device)
-    return AugmentParams(crop_box=crop_box, flip=flip, jitter_factors=jitter_factors, jitter_order=jitter_order, gray=gray)
+    return AugmentParams(
+        crop_box=crop_box, flip=flip, jitter_factors=jitter_factors, jitter_order=jitter_order, gray=gray
+    )
 
 
 # --------------------------------------------------------------------------- resampling

@@ -51,7 +51,10 @@ def choose_placement(nbytes: int, device: torch.device, requested: bool | None) 
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         ok = nbytes <= DEVICE_FRACTION * free
-        return ok, f"{nbytes / 2**30:.2f} GiB {'<=' if ok else '>'} {DEVICE_FRACTION:.0%} of {free / 2**30:.1f} GiB free GPU memory"
+        return ok, (
+            f"{nbytes / 2**30:.2f} GiB {'<=' if ok else '>'} {DEVICE_FRACTION:.0%} "
+            f"of {free / 2**30:.1f} GiB free GPU memory"
+        )
     ram = _ram_bytes()
     ok = nbytes <= DEVICE_FRACTION * ram
     return ok, f"{nbytes / 2**30:.2f} GiB {'<=' if ok else '>'} {DEVICE_FRACTION:.0%} of {ram / 2**30:.1f} GiB RAM"

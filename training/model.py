@@ -172,7 +172,9 @@ class ModelConfig:
 def _backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
     """The torchvision network without its classifier -> (module giving [B, F] pooled features, F)."""
     if cfg.arch == "googlenet":
-        backbone = torchvision.models.googlenet(weights=None, aux_logits=False, transform_input=False, init_weights=True)
+        backbone = torchvision.models.googlenet(
+            weights=None, aux_logits=False, transform_input=False, init_weights=True
+        )
         backbone.dropout = nn.Identity()  # the head sits directly on pool5 (no parameters change)
     else:
         backbone = getattr(torchvision.models, cfg.arch)(weights=None)
@@ -252,7 +254,9 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_cfg: ModelConfig, config: dict[str, Any], **extra: Any) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, model_cfg: ModelConfig, config: dict[str, Any], **extra: Any
+) -> Path:
     """Write a checkpoint atomically (temporary file in the same folder, then rename).
 
     The file holds only tensors and plain Python values, so
@@ -277,25 +281,38 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read and validate a checkpoint; raise :class:`CheckpointError` with the fix."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; train one with `python -m training --out DIR` (it writes DIR/checkpoint.pt)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; "
+            "train one with `python -m training --out DIR` (it writes DIR/checkpoint.pt)"
+        )
     if path.is_dir():
         if (path / "checkpoint.pt").exists():
             path = path / "checkpoint.pt"
         else:
-            raise CheckpointError(f"{path} is a folder without checkpoint.pt; pass the checkpoint file or a run folder that has one")
+            raise CheckpointError(
+                f"{path} is a folder without checkpoint.pt; pass the checkpoint file or a run folder that has one"
+            )
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the run that wrote it did not finish — retrain or resume it")
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes); the run that wrote it did not finish — retrain or resume it"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle errors come in many types
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"checkpoint {path} is truncated or corrupt "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"retrain, or use an intact copy"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an ISFE checkpoint (no '{CHECKPOINT_FORMAT}' marker); pass a checkpoint.pt written by `python -m training`")
+        raise CheckpointError(
+            f"{path} is not an ISFE checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
+            "pass a checkpoint.pt written by `python -m training`"
+        )
     if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})"
+        )
     for key in ("model", "model_config"):
         if key not in state:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'; it is damaged — retrain")
@@ -341,7 +358,8 @@ def _imagenet_state_dict(arch: str, progress: bool = True) -> dict[str, Tensor]:
     except Exception as e:  # URLError, socket errors, hash mismatch of a partial download
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         raise PretrainedError(
-            f"could not get the ImageNet weights of {arch} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"could not get the ImageNet weights of {arch} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
             f"Without a network: download {weights.url} elsewhere and pass --pretrained PATH/{Path(weights.url).name} "
             f"(or put the file into {hub}/)"
         ) from None
@@ -349,7 +367,9 @@ def _imagenet_state_dict(arch: str, progress: bool = True) -> dict[str, Tensor]:
 
 def _read_state_dict_file(path: Path) -> dict[str, Tensor]:
     if not path.exists():
-        raise PretrainedError(f"--pretrained {path}: no such file; pass 'imagenet' or the path of a state_dict (.pth) file")
+        raise PretrainedError(
+            f"--pretrained {path}: no such file; pass 'imagenet' or the path of a state_dict (.pth) file"
+        )
     if path.is_dir():
         raise PretrainedError(f"--pretrained {path} is a folder; pass the weights file itself (.pth)")
     try:
@@ -357,7 +377,8 @@ def _read_state_dict_file(path: Path) -> dict[str, Tensor]:
     except Exception as e:  # zip/pickle errors come in many types
         raise PretrainedError(
             f"--pretrained {path} is not a readable PyTorch weights file ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); pass a state_dict saved with torch.save, e.g. torchvision's .pth"
+            f"{str(e).splitlines()[0] if str(e) else ''}); "
+            "pass a state_dict saved with torch.save, e.g. torchvision's .pth"
         ) from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and isinstance(state.get("model"), dict):
         state = state["model"]  # an ISFE checkpoint: start from its backbone
@@ -367,7 +388,9 @@ def _read_state_dict_file(path: Path) -> dict[str, Tensor]:
                 state = state[key]
                 break
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise PretrainedError(f"--pretrained {path} does not hold a state_dict (a mapping of parameter names to tensors)")
+        raise PretrainedError(
+            f"--pretrained {path} does not hold a state_dict (a mapping of parameter names to tensors)"
+        )
     return state
 
 
