@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: the project's 
 from isfe_model.jsonsafe import write_json  # noqa: E402
 
 __all__ = ["RESULTS", "ROOT", "cores", "cpu_flags", "cpu_model", "device_name", "device_tag", "host_info",
-           "load_average", "package_version", "slug", "write_result"]
+           "load_average", "package_version", "result_header", "slug", "write_result"]
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -135,6 +135,17 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {p: v for p in PACKAGES if (v := package_version(p)) is not None},
         "gpu": _gpu(),
+    }
+
+
+def result_header(benchmark: str, device: str) -> dict[str, Any]:
+    """The first keys of a result: benchmark, device, cpu_count, platform, processor (kept for older readers)."""
+    return {
+        "benchmark": benchmark,
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
     }
 
 

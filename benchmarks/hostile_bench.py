@@ -49,9 +49,9 @@ from benchmarks.common import cpu_model, write_result  # noqa: E402
 from benchmarks.serve_bench import (  # noqa: E402
     HOST,
     build_reference,
-    free_port,
-    http_get,
+    launch_server,
     multipart_request,
+    parse_checked,
     read_response,
     run_load,
     stop_server,
@@ -65,27 +65,6 @@ def slow_png(side: int = 7000) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (10, 20, 30)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def start(
-    label: str, model: str, gallery: str, log: Path, extra: list[str], cwd: Path, env: dict[str, str] | None
-) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "serving", "--model", model, "--gallery", gallery, "--host", HOST, "--port", str(port),
-           "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{label} server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if asyncio.run(http_get(port, "/readyz"))[0] == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{label} server did not become ready in 120 s")
 
 
 async def hostile_client(port: int, request: bytes, stop: asyncio.Event, log: list[tuple[int, float]]) -> None:
@@ -161,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", metavar="REF", help="also measure the serving package of this git revision (e.g. HEAD)")
     p.add_argument("--server-args", default="", help="extra flags for the current server, e.g. '--decode-timeout 2'")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/hostile_bench-cpu<N>.json)")
-    args = p.parse_args(argv)
-    if (args.model is None) != (args.gallery is None):
-        p.error("give both --model and --gallery, or neither")
-    if min(args.clients, args.requests, args.rounds, args.hostile) < 1:
-        p.error("--clients, --requests, --rounds and --hostile must be >= 1")
+    args = parse_checked(p, argv, at_least_one=("clients", "requests", "rounds", "hostile"))
 
     with tempfile.TemporaryDirectory(prefix="isfe-hostile-bench-") as tmp:
         tmpdir = Path(tmp)
@@ -186,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
         try:
             for label, (cwd, env, extra) in variants.items():
-                servers[label] = start(label, model, gallery, tmpdir / f"{len(servers)}.log", extra, cwd, env)
+                log = tmpdir / f"{len(servers)}.log"
+                servers[label] = launch_server(model, gallery, extra, log, cwd=cwd, env=env, who=f"{label} server")
             for rnd in range(args.rounds):
                 for label, (_, port) in servers.items():
                     normal = [

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import platform
 import statistics
 import sys
@@ -40,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, cpu_model, device_tag, load_average, write_result  # noqa: E402
+from benchmarks.common import RESULTS, cpu_model, device_tag, load_average, result_header, write_result  # noqa: E402
 from isfe_model import Gallery  # noqa: E402
 from isfe_model.search import default_chunk_rows, faiss_available  # noqa: E402
 
@@ -266,11 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_after = load_average()
     device = device_tag()
     doc = {
-        "benchmark": "search_bench",
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        **result_header("search_bench", device),
         "cpu": cpu_model(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -54,6 +53,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks.common import result_header, write_result  # noqa: E402
 
 HOST = "127.0.0.1"  # never anything else
 
@@ -176,18 +177,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, gallery: str, max_batch_size: int, max_wait_ms: float, threads: int | None, log: Path) -> tuple[subprocess.Popen, int]:
+def launch_server(model: str, gallery: str, flags: list[str], log: Path, *, cwd: Path = REPO,
+                  env: dict[str, str] | None = None, who: str = "server") -> tuple[subprocess.Popen, int]:
+    """``python -m serving`` on a free loopback port with ``flags``, output to ``log``; returns once /readyz is 200.
+
+    ``cwd``/``env`` pick which ``serving`` package runs (hostile_bench's ``--before``); ``who`` names it in errors.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "serving", "--model", model, "--gallery", gallery, "--host", HOST, "--port", str(port),
-           "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning",
-           "--api-key", API_KEY]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+           "--log-level", "warning", *flags]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"{who} exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             status, _ = asyncio.run(http_get(port, "/readyz"))
             if status == 200:
@@ -196,7 +199,14 @@ def start_server(model: str, gallery: str, max_batch_size: int, max_wait_ms: flo
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not become ready in 120 s")
+    raise RuntimeError(f"{who} did not become ready in 120 s")
+
+
+def start_server(model: str, gallery: str, max_batch_size: int, max_wait_ms: float, threads: int | None,
+                 log: Path) -> tuple[subprocess.Popen, int]:
+    """The benchmark's server: API key on, the given batching and ONNX Runtime threads."""
+    flags = ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--api-key", API_KEY]
+    return launch_server(model, gallery, flags + (["--threads", str(threads)] if threads else []), log)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -289,11 +299,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'cores shared with other jobs')")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/serve_bench-<device>.json)")
+    return parse_checked(p, argv, at_least_one=("clients", "moderate", "requests", "rounds"))
+
+
+def parse_checked(p: argparse.ArgumentParser, argv: list[str] | None,
+                  at_least_one: tuple[str, ...]) -> argparse.Namespace:
+    """``p.parse_args(argv)``, refusing --model without --gallery (or the reverse) and any of ``at_least_one`` < 1."""
     args = p.parse_args(argv)
     if (args.model is None) != (args.gallery is None):
         p.error("give both --model and --gallery, or neither")
-    if min(args.clients, args.moderate, args.requests, args.rounds) < 1:
-        p.error("--clients, --moderate, --requests and --rounds must be >= 1")
+    if min(getattr(args, name) for name in at_least_one) < 1:
+        flags = [f"--{name}" for name in at_least_one]
+        p.error(f"{', '.join(flags[:-1])} and {flags[-1]} must be >= 1")
     return args
 
 
@@ -400,11 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summary_of(args, runs, ceiling)
     device = device_name(info)
     result = {
-        "benchmark": "serve_bench",
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        **result_header("serve_bench", device),
         "providers": info.get("providers"),
         "model": {k: info.get("model", {}).get(k) for k in ("dim", "input_size")} | {"setup": setup},
         "gallery_count": info.get("gallery", {}).get("count"),
@@ -421,8 +434,6 @@ def main(argv: list[str] | None = None) -> int:
                   "server_vs_in_process_batched_min": 0.9},
     }
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"serve_bench-{device}.json"
-    from benchmarks.common import write_result
-
     write_result(out, result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")

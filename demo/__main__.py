@@ -17,14 +17,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
 import logging
-import math
 import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from isfe_model.argtypes import port, positive_int
+from isfe_model.argtypes import port, positive_float, positive_int
 
 __all__ = ["build_parser", "main", "start"]
 
@@ -52,17 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp-minutes", type=positive_float, default=30.0,
                    help="delete uploads and result images once older than this (default 30); all at exit")
     return p
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (argparse type)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return v
 
 
 def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bool = False) -> tuple[object, str]:

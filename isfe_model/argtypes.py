@@ -8,37 +8,62 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
-__all__ = ["nonneg_float", "port", "port_or_zero", "positive_int"]
+__all__ = ["nonneg_float", "nonneg_int", "port", "port_or_zero", "positive_float", "positive_int", "positive_seconds"]
+
+
+def _convert(text: str, kind: type, what: str):
+    """``kind(text)``, or ``ArgumentTypeError("expected WHAT, got 'TEXT'")``."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _whole(text: str, what: str, least: int) -> int:
+    """A whole number >= ``least``; ``what`` names it in the message."""
+    v = _convert(text, int, what)
+    if v < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+    return v
+
+
+def _finite(text: str, what: str, ok: Callable[[float], bool]) -> float:
+    """A finite float with ``ok(v)``; ``what`` ("a number > 0") names it in the messages."""
+    v = _convert(text, float, what)
+    if not (ok(v) and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite {what.removeprefix('a ')}, got {text}")
+    return v
 
 
 def positive_int(text: str) -> int:
     """A whole number >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+    return _whole(text, "a positive integer", 1)
+
+
+def nonneg_int(text: str) -> int:
+    """A whole number >= 0."""
+    return _whole(text, "a whole number >= 0", 0)
 
 
 def nonneg_float(text: str) -> float:
     """A finite number >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
+    return _finite(text, "a number >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _finite(text, "a number > 0", lambda v: v > 0)
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds > 0."""
+    return _finite(text, "a number of seconds > 0", lambda v: v > 0)
 
 
 def _port(text: str, lowest: int) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    v = _convert(text, int, "a port number")
     if not lowest <= v <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in {lowest}..65535, got {v}")
     return v

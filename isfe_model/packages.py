@@ -88,6 +88,7 @@ def module_name(name: str) -> str:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file's bytes, read in 1 MiB chunks (models, checkpoints, package files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

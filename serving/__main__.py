@@ -26,11 +26,10 @@ import argparse
 import functools
 import ipaddress
 import logging
-import math
 import os
 import sys
 
-from isfe_model.argtypes import nonneg_float, port_or_zero, positive_int
+from isfe_model.argtypes import nonneg_float, nonneg_int, port_or_zero, positive_int, positive_seconds
 
 from .app import ServeConfig, create_app, load_artifacts
 from .auth import KeyFileError, check_key, read_key_file
@@ -42,28 +41,6 @@ from .supervisor import run_single, run_workers
 
 #: Most bytes of request line + headers (h11's incomplete-event limit; over it: 400 and close).
 MAX_HEADER_BYTES = 16 * 1024
-
-
-def positive_seconds(text: str) -> float:
-    """A finite number of seconds > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
-    return v
-
-
-def nonneg_int(text: str) -> int:
-    """A whole number >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
-    return v
 
 
 def host_list(text: str) -> list[str]:
@@ -173,38 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: ServeConfig fields that take their flag's value as it is (same name, no conversion).
+AS_GIVEN = ("model", "gallery", "host", "port", "max_batch_size", "max_wait_ms", "max_queue", "max_images",
+            "max_pixels", "max_k", "decode_workers", "decode_memory_mb", "timeout_keep_alive", "timeout_headers",
+            "timeout_body", "threads", "backend", "workers", "limit_concurrency", "log_level", "log_format",
+            "shutdown_timeout")
+
+
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The flags as a :class:`ServeConfig`: the :data:`AS_GIVEN` ones copied, the rest converted here."""
     return ServeConfig(
-        model=args.model,
-        gallery=args.gallery,
-        host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
+        **{name: getattr(args, name) for name in AS_GIVEN},
         max_body_bytes=max(1, int(args.max_body_mb * 1024 * 1024)),
-        max_images=args.max_images,
-        max_pixels=args.max_pixels,
-        max_k=args.max_k,
         default_k=min(args.default_k, args.max_k),
-        decode_workers=args.decode_workers,
         decode_timeout_s=args.decode_timeout,
-        decode_memory_mb=args.decode_memory_mb,
-        timeout_keep_alive=args.timeout_keep_alive,
-        timeout_headers=args.timeout_headers,
-        timeout_body=args.timeout_body,
         allowed_hosts=args.allowed_hosts if args.allowed_hosts is not None
         else (list(LOOPBACK_HOSTS) if is_loopback(args.host) else ["*"]),
         cors_origins=args.cors_origin or None,
-        threads=args.threads,
         providers=[s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None,
-        backend=args.backend,
-        workers=args.workers,
-        limit_concurrency=args.limit_concurrency,
-        log_level=args.log_level,
-        log_format=args.log_format,
         api_keys=list(dict.fromkeys((args.api_key or []) + (read_key_file(args.api_key_file) if args.api_key_file else []))),
-        shutdown_timeout=args.shutdown_timeout,
     )
 
 

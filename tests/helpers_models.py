@@ -10,13 +10,21 @@ parity checks need.  Needs torch (the tests' environment has it; the
 isfe_model package itself never imports it).
 
 Images: ``make_images`` (coloured shapes on noisy backgrounds, one class per
-shape) and ``make_image_folder`` / ``photo`` (smooth photo-like pictures).
+shape) and ``make_image_folder`` / ``photo`` (smooth photo-like pictures);
+``make_split_folder`` (a tiny train/test class folder for training runs) and
+``make_tgz`` (an archive of given files).  Command lines: ``clean_stderr`` and
+``main_stderr`` (a ``main(argv)``'s exit code and stderr); ``free_port`` for servers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import socket
+import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,3 +204,69 @@ def make_images(folder: str | os.PathLike, per_class: int = 8, size: int = 24, s
                 im.save(p)
             paths.append(p)
     return sorted(paths)
+
+
+def make_split_folder(root: Path) -> Path:
+    """``root/data/{train,test}/{a,b}/<i>.png``: 32 train and 8 test 8x8 noisy images a class (a dark, b light).
+
+    Seeded (the same pixels every call); returns ``root / "data"``, the training folder ``--data`` takes.
+    """
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 32), ("test", 8)):
+        for c in ("a", "b"):
+            d = root / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(count):
+                img = np.clip(rng.normal(60 if c == "a" else 180, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root / "data"
+
+
+def make_tgz(path: Path, files: dict[str, bytes]) -> Path:
+    """A gzipped tar at ``path`` holding ``files`` (member name -> bytes), in that order."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+def clean_stderr(capsys) -> str:
+    """What the command wrote on stderr since the last read (asserting it holds no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def main_stderr(main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str]:
+    """``main(argv)`` with stderr captured: (exit code, stderr text)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def refuse_listing(monkeypatch, name: str) -> None:
+    """Make ``os.scandir`` refuse folders called ``name`` with PermissionError (EACCES).
+
+    Simulates an unreadable folder where chmod cannot (root ignores it); the walk sees the OS's answer.
+    """
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path).name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

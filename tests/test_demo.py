@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +16,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers_models import free_port, main_stderr  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +141,10 @@ def test_build_gallery_from_folder_replaces_and_saves(demo, artifacts, tmp_path)
 
 
 def _run_main(argv: list[str]) -> tuple[int, str]:
+    """``python -m demo`` in this process: (exit code, stderr)."""
     from demo.__main__ import main
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, err.getvalue()
+    return main_stderr(main, argv)
 
 
 def test_startup_errors(artifacts, tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import os
 import signal
@@ -29,13 +28,9 @@ httpx = pytest.importorskip("httpx")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from tests.helpers_models import free_port, main_stderr  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def forge(src_gallery: Path, dst: Path, ids: list[str] | None = None, source: str | None = None) -> Path:
@@ -115,12 +110,10 @@ def _get(url: str, path: str | Path) -> int:
 
 
 def _run_main(argv: list[str]) -> tuple[int, str]:
+    """``python -m demo`` in this process: (exit code, stderr)."""
     from demo.__main__ import main
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, err.getvalue()
+    return main_stderr(main, argv)
 
 
 # ----------------------------------------------------------------------------- start-up refusals

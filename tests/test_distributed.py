@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
+from tests.helpers_models import make_split_folder
 from training.criterion import InvaSpreadCriterion
 from training.distributed import DistContext, global_keys
 from training.loss import invaspread_loss
@@ -89,20 +89,8 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert all(bool(torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["keys_ok"]) for r in (0, 1))
 
 
-def _tiny_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 32), ("test", 8)):
-        for c in ("a", "b"):
-            d = root / "data" / split / c
-            d.mkdir(parents=True)
-            for i in range(count):
-                img = np.clip(rng.normal(60 if c == "a" else 180, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root / "data"
-
-
 def test_torchrun_two_processes_end_to_end(tmp_path):
-    data = _tiny_folder(tmp_path)
+    data = make_split_folder(tmp_path)
     out = tmp_path / "run"
     env = dict(os.environ, ISFE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training",

@@ -17,6 +17,7 @@ from PIL import Image
 
 import training.data as data
 from isfe_model.walk import walk
+from tests.helpers_models import make_tgz
 from training.data import DataError, Skipped, default_spec, load_split, read_capped
 from training.prepare import (
     FolderSource,
@@ -177,21 +178,12 @@ def test_read_capped_stops_inflating_at_the_cap():
     assert read_capped(io.BytesIO(b"abc"), 3) == b"abc" and read_capped(io.BytesIO(b""), 0) == b""
 
 
-def _bomb_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, blob in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tf.addfile(info, io.BytesIO(blob))
-    return path
-
-
 def test_archive_bomb_member_is_refused_by_name_before_it_is_inflated(tmp_path, monkeypatch):
     ok = io.BytesIO()
     Image.new("RGB", (8, 8)).save(ok, "PNG")
     members = {"set/train/a/ok.png": ok.getvalue(), "set/train/a/zeros.png": b"\0" * (4 << 20),
                "set/test/a/ok.png": ok.getvalue()}
-    arc = _bomb_tar(tmp_path / "bomb.tar.gz", members)
+    arc = make_tgz(tmp_path / "bomb.tar.gz", members)
     monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 1 << 20)
     assert default_spec(str(arc)).input_size == 32  # the first-image probe does not inflate it either
     with pytest.raises(DataError, match=r"bomb\.tar\.gz:set/train/a/zeros\.png is 4 MiB.*remove it from the archive"):
@@ -210,10 +202,10 @@ def test_prepare_sources_cap_members(tmp_path, monkeypatch):
     import training.prepare as prepare
 
     monkeypatch.setattr(prepare, "MAX_MEMBER_BYTES", 1 << 20)
-    arc = _bomb_tar(tmp_path / "src.tgz", {"images/a/x.jpg": b"\0" * (3 << 20), "images.txt": b"1 a/x.jpg\n"})
+    arc = make_tgz(tmp_path / "src.tgz", {"images/a/x.jpg": b"\0" * (3 << 20), "images.txt": b"1 a/x.jpg\n"})
     with pytest.raises(PrepareError, match=r"member images/a/x\.jpg is larger than any file this reads \(1 MiB\)"):
         TarSource(arc)  # refused at its header, while the archive is listed
-    src = TarSource(_bomb_tar(tmp_path / "ok.tgz", {"images/a/x.jpg": b"\xff" * 100, "images.txt": b"1 a/x.jpg\n"}))
+    src = TarSource(make_tgz(tmp_path / "ok.tgz", {"images/a/x.jpg": b"\xff" * 100, "images.txt": b"1 a/x.jpg\n"}))
     monkeypatch.setattr(prepare, "MAX_MEMBER_BYTES", 50)  # and capped while it is read
     with pytest.raises(PrepareError, match=r"member images/a/x\.jpg is larger than any file this reads"):
         list(src.iter_read(["images/a/x.jpg"]))

@@ -19,7 +19,8 @@ from PIL import Image
 from isfe_model import Gallery
 from isfe_model.cli import embed_main, index_main, search_main
 from isfe_model.gallery import printable, walk_files
-from tests.helpers_models import EMBED_DIM, make_image_folder, photo, write_image
+from tests.helpers_models import EMBED_DIM, make_image_folder, photo, refuse_listing, write_image
+from tests.helpers_models import clean_stderr as _err
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="needs POSIX links and file names")
 
@@ -29,12 +30,6 @@ def photos(tmp_path):
     root = tmp_path / "photos"
     make_image_folder(root, {"cat": 2, "dog": 2})
     return root
-
-
-def _err(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 # --------------------------------------------------------------------------- outputs that are inputs
@@ -199,14 +194,7 @@ def test_unreadable_folders_are_reported(tmp_path, monkeypatch):
     """A folder the walk cannot list (permissions; root ignores chmod, so the refusal is the OS's answer simulated)."""
     root = tmp_path / "r"
     make_image_folder(root, {"open": 1, "locked": 1})
-    real_scandir = os.scandir
-
-    def scandir(path):
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     files, left_out = walk_files(root)
     assert [f.relative_to(root).as_posix() for f in files] == ["open/000.png"]
     assert left_out == [{"path": str(root / "locked"), "reason": left_out[0]["reason"]}]

@@ -15,6 +15,7 @@ import pytest
 from isfe_model import Gallery
 from isfe_model.cli import embed_main, index_main, main, search_main
 from tests.helpers_models import EMBED_DIM, make_image_folder, with_props
+from tests.helpers_models import clean_stderr as _err_line
 from tests.test_preprocess import _unusual_files, hostile_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +26,6 @@ def photos(tmp_path):
     root = tmp_path / "photos"
     make_image_folder(root, {"cat": 3, "dog": 2})
     return root
-
-
-def _err_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def test_embed_writes_npy_in_input_order(model, enc, photos, tmp_path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers_models import make_tgz
 from training.data import load_split
 from training.prepare import load_unlabeled, main, read_dataset_info, read_stl10_binary
 
@@ -29,15 +29,6 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
         p = root / name
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
-
-
-def make_tgz(path: Path, files: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def cub_files(n_classes: int = 4, per_class: int = 3) -> dict[str, bytes]:

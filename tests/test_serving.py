@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import io
 import math
 import os
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from serving.inputs import Upload, decode_image, parse_k
 from isfe_model.preprocess import SUPPORTED_FORMATS
 from serving.metrics import ServingMetrics
 from isfe_model.preprocess import PreprocessSpec, preprocess
+from tests.helpers_models import free_port, main_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -381,12 +384,6 @@ def artifacts(tmp_path_factory):
             "gallery_obj": Gallery.load(root / "gallery", encoder=enc)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path):
         self.proc, self.port, self.log = proc, port, log
@@ -425,13 +422,11 @@ def stop_server(server: Server) -> None:
             server.proc.wait(5)
 
 
-@pytest.fixture(scope="module")
-def server(artifacts):
-    extra = []
-    for k, v in SERVER_LIMITS.items():
-        extra += [f"--{k.replace('_', '-')}", str(v)]
-    srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "server.log",
-                       "--max-batch-size", "8", "--max-wait-ms", "20", *extra)
+@contextlib.contextmanager
+def running_server(model: str, gallery: str, log: Path, *extra: str) -> Iterator[Server]:
+    """:func:`start_server` for a with-block; on leaving it the server is stopped, has exited
+    cleanly on SIGTERM and has logged no traceback."""
+    srv = start_server(model, gallery, log, *extra)
     try:
         yield srv
     finally:
@@ -439,6 +434,16 @@ def server(artifacts):
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal
     assert srv.proc.returncode in (0, -signal.SIGTERM), srv.log_tail()
     assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    extra = []
+    for k, v in SERVER_LIMITS.items():
+        extra += [f"--{k.replace('_', '-')}", str(v)]
+    with running_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "server.log",
+                        "--max-batch-size", "8", "--max-wait-ms", "20", *extra) as srv:
+        yield srv
 
 
 def _files(paths: list[Path], field: str = "files") -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -711,13 +716,10 @@ def test_not_ready_before_startup(artifacts):
 
 
 def _run_main(argv: list[str]) -> tuple[int, str]:
+    """``python -m serving`` in this process: (exit code, stderr)."""
     from serving.__main__ import main
 
-    import contextlib
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, err.getvalue()
+    return main_stderr(main, argv)
 
 
 def test_startup_errors_are_one_line(artifacts, tmp_path):

@@ -33,7 +33,9 @@ from serving.errors import ApiError
 from serving.guard import REPLAY_CHUNK, HostPolicy, _replay, host_of
 from serving.metrics import method_label
 from isfe_model.preprocess import PreprocessSpec
-from tests.test_serving import _files, _sample, artifacts, parse_exposition, start_server, stop_server  # noqa: F401 (fixture)
+from tests.test_serving import (  # noqa: F401 (fixture)
+    _files, _sample, artifacts, parse_exposition, running_server, start_server, stop_server,
+)
 
 SPEC = PreprocessSpec(input_size=16, resize_size=16)
 #: Deadlines of the hostile-client server (seconds).
@@ -56,18 +58,13 @@ def costly_json() -> bytes:
 
 @pytest.fixture(scope="module")
 def hostile_server(artifacts):
-    srv = start_server(
+    with running_server(
         artifacts["model"], artifacts["gallery"], artifacts["root"] / "hostile.log",
         "--timeout-keep-alive", str(T_IDLE), "--timeout-headers", str(T_HEADERS), "--timeout-body", str(T_BODY),
         "--decode-timeout", str(T_DECODE), "--decode-workers", "3", "--max-body-mb", str(MAX_BODY_MB),
         "--max-images", "4", "--max-wait-ms", "1",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        stop_server(srv)
-    assert srv.proc.returncode in (0, -signal.SIGTERM), srv.log_tail()
-    assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
 
 
 # --------------------------------------------------------------------------- raw sockets

@@ -30,6 +30,7 @@ from isfe_model.walk import (
     walk,
     walk_files,
 )
+from tests.helpers_models import refuse_listing
 from training.data import Skipped, load_split
 from training.prepare import FolderSource, remove_tree
 
@@ -278,14 +279,7 @@ def test_unreadable_folders_and_the_root(tmp_path, monkeypatch):
     root = tmp_path / "r"
     _png(root / "open" / "1.png")
     _png(root / "locked" / "2.png")
-    real = os.scandir
-
-    def scandir(path):
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     walked = walk(root)
     assert walked.names == ["open/1.png"]
     assert [(lo.rel, lo.reason, lo.detail) for lo in walked.left_out] == [("locked", UNREADABLE_FOLDER,

@@ -47,7 +47,6 @@ weights were trained with.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,7 @@ import torchvision
 from torch import Tensor, nn
 
 from isfe_model.atomic import atomic_write
+from isfe_model.packages import sha256_file as file_sha256  # the one file hash (export/ and tests use this name)
 from isfe_model.preprocess import PreprocessSpec
 
 __all__ = [
@@ -233,14 +233,6 @@ class EmbeddingNet(nn.Module):
 
 def build_encoder(cfg: ModelConfig) -> EmbeddingNet:
     return EmbeddingNet(cfg)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

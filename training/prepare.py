@@ -136,6 +136,12 @@ class Source:
             raise PrepareError(f"{self.path} has no {filename}; {what}")
         return hit
 
+    def require_together(self, filenames: Sequence[str], what: str) -> tuple[str, list[str]]:
+        """The first file found as :meth:`require` does, the others in its folder: (folder prefix, names)."""
+        first = self.require(filenames[0], what)
+        root = first[: -len(filenames[0])]
+        return root, [first] + [self.require(root + name, what) for name in filenames[1:]]
+
 
 class FolderSource(Source):
     """An extracted folder, walked iteratively (:func:`isfe_model.walk.walk`: any depth, symlinked
@@ -496,10 +502,8 @@ def prepare_cub200(src: str | os.PathLike, writer: Writer) -> dict:
     """CUB-200-2011: classes 1..100 -> train, 101..200 -> test (ids from classes.txt)."""
     source = Source.open(src)
     how = "pass CUB_200_2011.tgz from the dataset's page or the folder it extracts to"
-    images_txt = source.require("images.txt", how)
-    root = images_txt[: -len("images.txt")]
-    labels_txt = source.require(root + "image_class_labels.txt" if root else "image_class_labels.txt", how)
-    classes_txt = source.require(root + "classes.txt" if root else "classes.txt", how)
+    root, (images_txt, labels_txt, classes_txt) = source.require_together(
+        ("images.txt", "image_class_labels.txt", "classes.txt"), how)
     try:
         paths = {int(r[0]): r[1] for r in _text_lines(source, images_txt)}
         labels = {int(r[0]): int(r[1]) for r in _text_lines(source, labels_txt)}
@@ -586,9 +590,7 @@ def prepare_sop(src: str | os.PathLike, writer: Writer) -> dict:
     """Stanford Online Products: Ebay_train.txt -> train, Ebay_test.txt -> test (the official class split)."""
     source = Source.open(src)
     how = "pass Stanford_Online_Products.zip or the folder it extracts to"
-    train_txt = source.require("Ebay_train.txt", how)
-    root = train_txt[: -len("Ebay_train.txt")]
-    test_txt = source.require(root + "Ebay_test.txt" if root else "Ebay_test.txt", how)
+    root, (train_txt, test_txt) = source.require_together(("Ebay_train.txt", "Ebay_test.txt"), how)
     name_set = set(source.names())
     items = []
     class_sets: dict[str, set[int]] = {}
