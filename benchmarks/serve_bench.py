@@ -265,15 +265,17 @@ class InProcess:
 
     def summary(self) -> dict[str, Any]:
         r1, rb = float(np.median(self.samples[1])), float(np.median(self.samples[self.batch]))
-        return {"batch": self.batch, "images_per_s_batch1": round(r1, 1), f"images_per_s_batch{self.batch}": round(rb, 1),
-                "ratio": round(rb / r1, 2), "rounds": {str(b): [round(v, 1) for v in vs] for b, vs in self.samples.items()}}
+        return {"batch": self.batch, "images_per_s_batch1": round(r1, 1),
+                f"images_per_s_batch{self.batch}": round(rb, 1), "ratio": round(rb / r1, 2),
+                "rounds": {str(b): [round(v, 1) for v in vs] for b, vs in self.samples.items()}}
 
 
 def device_name(info: dict[str, Any]) -> str:
     providers = info.get("providers") or []
     if any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
         try:
-            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout
+            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=10).stdout
             return re.sub(r"[^A-Za-z0-9]+", "-", name.strip().splitlines()[0]).strip("-").lower() or "gpu"
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "gpu"
@@ -288,14 +290,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="ONNX model (default: build a random-init 32x32 ResNet18)")
     p.add_argument("--gallery", help="gallery folder for --model")
     p.add_argument("--query-dir", help="images to query with (default: the generated images)")
-    p.add_argument("--clients", type=int, default=32, help="concurrent clients for the throughput comparison (default 32)")
-    p.add_argument("--moderate", type=int, default=4, help="concurrent clients for the 'moderate load' latency check (default 4)")
+    p.add_argument("--clients", type=int, default=32,
+                   help="concurrent clients for the throughput comparison (default 32)")
+    p.add_argument("--moderate", type=int, default=4,
+                   help="concurrent clients for the 'moderate load' latency check (default 4)")
     p.add_argument("--requests", type=int, default=600, help="requests per load run (default 600)")
     p.add_argument("--warmup", type=int, default=64, help="warm-up requests per server (default 64)")
     p.add_argument("--max-batch-size", type=int, default=32, help="batched mode's --max-batch-size (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batched mode's --max-wait-ms (default 2)")
     p.add_argument("--threads", type=int, default=None, help="server --threads (ONNX Runtime intra-op threads)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per mode and load; medians are reported (default 3)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds per mode and load; medians are reported (default 3)")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'cores shared with other jobs')")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/serve_bench-<device>.json)")
@@ -315,7 +320,8 @@ def parse_checked(p: argparse.ArgumentParser, argv: list[str] | None,
 
 
 def measure_servers(args: argparse.Namespace, model: str, gallery: str, payloads: list[tuple[str, bytes]], tmpdir: Path,
-                    modes: list[tuple[str, int]], in_process: InProcess) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
+                    modes: list[tuple[str, int]], in_process: InProcess,
+                    ) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
     """Start one server per mode, warm up, then alternate load runs (each round after an in-process
     round); returns (samples per (mode, clients), /v1/info)."""
     servers: dict[str, tuple[subprocess.Popen, int]] = {}
@@ -325,7 +331,8 @@ def measure_servers(args: argparse.Namespace, model: str, gallery: str, payloads
         # alternate between them round by round so that drifting background load
         # on a shared machine hits both modes alike.
         for mode, mbs in modes:
-            servers[mode] = start_server(model, gallery, mbs, args.max_wait_ms, args.threads, tmpdir / f"server-{mode}.log")
+            servers[mode] = start_server(model, gallery, mbs, args.max_wait_ms, args.threads,
+                                         tmpdir / f"server-{mode}.log")
         reqs = {mode: [multipart_request("/v1/search", port, "file", n, d, {"k": str(args.k)}, request_id=f"bench-{i}")
                        for i, (n, d) in enumerate(payloads)] for mode, (_, port) in servers.items()}
         info_req = (f"GET /v1/info HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {API_KEY}\r\n"
@@ -344,7 +351,8 @@ def measure_servers(args: argparse.Namespace, model: str, gallery: str, payloads
                     s1, c1 = batch_stats(asyncio.run(http_get(port, "/metrics"))[1].decode())
                     res["mean_batch_size"] = round((s1 - s0) / max(1.0, c1 - c0), 2)
                     samples.setdefault((mode, clients), []).append(res)
-                    print(f"round {rnd + 1}/{args.rounds} {mode:8s} clients={clients:3d}  {res['requests_per_s']:8.1f} req/s  "
+                    print(f"round {rnd + 1}/{args.rounds} {mode:8s} clients={clients:3d}  "
+                          f"{res['requests_per_s']:8.1f} req/s  "
                           f"p50 {res['latency_ms']['p50']:7.1f} ms  p99 {res['latency_ms']['p99']:7.1f} ms  "
                           f"mean batch {res['mean_batch_size']:5.1f}  errors {res['errors'] or 0}", flush=True)
     finally:
@@ -363,7 +371,8 @@ def summarise_runs(args: argparse.Namespace, modes: list[tuple[str, int]], sampl
                 "clients": clients,
                 # medians over rounds (robust to background load on a shared machine)
                 "requests_per_s": round(float(np.median([r["requests_per_s"] for r in rs])), 2),
-                "latency_ms": {q: round(float(np.median([r["latency_ms"][q] for r in rs])), 2) for q in ("p50", "p90", "p99", "max", "mean")},
+                "latency_ms": {q: round(float(np.median([r["latency_ms"][q] for r in rs])), 2)
+                               for q in ("p50", "p90", "p99", "max", "mean")},
                 "mean_batch_size": round(float(np.median([r["mean_batch_size"] for r in rs])), 2),
                 "errors": sum(sum(r["errors"].values()) for r in rs),
                 "rounds": rs,
@@ -383,7 +392,8 @@ def summary_of(args: argparse.Namespace, runs: dict[str, Any], ceiling: dict[str
     summary["onnxruntime_batching_ceiling_ratio"] = ceiling["ratio"]
     # undefined when batching gains nothing in-process (e.g. all cores busy with other work)
     summary["share_of_ceiling_captured_at_%s_clients" % c] = round(
-        (summary[f"throughput_ratio_batched_vs_batch1_at_{c}_clients"] - 1) / (ceiling["ratio"] - 1), 2) if ceiling["ratio"] > 1.05 else None
+        (summary[f"throughput_ratio_batched_vs_batch1_at_{c}_clients"] - 1) / (ceiling["ratio"] - 1), 2
+    ) if ceiling["ratio"] > 1.05 else None
     # one image per request: the server's images/s against ONNX Runtime alone at the same batch size,
     # round by round (each server round right after an in-process one), median over the rounds
     per_round = [r["requests_per_s"] / v for r, v in zip(b[c]["rounds"], ceiling["rounds"][str(ceiling["batch"])])]
@@ -403,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             t0 = time.perf_counter()
             model, gallery, queries = build_reference(tmpdir)
-            setup = f"random-init resnet18 32x32 128-d, 96 generated 48x48 images ({time.perf_counter() - t0:.0f} s to build)"
+            setup = (f"random-init resnet18 32x32 128-d, 96 generated 48x48 images "
+                     f"({time.perf_counter() - t0:.0f} s to build)")
         if not queries:
             from tests.helpers_models import make_images
             queries = make_images(tmpdir / "queries", per_class=8, size=48, seed=1)

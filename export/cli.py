@@ -399,7 +399,8 @@ def _context(o: ExportOptions) -> Context:
             f"--int8 is gated on kNN top-1 accuracy, which needs labelled parity images: {images.source} has no class "
             "subfolders. Give --images DIR with DIR/<class>/*.jpg, or leave out --images to use the --data test split"
         )
-    skipped = f" ({len(images.skipped)} skipped: unreadable images, links to folders, special files)" if images.skipped else ""
+    skipped = (f" ({len(images.skipped)} skipped: unreadable images, links to folders, special files)"
+               if images.skipped else "")
     print(f"parity images: {len(images)} from {images.source}{skipped}")
     return Context(o, model, meta, spec, images, reference_embeddings(model, images.x))
 

@@ -89,7 +89,8 @@ def _max_pixels(text: str) -> int | None:
     try:
         v = float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a pixel count like 50000000 or 5e7, or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a pixel count like 50000000 or 5e7, or 'none', "
+                                         f"got {text!r}") from None
     if not v >= 1 or v != int(v):
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (or 'none'), got {text!r}")
     return int(v)
@@ -100,12 +101,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--providers", default=None, metavar="LIST",
                    help="ONNX Runtime execution providers in order, e.g. 'cuda,cpu' or 'cpu' "
                         "(default: TensorRT, CUDA, CPU — those this onnxruntime build has)")
-    g.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="ONNX Runtime intra-op threads (default: all cores)")
     g.add_argument("--decode-threads", type=positive_int, default=None, metavar="N",
                    help="threads that decode images while the model runs (default: the cores available)")
     g.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
     g.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help=f"refuse images with more decoded pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,}; 'none' = no limit)")
+                   help=f"refuse images with more decoded pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,}; "
+                        f"'none' = no limit)")
     prog = g.add_mutually_exclusive_group()
     prog.add_argument("--progress", dest="progress", action="store_true", default=None,
                       help="show a progress line on stderr (default: only when stderr is a terminal)")
@@ -146,7 +149,8 @@ def _open_encoder(args: argparse.Namespace, prog: str) -> Encoder:
     except ValueError as e:  # ModelError, MetadataError, bad --providers
         raise CliError(str(e)) from None
     if not args.quiet:
-        print(f"{prog}: model {printable(enc.model_path)} (dim {enc.dim}, input {enc.spec.input_size}x{enc.spec.input_size}, "
+        print(f"{prog}: model {printable(enc.model_path)} (dim {enc.dim}, input "
+              f"{enc.spec.input_size}x{enc.spec.input_size}, "
               f"fingerprint {enc.fingerprint[:12]}) on {', '.join(enc.providers)}", file=sys.stderr)
     return enc
 
@@ -190,7 +194,8 @@ def _run(prog: str, build: Callable[[], argparse.ArgumentParser], body: Callable
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"{prog}: internal error: {type(e).__name__}: {printable(e)} (run again with --debug for the traceback and please report it)",
+        print(f"{prog}: internal error: {type(e).__name__}: {printable(e)} "
+              f"(run again with --debug for the traceback and please report it)",
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
@@ -248,7 +253,8 @@ def _check_output_file(path: Path, what: str) -> None:
 
 
 def _embed_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="isfe-embed", description="Embed images with an ISFE ONNX model; writes float32 [N, D] unit rows (.npy, input order).")
+    p = _Parser(prog="isfe-embed", description="Embed images with an ISFE ONNX model; "
+                                               "writes float32 [N, D] unit rows (.npy, input order).")
     p.add_argument("model", help="the .onnx model file (written by python -m export)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, GIF, BMP, TIFF, WebP, ...)")
     p.add_argument("-o", "--output", required=True, help="output .npy file (written atomically; replaced if it exists)")
@@ -285,10 +291,14 @@ def _index_parser() -> argparse.ArgumentParser:
                     "and in the manifest's 'skipped'.")
     p.add_argument("model", help="the .onnx model file")
     p.add_argument("folder", help="folder of images (optionally in class subfolders)")
-    p.add_argument("-o", "--output", required=True, metavar="GALLERY_DIR", help="gallery folder to create (written atomically)")
-    p.add_argument("--skip-bad", action="store_true", help="skip files that are not usable images (listed in the manifest) instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace GALLERY_DIR if it already holds a gallery (never any other folder)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embedding type (float16 halves the size)")
+    p.add_argument("-o", "--output", required=True, metavar="GALLERY_DIR",
+                   help="gallery folder to create (written atomically)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip files that are not usable images (listed in the manifest) instead of stopping")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace GALLERY_DIR if it already holds a gallery (never any other folder)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="stored embedding type (float16 halves the size)")
     _common(p)
     return p
 
@@ -386,7 +396,8 @@ def search_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _info_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="isfe-info", description="Print what a model says about itself and what ONNX Runtime runs it on (JSON).")
+    p = _Parser(prog="isfe-info",
+                description="Print what a model says about itself and what ONNX Runtime runs it on (JSON).")
     p.add_argument("model", nargs="?", help="the .onnx model file (omit to show only the onnxruntime build)")
     _common(p)
     return p

@@ -51,7 +51,8 @@ def host_list(text: str) -> list[str]:
     for item in items:
         name = item[2:] if item.startswith("*.") else item
         if item != "*" and host_of(name) is None:
-            raise argparse.ArgumentTypeError(f"not a host name: {item!r} (use names like localhost, api.example.com, *.example.com, or *)")
+            raise argparse.ArgumentTypeError(f"not a host name: {item!r} (use names like localhost, api.example.com, "
+                                             f"*.example.com, or *)")
     return items
 
 
@@ -61,7 +62,8 @@ def origin_list(text: str) -> list[str]:
     for item in items:
         scheme, sep, rest = item.partition("://")
         if item != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
-            raise argparse.ArgumentTypeError(f"not an origin: {item!r} (use scheme://host[:port], e.g. https://app.example.com)")
+            raise argparse.ArgumentTypeError(f"not an origin: {item!r} (use scheme://host[:port], e.g. "
+                                             f"https://app.example.com)")
     if not items:
         raise argparse.ArgumentTypeError("expected an origin like https://app.example.com")
     return items
@@ -90,22 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving",
         description="HTTP API for ISFE embeddings and gallery search (FastAPI + uvicorn, micro-batched).",
-        epilog="Every flag can also come from an environment variable ISFE_<FLAG> (--max-batch-size: ISFE_MAX_BATCH_SIZE; "
-               "repeatable flags comma-separated, e.g. ISFE_API_KEY=key1,key2); a flag on the command line wins. "
+        epilog="Every flag can also come from an environment variable ISFE_<FLAG> (--max-batch-size: "
+               "ISFE_MAX_BATCH_SIZE; repeatable flags comma-separated, e.g. ISFE_API_KEY=key1,key2); "
+               "a flag on the command line wins. "
                "SIGHUP reloads the gallery; SIGTERM shuts down gracefully (--shutdown-timeout).",
     )
     p.add_argument("--model", required=True, help="ISFE ONNX model (from `python -m export`)")
-    p.add_argument("--gallery", required=True, help="gallery folder built with this model (isfe-index MODEL FOLDER -o GALLERY_DIR)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--gallery", required=True,
+                   help="gallery folder built with this model (isfe-index MODEL FOLDER -o GALLERY_DIR)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=port_or_zero, default=8000, help="TCP port (default 8000)")
     b = p.add_argument_group("batching")
-    b.add_argument("--max-batch-size", type=positive_int, default=32, help="most images per inference call; 1 disables micro-batching (default 32)")
-    b.add_argument("--max-wait-ms", type=nonneg_float, default=2.0, help="how long a batch waits to fill after its first image (default 2 ms)")
-    b.add_argument("--max-queue", type=positive_int, default=1024, help="images waiting for inference before requests get 503 (default 1024)")
+    b.add_argument("--max-batch-size", type=positive_int, default=32,
+                   help="most images per inference call; 1 disables micro-batching (default 32)")
+    b.add_argument("--max-wait-ms", type=nonneg_float, default=2.0,
+                   help="how long a batch waits to fill after its first image (default 2 ms)")
+    b.add_argument("--max-queue", type=positive_int, default=1024,
+                   help="images waiting for inference before requests get 503 (default 1024)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-body-mb", type=nonneg_float, default=20.0, help="largest request body in MiB (default 20)")
-    lim.add_argument("--max-images", type=positive_int, default=32, help="most images in one /v1/embed request (default 32)")
-    lim.add_argument("--max-pixels", type=positive_int, default=50_000_000, help="most decoded pixels (width x height) per image (default 50M)")
+    lim.add_argument("--max-images", type=positive_int, default=32,
+                     help="most images in one /v1/embed request (default 32)")
+    lim.add_argument("--max-pixels", type=positive_int, default=50_000_000,
+                     help="most decoded pixels (width x height) per image (default 50M)")
     lim.add_argument("--max-k", type=positive_int, default=100, help="largest k for /v1/search (default 100)")
     lim.add_argument("--default-k", type=positive_int, default=10, help="k when the request gives none (default 10)")
     r = p.add_argument_group("runtime")
@@ -117,13 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most seconds one image (or JSON body) may take to decode; its worker is then killed and "
                         "replaced and the request gets 422 decode_timeout (default 10)")
     r.add_argument("--decode-memory-mb", type=nonneg_int, default=2048, metavar="MIB",
-                   help="address-space limit of each decode worker in MiB; a decode that needs more gets 413 (default 2048; 0: none)")
-    r.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
-    r.add_argument("--providers", default=None, help="comma-separated ONNX Runtime execution providers (default: TensorRT, CUDA, CPU as available)")
-    r.add_argument("--backend", choices=("numpy", "faiss"), default="numpy", help="gallery search backend (default numpy, exact)")
-    r.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes sharing the port (default 1)")
+                   help="address-space limit of each decode worker in MiB; a decode that needs more gets 413 (default "
+                        "2048; 0: none)")
+    r.add_argument("--threads", type=positive_int, default=None,
+                   help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
+    r.add_argument("--providers", default=None,
+                   help="comma-separated ONNX Runtime execution providers (default: TensorRT, CUDA, CPU as available)")
+    r.add_argument("--backend", choices=("numpy", "faiss"), default="numpy",
+                   help="gallery search backend (default numpy, exact)")
+    r.add_argument("--workers", type=positive_int, default=1,
+                   help="uvicorn worker processes sharing the port (default 1)")
     r.add_argument("--limit-concurrency", type=positive_int, default=None,
-                   help="most connections+requests at once per worker; beyond it uvicorn answers 503 (default: no limit)")
+                   help="most connections+requests at once per worker; beyond it uvicorn answers 503 "
+                        "(default: no limit)")
     r.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     c = p.add_argument_group("clients")
     c.add_argument("--timeout-keep-alive", type=positive_seconds, default=5.0, metavar="SECONDS",
@@ -132,19 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request line and headers must arrive within this many seconds of their first byte, "
                         "else 408 and close (default 10)")
     c.add_argument("--timeout-body", type=positive_seconds, default=60.0, metavar="SECONDS",
-                   help="the whole request body must arrive within this many seconds of the headers, else 408 and close (default 60)")
+                   help="the whole request body must arrive within this many seconds of the headers, else 408 and "
+                        "close (default 60)")
     c.add_argument("--allowed-hosts", type=host_list, default=None, metavar="HOSTS",
-                   help="comma-separated Host names the server answers to (others: 421), *.domain for subdomains, * for any "
-                        "(default: localhost,127.0.0.1,::1 when --host is a loopback address, else *)")
+                   help="comma-separated Host names the server answers to (others: 421), *.domain for "
+                        "subdomains, * for any (default: localhost,127.0.0.1,::1 when --host is a loopback address, "
+                        "else *)")
     c.add_argument("--cors-origin", type=origin_list, action=ReplaceAction, extend=True, default=None, metavar="ORIGIN",
-                   help="allow browser pages from this origin (scheme://host[:port]; repeat or comma-separate; * for any) "
-                        "to call the API; default: no CORS headers at all")
+                   help="allow browser pages from this origin (scheme://host[:port]; repeat or comma-separate; "
+                        "* for any) to call the API; default: no CORS headers at all")
     a = p.add_argument_group("production")
     a.add_argument("--api-key", type=api_key, action=ReplaceAction, default=None, metavar="KEY",
-                   help="require Authorization: Bearer KEY on /v1/* (repeat for several keys; env ISFE_API_KEY: comma-separated); "
-                        "/healthz, /readyz, /metrics and /docs stay open")
-    a.add_argument("--api-key-file", default=None, metavar="FILE", help="file with one API key per line (# comments allowed)")
-    a.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text (default) or JSON objects")
+                   help="require Authorization: Bearer KEY on /v1/* (repeat for several keys; env ISFE_API_KEY: "
+                        "comma-separated); /healthz, /readyz, /metrics and /docs stay open")
+    a.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="file with one API key per line (# comments allowed)")
+    a.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text (default) or JSON objects")
     a.add_argument("--shutdown-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, wait at most this long for requests in flight before closing them (default 10)")
     return p
@@ -168,7 +188,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         else (list(LOOPBACK_HOSTS) if is_loopback(args.host) else ["*"]),
         cors_origins=args.cors_origin or None,
         providers=[s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None,
-        api_keys=list(dict.fromkeys((args.api_key or []) + (read_key_file(args.api_key_file) if args.api_key_file else []))),
+        api_keys=list(dict.fromkeys(
+            (args.api_key or []) + (read_key_file(args.api_key_file) if args.api_key_file else []))),
     )
 
 
@@ -216,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     encoder, gallery = loaded
     if not is_loopback(cfg.host) and not cfg.api_keys:
-        logging.getLogger("serving").warning("binding to %s: the API is reachable from other machines and has no API key "
-                                             "(--api-key)", cfg.host)
+        logging.getLogger("serving").warning("binding to %s: the API is reachable from other machines and has "
+                                             "no API key (--api-key)", cfg.host)
     opts = dict(http=functools.partial(GuardedH11Protocol, timeout_headers=cfg.timeout_headers),
                 timeout_keep_alive=cfg.timeout_keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                limit_concurrency=cfg.limit_concurrency, log_level=cfg.log_level, log_config=log_config, access_log=False,
-                timeout_graceful_shutdown=cfg.shutdown_timeout)
+                limit_concurrency=cfg.limit_concurrency, log_level=cfg.log_level, log_config=log_config,
+                access_log=False, timeout_graceful_shutdown=cfg.shutdown_timeout)
     if cfg.workers > 1:
         del encoder, gallery  # each worker process loads its own copy; the parent only validated the files
         return run_workers(cfg, **opts)

@@ -53,7 +53,8 @@ from .routes import add_routes
 from .schemas import BEARER_SCHEME
 from .state import CONFIG_ENV, ServeConfig, ServerState, load_artifacts
 
-__all__ = ["CONFIG_ENV", "ENDPOINTS", "ServeConfig", "ServerState", "create_app", "create_app_from_env", "load_artifacts"]
+__all__ = ["CONFIG_ENV", "ENDPOINTS", "ServeConfig", "ServerState", "create_app", "create_app_from_env",
+           "load_artifacts"]
 
 log = logging.getLogger("serving")
 
@@ -80,7 +81,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "invalid_request", "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request")
+        return _error(422, "invalid_request",
+                      "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request")
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -152,15 +154,18 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> GuardedApp:
         title="ISFE embedding service",
         version="1",
         description="Image embeddings (ISFE) and gallery search." + (
-            " /v1/* needs Authorization: Bearer <API key>; /healthz, /readyz, /metrics and /docs are open." if state.keys else ""),
+            " /v1/* needs Authorization: Bearer <API key>; /healthz, /readyz, /metrics and "
+            "/docs are open." if state.keys else ""),
         lifespan=_lifespan(state),
         docs_url=None,  # FastAPI's Swagger UI loads from a CDN; /docs is self-contained (serving.docs)
         redoc_url=None,
     )
     app.state.isfe = state
     if cfg.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
-                           allow_headers=["content-type", "authorization", "x-request-id"], expose_headers=["x-request-id"],
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins),
+                           allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+                           allow_headers=["content-type", "authorization", "x-request-id"],
+                           expose_headers=["x-request-id"],
                            max_age=600)
     _install_error_handlers(app)
     add_routes(app, state)
@@ -178,7 +183,8 @@ def create_app_from_env() -> GuardedApp:
     """
     text = os.environ.get(CONFIG_ENV)
     if not text:
-        raise RuntimeError(f"${CONFIG_ENV} is not set; start the server with `python -m serving --model ... --gallery ...`")
+        raise RuntimeError(f"${CONFIG_ENV} is not set; start the server with `python -m serving --model ... "
+                           f"--gallery ...`")
     cfg = ServeConfig.from_json(text)
     configure_logging(cfg.log_level, cfg.log_format)
     if cfg.run_dir:

@@ -94,9 +94,11 @@ class ApiKeys:
         scheme, _, token = values[0].strip().partition(b" ")
         token = token.strip()
         if len(values) != 1 or scheme.lower() != b"bearer" or not token:
-            raise ApiError(401, "unauthorized", "malformed Authorization header; send exactly one Authorization: Bearer <key>")
+            raise ApiError(401, "unauthorized",
+                           "malformed Authorization header; send exactly one Authorization: Bearer <key>")
         ok = False
         for key in self._keys:  # every key, always: the time taken does not depend on which one matches
             ok |= hmac.compare_digest(token, key)
         if not ok:
-            raise ApiError(401, "unauthorized", "invalid API key; send Authorization: Bearer <key> with a key this server accepts")
+            raise ApiError(401, "unauthorized",
+                           "invalid API key; send Authorization: Bearer <key> with a key this server accepts")

@@ -131,7 +131,8 @@ class MicroBatcher:
             if self._closed or self._thread is None:
                 raise BatcherClosed("the inference worker is not running (server starting or shutting down)")
             if self._pending >= self.max_queue:
-                raise BatcherFull(f"{self._pending} images are waiting for inference (limit {self.max_queue}); retry later")
+                raise BatcherFull(f"{self._pending} images are waiting for inference (limit {self.max_queue}); "
+                                  f"retry later")
             self._pending += 1
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put(_Item(x, fut))
@@ -144,7 +145,8 @@ class MicroBatcher:
             if self._closed or self._thread is None:
                 raise BatcherClosed("the inference worker is not running (server starting or shutting down)")
             if self._pending + n > self.max_queue:
-                raise BatcherFull(f"{self._pending} images are waiting for inference (limit {self.max_queue}); retry later")
+                raise BatcherFull(f"{self._pending} images are waiting for inference (limit {self.max_queue}); "
+                                  f"retry later")
             self._pending += n
         futs = []
         for x in xs:

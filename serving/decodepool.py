@@ -193,7 +193,8 @@ class DecodePool:
                 w.conn.recv()
             except (EOFError, OSError):
                 self.stop()
-                raise DecodePoolError(f"decode worker exited at start (exit code {w.process.exitcode}); see the log above") from None
+                raise DecodePoolError(f"decode worker exited at start (exit code {w.process.exitcode}); see "
+                                      f"the log above") from None
             self._idle.put(w)
         self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="isfe-decode")
         return self
@@ -225,7 +226,8 @@ class DecodePool:
         """Upload bytes -> float32 [3, S, S]; raises :class:`ApiError` (4xx) for bad or too costly images."""
         return await self._submit("image", upload.name, upload.data, ())
 
-    async def parse_json(self, raw: bytes, max_images: int, vectors: bool = False) -> tuple[list[Upload], dict[str, Any]]:
+    async def parse_json(self, raw: bytes, max_images: int,
+                         vectors: bool = False) -> tuple[list[Upload], dict[str, Any]]:
         """JSON body -> (uploads, fields), parsed in a worker (see :func:`serving.decoding.parse_json_body`)."""
         return await self._submit("json", "JSON body", raw, (max_images, vectors))
 
@@ -266,7 +268,8 @@ class DecodePool:
             replace = "crash"
             w.process.join(1)  # reap it, for the exit code
             code = w.process.exitcode
-            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}" if code is not None else type(e).__name__
+            how = (f"signal {-code}" if code is not None and code < 0
+                   else f"exit code {code}" if code is not None else type(e).__name__)
             raise ApiError(422, "decode_failed", f"{name}: the decoder process ended abnormally ({how}); "
                                                  f"this file cannot be decoded by this server") from None
         finally:
@@ -281,7 +284,8 @@ class DecodePool:
     def _timeout_detail(self, kind: str, name: str) -> str:
         limit = f"the server's limit of {self.time_limit_s:g} s (--decode-timeout)"
         if kind in ("json", "openai"):
-            return f"parsing the JSON body took longer than {limit}; send fewer or smaller images, or use multipart/form-data"
+            return (f"parsing the JSON body took longer than {limit}; send fewer or smaller images, "
+                    f"or use multipart/form-data")
         return (f"{name}: decoding the image took longer than {limit}; it is too costly to decode: "
                 f"downscale it or re-save it as a plain PNG or baseline JPEG")
 
@@ -302,7 +306,8 @@ class DecodePool:
             except Exception:  # metrics must never break serving
                 log.exception("on_restart callback failed")
         if replace == "timeout":
-            log.warning("decode worker %s killed after %.3g s; replaced by %s", w.process.pid, self.time_limit_s, fresh.process.pid)
+            log.warning("decode worker %s killed after %.3g s; replaced by %s", w.process.pid, self.time_limit_s,
+                        fresh.process.pid)
         w.signal_kill()  # idle (demoted) or runaway (timeout): nothing to finish
         with self._dying_lock:
             self._dying = [d for d in self._dying if not d.reaped()]

@@ -66,10 +66,12 @@ def check_count(n: int, max_images: int) -> None:
         raise ApiError(
             400,
             "missing_image",
-            "no image in the request; send it as multipart file field 'file' (several: 'files') or JSON {\"image\": \"<base64>\"}",
+            "no image in the request; send it as multipart file field 'file' (several: 'files') or JSON {\"image\": "
+            "\"<base64>\"}",
         )
     if n > max_images:
-        raise ApiError(413, "too_many_images", f"{n} images in one request, over the limit of {max_images}; split the request")
+        raise ApiError(413, "too_many_images",
+                       f"{n} images in one request, over the limit of {max_images}; split the request")
 
 
 def _b64decode(text: Any, name: str) -> bytes:
@@ -91,7 +93,8 @@ def _json_int(text: str) -> int:
     digits = len(text.lstrip("-"))
     if digits > MAX_JSON_INT_DIGITS:
         raise ApiError(400, "malformed_json",
-                       f"request body has an integer with {digits:,} digits; numbers are limited to {MAX_JSON_INT_DIGITS} digits")
+                       f"request body has an integer with {digits:,} digits; numbers are limited to "
+                       f"{MAX_JSON_INT_DIGITS} digits")
     return int(text)
 
 
@@ -106,12 +109,14 @@ def _load_json(raw: bytes) -> dict[str, Any]:
         doc = json.loads(raw, parse_int=_json_int)
     except RecursionError:
         raise ApiError(
-            400, "malformed_json", 'JSON body is nested too deeply; send a flat object like {"image": "<base64>"} or {"images": [...]}'
+            400, "malformed_json",
+            'JSON body is nested too deeply; send a flat object like {"image": "<base64>"} or {"images": [...]}'
         ) from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (both ValueErrors) and any other refusal of json.loads
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (both ValueErrors), any other json.loads refusal
         raise ApiError(400, "malformed_json", f"request body is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
-        raise ApiError(400, "malformed_json", 'JSON body must be an object like {"image": "<base64>"} or {"images": [...]}')
+        raise ApiError(400, "malformed_json",
+                       'JSON body must be an object like {"image": "<base64>"} or {"images": [...]}')
     return doc
 
 
@@ -166,13 +171,16 @@ def parse_vectors(value: Any, max_vectors: int) -> np.ndarray:
     if not all(isinstance(v, list) for v in value):
         raise ApiError(422, "invalid_embedding", f"embedding must be {shape_hint}; mixed numbers and lists are not")
     if len(value) > max_vectors:
-        raise ApiError(413, "too_many_queries", f"{len(value)} vectors in one request, over the limit of {max_vectors}; split the request")
+        raise ApiError(413, "too_many_queries",
+                       f"{len(value)} vectors in one request, over the limit of {max_vectors}; split the request")
     for i, v in enumerate(value):
         if not v or not all(_is_number(x) for x in v):
-            raise ApiError(422, "invalid_embedding", f"embedding[{i}] must be a non-empty list of numbers, got {reprlib.repr(v)}")
+            raise ApiError(422, "invalid_embedding",
+                           f"embedding[{i}] must be a non-empty list of numbers, got {reprlib.repr(v)}")
         if len(v) != len(value[0]):
-            raise ApiError(422, "invalid_embedding", f"embedding[{i}] has {len(v)} numbers but embedding[0] has {len(value[0])}; "
-                                                     f"every vector needs the model's dimension")
+            raise ApiError(422, "invalid_embedding",
+                           f"embedding[{i}] has {len(v)} numbers but embedding[0] has {len(value[0])}; "
+                           f"every vector needs the model's dimension")
     return np.asarray(value, dtype=np.float64)
 
 
@@ -190,7 +198,8 @@ def parse_openai_body(raw: bytes, max_images: int) -> tuple[list[Upload], dict[s
     """
     doc = _load_json(raw)
     if "input" not in doc:
-        raise ApiError(400, "missing_input", 'no "input": send {"input": "<base64 image>"} or {"input": ["<base64>", ...]}')
+        raise ApiError(400, "missing_input",
+                       'no "input": send {"input": "<base64 image>"} or {"input": ["<base64>", ...]}')
     inp = doc["input"]
     batch = isinstance(inp, list)
     items = inp if batch else [inp]
@@ -202,12 +211,14 @@ def parse_openai_body(raw: bytes, max_images: int) -> tuple[list[Upload], dict[s
             raise ApiError(400, "url_not_supported", f"{name} is a URL; this server fetches nothing from the network: "
                                                      f"send the image itself as base64 or a data: URI")
         if not isinstance(v, str):
-            raise ApiError(400, "bad_input", f"{name} must be a base64 image string or data: URI (token arrays are for text "
-                                             f"models), got {type(v).__name__}")
+            raise ApiError(400, "bad_input",
+                           f"{name} must be a base64 image string or data: URI (token arrays are for text "
+                           f"models), got {type(v).__name__}")
         uploads.append(Upload(name, _b64decode(v, name)))
     fmt = doc.get("encoding_format") or "float"
     if fmt not in ENCODING_FORMATS:
-        raise ApiError(400, "invalid_encoding_format", f"encoding_format must be 'float' or 'base64', got {reprlib.repr(fmt)}")
+        raise ApiError(400, "invalid_encoding_format",
+                       f"encoding_format must be 'float' or 'base64', got {reprlib.repr(fmt)}")
     model, dims = doc.get("model"), doc.get("dimensions")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "invalid_model", f"model must be a string, got {type(model).__name__}")
@@ -253,21 +264,24 @@ def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.nd
             with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
                 w, h = im.size
     except UnidentifiedImageError:
-        raise ApiError(415, "not_an_image", f"{name}: not a recognised image format (supported: {_FORMAT_NAMES})") from None
+        raise ApiError(415, "not_an_image",
+                       f"{name}: not a recognised image format (supported: {_FORMAT_NAMES})") from None
     except Image.DecompressionBombError as e:
         raise ApiError(413, "image_too_large", f"{name}: image too large ({e})") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is the upload's fault
         raise ApiError(422, "corrupt_image", f"{name}: cannot read image header ({type(e).__name__}: {e})") from None
     if w * h > max_pixels:
         raise ApiError(
-            413, "image_too_large", f"{name}: image is {w}x{h} = {w * h:,} pixels, over the server limit of {max_pixels:,}; downscale it"
+            413, "image_too_large",
+            f"{name}: image is {w}x{h} = {w * h:,} pixels, over the server limit of {max_pixels:,}; downscale it"
         )
     try:
         return preprocess(data, spec, max_pixels=max_pixels, name=name)
     except ImageError as e:
         raise ApiError(422, "corrupt_image", str(e)) from None
     except MemoryError:
-        raise ApiError(413, "image_too_large", f"{name}: decoding it needs more memory than the server allows per image; "
-                                               f"downscale it or send a smaller file") from None
+        raise ApiError(413, "image_too_large",
+                       f"{name}: decoding it needs more memory than the server allows per image; "
+                       f"downscale it or send a smaller file") from None
     except Exception as e:  # noqa: BLE001
         raise ApiError(422, "corrupt_image", f"{name}: cannot decode image ({type(e).__name__}: {e})") from None

@@ -51,12 +51,14 @@ def _schema_table(schema: dict[str, Any]) -> str:
         return f"<p><code>{_esc(_type_of(schema))}</code></p>"
     required = set(schema.get("required") or ())
     rows = "".join(f"<tr><td><code>{_esc(name)}</code>{' (required)' if name in required else ''}</td>"
-                   f"<td>{_esc(_type_of(sub))}</td><td>{_esc(sub.get('description', ''))}</td></tr>" for name, sub in props.items())
+                   f"<td>{_esc(_type_of(sub))}</td><td>{_esc(sub.get('description', ''))}</td></tr>"
+                   for name, sub in props.items())
     return f"<table><tr><th>field</th><th>type</th><th>description</th></tr>{rows}</table>"
 
 
 def _operation(path: str, method: str, op: dict[str, Any]) -> str:
-    parts = [f'<h2 id="{_esc(op.get("operationId", path))}"><span class="m {method}">{method.upper()}</span> <code>{_esc(path)}</code></h2>']
+    parts = [f'<h2 id="{_esc(op.get("operationId", path))}"><span class="m {method}">{method.upper()}</span> '
+             f'<code>{_esc(path)}</code></h2>']
     if op.get("summary"):
         parts.append(f"<p><b>{_esc(op['summary'])}</b></p>")
     if op.get("description"):
@@ -84,10 +86,12 @@ def render_docs(schema: dict[str, Any], extra_html: str = "") -> str:
     toc = []
     for path, item in (schema.get("paths") or {}).items():
         for method, op in item.items():
-            if method.lower() not in ("get", "post", "put", "delete", "patch", "head", "options") or not isinstance(op, dict):
+            if (method.lower() not in ("get", "post", "put", "delete", "patch", "head", "options")
+                    or not isinstance(op, dict)):
                 continue
             ops.append(_operation(path, method.lower(), op))
-            toc.append(f'<li><a href="#{_esc(op.get("operationId", path))}">{_esc(method.upper())} {_esc(path)}</a></li>')
+            toc.append(f'<li><a href="#{_esc(op.get("operationId", path))}">{_esc(method.upper())} '
+                       f'{_esc(path)}</a></li>')
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{_STYLE}</style></head><body>"
@@ -101,4 +105,5 @@ def render_docs(schema: dict[str, Any], extra_html: str = "") -> str:
 
 def docs_response(schema: dict[str, Any], extra_html: str = "") -> HTMLResponse:
     """The rendered page with a Content-Security-Policy that forbids loading anything."""
-    return HTMLResponse(render_docs(schema, extra_html), headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
+    return HTMLResponse(render_docs(schema, extra_html), headers={"Content-Security-Policy": CSP,
+                                                                  "X-Content-Type-Options": "nosniff"})

@@ -27,13 +27,15 @@ class EnvError(ValueError):
 
 
 class ReplaceAction(argparse.Action):
-    """A repeatable flag (append/extend) whose first use on the command line replaces the default (e.g. from the environment)."""
+    """A repeatable flag (append/extend) whose first use on the command line replaces the default (e.g. from the
+    environment)."""
 
     def __init__(self, option_strings: list[str], dest: str, nargs: Any = None, **kwargs: Any):
         self.extend = kwargs.pop("extend", False)
         super().__init__(option_strings, dest, nargs=nargs, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         items = getattr(namespace, self.dest, None)
         items = [] if items is None or items is self.default else list(items)
         if self.extend and isinstance(values, list):
@@ -87,7 +89,8 @@ def apply_env(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None
             continue
         text = env[var]
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            raise EnvError(f"environment variable {var}: switches cannot come from the environment; pass {action.option_strings[0]}")
+            raise EnvError(f"environment variable {var}: switches cannot come from the environment; pass "
+                           f"{action.option_strings[0]}")
         if not text.strip() and not isinstance(action, ReplaceAction):
             raise EnvError(f"environment variable {var} is set but empty; unset it or give a value")
         action.default = _convert(parser, action, var, text.strip())

@@ -114,8 +114,9 @@ class HostPolicy:
             raise ApiError(400, "bad_host", f"malformed Host header {raw[:100]!r}; send Host: name[:port]")
         if name in self.exact or name.endswith(self.suffixes) or ("." + name) in self.suffixes:
             return
-        raise ApiError(421, "host_not_allowed", f"this server does not answer to Host {name[:100]!r} (allowed: {self.shown}); "
-                                                f"an operator can add it with --allowed-hosts")
+        raise ApiError(421, "host_not_allowed",
+                       f"this server does not answer to Host {name[:100]!r} (allowed: {self.shown}); "
+                       f"an operator can add it with --allowed-hosts")
 
 
 def _error(status: int, code: str, detail: str, close: bool = False) -> JSONResponse:
@@ -143,7 +144,8 @@ class GuardedApp:
     """ASGI wrapper around the FastAPI app (see the module docstring for what it checks)."""
 
     def __init__(self, app: Any, metrics: ServingMetrics, endpoints: Sequence[str], max_body_bytes: int,
-                 timeout_body: float = 60.0, allowed_hosts: Sequence[str] | None = None, api_keys: ApiKeys | None = None):
+                 timeout_body: float = 60.0, allowed_hosts: Sequence[str] | None = None,
+                 api_keys: ApiKeys | None = None):
         self.app = app
         self.metrics = metrics
         self.endpoints = frozenset(endpoints)
@@ -241,14 +243,16 @@ class GuardedApp:
                 message = await asyncio.wait_for(receive(), max(0.0, end - loop.time()))
             except asyncio.TimeoutError:
                 raise ApiError(408, "body_timeout", f"request body not received within {self.timeout_body:g} s "
-                                                    f"(received {size:,} bytes); send the whole request at once") from None
+                                                    f"(received {size:,} bytes); send the whole request "
+                                                    f"at once") from None
             if message["type"] == "http.disconnect":
                 raise _ClientGone()
             piece = message.get("body", b"")
             size += len(piece)
             if size > self.max_body_bytes:
-                raise ApiError(413, "body_too_large", f"request body is over the limit of {self.max_body_bytes:,} bytes "
-                                                      f"(sent without Content-Length, refused at {size:,}); send smaller or fewer images")
+                raise ApiError(413, "body_too_large",
+                               f"request body is over the limit of {self.max_body_bytes:,} bytes "
+                               f"(sent without Content-Length, refused at {size:,}); send smaller or fewer images")
             if piece:
                 chunks.append(piece)
             if not message.get("more_body", False):
@@ -256,7 +260,8 @@ class GuardedApp:
 
 
 def _replay(body: bytes, receive: Any) -> Any:
-    """A ``receive`` that hands out ``body`` in pieces (yielding to the loop before each), then defers to ``receive``."""
+    """A ``receive`` that hands out ``body`` in pieces (yielding to the loop before each), then defers to
+    ``receive``."""
     view = memoryview(body)
     pos = 0
     done = False

@@ -27,7 +27,7 @@ from starlette.requests import Request
 
 from isfe_model.preprocess import lift_pillow_pixel_limit
 
-from .decoding import MAX_JSON_INT_DIGITS, Upload, check_count, decode_image, parse_json_body
+from .decoding import Upload, check_count, decode_image, parse_json_body
 from .errors import ApiError
 
 __all__ = ["Limits", "ParsedRequest", "Upload", "decode_image", "lift_pillow_pixel_limit", "parse_k", "parse_request"]
@@ -96,7 +96,8 @@ async def _parse_multipart(request: Request, max_images: int) -> ParsedRequest:
     except HTTPException as e:
         detail = str(e.detail)
         if "Too many files" in detail:
-            raise ApiError(413, "too_many_images", f"more than {max_images} images in one request; split the request") from None
+            raise ApiError(413, "too_many_images",
+                           f"more than {max_images} images in one request; split the request") from None
         raise ApiError(400, "malformed_multipart", f"cannot parse the multipart body: {detail}") from None
     uploads: list[Upload] = []
     fields: dict[str, Any] = {}
@@ -104,11 +105,13 @@ async def _parse_multipart(request: Request, max_images: int) -> ParsedRequest:
         for key, value in form.multi_items():
             if key in FILE_FIELDS:
                 if not isinstance(value, UploadFile):
-                    raise ApiError(400, "not_a_file", f"field {key!r} must be a file upload (multipart filename=...), got a plain text value")
+                    raise ApiError(400, "not_a_file", f"field {key!r} must be a file upload (multipart filename=...), "
+                                                      f"got a plain text value")
                 uploads.append(Upload(value.filename or f"{key}[{len(uploads)}]", b""))
                 uploads[-1].data = await value.read()
             elif isinstance(value, UploadFile):
-                raise ApiError(400, "unexpected_file_field", f"unexpected file field {key!r}; send images as 'file' or 'files'")
+                raise ApiError(400, "unexpected_file_field",
+                               f"unexpected file field {key!r}; send images as 'file' or 'files'")
             else:
                 fields[key] = value
     finally:

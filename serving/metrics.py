@@ -38,7 +38,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 
-__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "METHODS", "ServingMetrics", "mark_worker_dead", "method_label", "multiprocess_dir"]
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "METHODS", "ServingMetrics", "mark_worker_dead", "method_label",
+           "multiprocess_dir"]
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 #: The environment variable that switches prometheus_client to its multiprocess mode.
@@ -124,14 +125,17 @@ class ServingMetrics:
         self.in_flight = Gauge("isfe_requests_in_flight", "HTTP requests being served now.", registry=own, **live)
         self.batch_size = Histogram("isfe_batch_size", "Images per inference call (micro-batch size).",
                                     buckets=BATCH_BUCKETS, registry=own)
-        self.inference = Histogram("isfe_inference_duration_seconds", "Duration of one batched inference call in seconds.",
+        self.inference = Histogram("isfe_inference_duration_seconds",
+                                   "Duration of one batched inference call in seconds.",
                                    buckets=LATENCY_BUCKETS, registry=own)
         self.images = Counter("isfe_images_embedded_total", "Images embedded by the model.", registry=own)
         self.image_errors = Counter("isfe_image_errors_total", "Uploads refused, by reason.", ("reason",), registry=own)
         self.decode_restarts = Counter("isfe_decode_worker_restarts_total",
-                                       "Decode worker processes replaced, by reason (timeout, crash, demoted).", ("reason",),
+                                       "Decode worker processes replaced, by reason (timeout, crash, demoted).",
+                                       ("reason",),
                                        registry=own)
-        self.reloads = Counter("isfe_gallery_reload_total", "Gallery reloads per worker, by result (ok, error).", ("result",),
+        self.reloads = Counter("isfe_gallery_reload_total", "Gallery reloads per worker, by result (ok, error).",
+                               ("result",),
                                registry=own)
         self.gallery_items = Gauge("isfe_gallery_items", "Items in the gallery being served.", registry=own,
                                    multiprocess_mode="max")

@@ -45,7 +45,8 @@ LINGER_BYTES = 64 << 20
 
 def _timeout_response(seconds: float) -> bytes:
     body = dumps({"error": "header_timeout",
-                  "detail": f"request line and headers not received within {seconds:g} s; send the whole request at once"}).encode()
+                  "detail": f"request line and headers not received within {seconds:g} s; send the whole "
+                            f"request at once"}).encode()
     head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"connection: close\r\n\r\n").encode()
     return head + body

@@ -129,7 +129,8 @@ class GalleryReloader:
         g = Gallery.load(path, encoder=self.encoder, backend=self.backend)
         return g, content_sha256(g)
 
-    async def reload(self, path: str | None = None, publish: bool = True, generation: int | None = None) -> dict[str, Any]:
+    async def reload(self, path: str | None = None, publish: bool = True,
+                     generation: int | None = None) -> dict[str, Any]:
         """Load ``path`` (default: the current gallery's path again), validate, swap; returns :meth:`info`.
 
         Raises :class:`ApiError` 422 ``gallery_reload_failed`` (the old gallery keeps serving).
@@ -145,17 +146,19 @@ class GalleryReloader:
             except (GalleryError, MetadataError, ValueError, OSError, MemoryError, RecursionError) as e:
                 self.metrics.reloads.labels("error").inc()
                 msg = " ".join(str(e).split())[:1000] or type(e).__name__
-                log.error("gallery reload from %s failed, still serving %s (%d items): %s", target, old.path, len(old.gallery), msg)
+                log.error("gallery reload from %s failed, still serving %s (%d items): %s", target, old.path,
+                          len(old.gallery), msg)
                 raise ApiError(422, "gallery_reload_failed", f"cannot load gallery {target}: {msg}; "
-                                                             f"still serving {old.path} ({len(old.gallery)} items)") from None
+                                                             f"still serving {old.path} "
+                                                             f"({len(old.gallery)} items)") from None
             gen = generation if generation is not None else old.generation
             if publish and self.run_dir is not None:
                 gen = await asyncio.to_thread(bump_generation, self.run_dir, target)
             self.current = LoadedGallery(g, target, time.time(), sha, gen)  # the swap: one reference assignment
             self.metrics.reloads.labels("ok").inc()
             self.metrics.gallery_items.set(len(g))
-            log.info("gallery reloaded from %s: %d items (was %d), content %s, %.0f ms", target, len(g), len(old.gallery),
-                        sha[:12], (time.perf_counter() - t0) * 1000)
+            log.info("gallery reloaded from %s: %d items (was %d), content %s, %.0f ms", target, len(g),
+                     len(old.gallery), sha[:12], (time.perf_counter() - t0) * 1000)
             return self.info()
 
     def info(self) -> dict[str, Any]:
@@ -163,7 +166,8 @@ class GalleryReloader:
         g = c.gallery
         return {"path": c.path, "count": len(g), "dim": int(g.dim), "fingerprint": g.fingerprint,
                 "content_sha256": c.content_sha256, "generation": c.generation,
-                "loaded_at": _dt.datetime.fromtimestamp(c.loaded_at, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+                "loaded_at": _dt.datetime.fromtimestamp(c.loaded_at, _dt.timezone.utc).isoformat(
+                    timespec="milliseconds"),
                 "created": g.manifest.get("created")}
 
     # ------------------------------------------------------------ workers

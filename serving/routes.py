@@ -37,7 +37,8 @@ def _options() -> Response:
 def _json_media(request: Request, example: str) -> None:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
-        raise ApiError(415, "unsupported_content_type", f"content type {media or '(none)'!r} is not accepted; send JSON {example}")
+        raise ApiError(415, "unsupported_content_type",
+                       f"content type {media or '(none)'!r} is not accepted; send JSON {example}")
 
 
 def add_probe_routes(app: FastAPI, state: ServerState) -> None:
@@ -81,7 +82,8 @@ def add_probe_routes(app: FastAPI, state: ServerState) -> None:
 def _search_body(state: ServerState, k: int, names: list[str], result: Any, batch: bool) -> dict[str, Any]:
     fp = state.encoder.fingerprint
     if not batch:
-        return {"model": fp, "k": k, "count": int(result.indices.shape[1]), "query": names[0], "hits": json_safe(result.hits(0))}
+        return {"model": fp, "k": k, "count": int(result.indices.shape[1]), "query": names[0],
+                "hits": json_safe(result.hits(0))}
     return {"model": fp, "k": k, "queries": len(names),
             "results": [{"query": n, "count": int(result.indices.shape[1]), "hits": json_safe(result.hits(i))}
                         for i, n in enumerate(names)]}
@@ -92,7 +94,8 @@ def add_api_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:
-        """Model metadata, gallery (path, count, fingerprint, content sha256, load time), providers, batching and limits."""
+        """Model metadata, gallery (path, count, fingerprint, content sha256, load time), providers, batching and
+        limits."""
         return state.info()
 
     @app.post("/v1/embed", openapi_extra=EMBED_BODY)
@@ -146,8 +149,9 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         uploads, f = await state._pool().parse_openai(await request.body(), state.limits.max_images)
         dim = int(state.encoder.dim)
         if f["dimensions"] is not None and f["dimensions"] != dim:
-            raise ApiError(400, "invalid_dimensions", f"dimensions={f['dimensions']}: this model's embeddings have {dim} "
-                                                      f"dimensions and cannot be shortened; omit dimensions or send {dim}")
+            raise ApiError(400, "invalid_dimensions",
+                           f"dimensions={f['dimensions']}: this model's embeddings have {dim} "
+                           f"dimensions and cannot be shortened; omit dimensions or send {dim}")
         emb = (await state.embed_uploads(uploads)).astype("<f4")
         if f["encoding_format"] == "base64":
             vecs: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in emb]
@@ -170,8 +174,9 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
         that fails to load is 422 ``gallery_reload_failed`` and the old one keeps serving.
         """
         if not state.keys and not client_is_loopback(request.client):
-            raise ApiError(403, "admin_forbidden", "without --api-key, /v1/admin/reload answers only clients on this machine "
-                                                   "(loopback); configure an API key to reload remotely")
+            raise ApiError(403, "admin_forbidden",
+                           "without --api-key, /v1/admin/reload answers only clients on this machine "
+                           "(loopback); configure an API key to reload remotely")
         raw = await request.body()
         path = None
         if raw.strip():
@@ -183,8 +188,10 @@ def add_admin_routes(app: FastAPI, state: ServerState) -> None:
             except (ValueError, RecursionError):
                 raise ApiError(400, "malformed_json", 'send {"path": "<gallery folder>"} or an empty body') from None
             path = doc.get("path") if isinstance(doc, dict) else None
-            if not isinstance(doc, dict) or (path is not None and not (isinstance(path, str) and 0 < len(path) <= 4096)):
-                raise ApiError(400, "invalid_path", 'send {"path": "<gallery folder>"} (a non-empty string) or an empty body')
+            if not isinstance(doc, dict) or (
+                    path is not None and not (isinstance(path, str) and 0 < len(path) <= 4096)):
+                raise ApiError(400, "invalid_path",
+                               'send {"path": "<gallery folder>"} (a non-empty string) or an empty body')
         info = await state.reloader.reload(path)
         return JSONResponse({"reloaded": True, "gallery": info})
 

@@ -100,8 +100,9 @@ def query_vectors(arr: np.ndarray, dim: int) -> np.ndarray:
     q = arr[None, :] if arr.ndim == 1 else arr
     name = (lambda i: "embedding") if arr.ndim == 1 else (lambda i: f"embedding[{i}]")
     if q.shape[1] != dim:
-        raise ApiError(422, "wrong_dimension", f"{name(0)} has {q.shape[1]} numbers but the model's embeddings have {dim}; "
-                                               f"send vectors from this model (/v1/embed)")
+        raise ApiError(422, "wrong_dimension",
+                       f"{name(0)} has {q.shape[1]} numbers but the model's embeddings have {dim}; "
+                       f"send vectors from this model (/v1/embed)")
     finite = np.isfinite(q).all(axis=1)
     if not finite.all():
         i = int(np.argmin(finite))
@@ -124,8 +125,8 @@ class ServerState:
         self.spec = encoder.spec
         self.started = time.time()
         self.keys = ApiKeys(cfg.api_keys)
-        self.batcher = MicroBatcher(encoder.embed_arrays, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                                    max_queue=cfg.max_queue)
+        self.batcher = MicroBatcher(encoder.embed_arrays, max_batch_size=cfg.max_batch_size,
+                                    max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue)
         self.metrics = ServingMetrics(queue_depth=lambda: self.batcher.queue_depth)
         self.batcher.on_batch = self.metrics.record_batch
         self.reloader = GalleryReloader(encoder, gallery, cfg.gallery, cfg.backend, self.metrics, cfg.run_dir)
@@ -138,8 +139,10 @@ class ServerState:
 
     def start(self) -> None:
         self.pool = DecodePool(
-            self.spec, self.limits.max_pixels, workers=max(1, self.cfg.decode_workers), time_limit_s=self.cfg.decode_timeout_s,
-            memory_mb=self.cfg.decode_memory_mb, on_restart=lambda reason: self.metrics.decode_restarts.labels(reason).inc(),
+            self.spec, self.limits.max_pixels, workers=max(1, self.cfg.decode_workers),
+            time_limit_s=self.cfg.decode_timeout_s,
+            memory_mb=self.cfg.decode_memory_mb,
+            on_restart=lambda reason: self.metrics.decode_restarts.labels(reason).inc(),
         ).start()
         self.batcher.start()
 
@@ -189,13 +192,15 @@ class ServerState:
         return {
             "model": self.encoder.info(),
             "providers": list(self.encoder.providers),
-            "gallery": {**self.reloader.info(), "dtype": str(np.asarray(g.embeddings).dtype), "backend": self.cfg.backend},
+            "gallery": {**self.reloader.info(), "dtype": str(np.asarray(g.embeddings).dtype),
+                        "backend": self.cfg.backend},
             "batching": {"max_batch_size": self.cfg.max_batch_size, "max_wait_ms": self.cfg.max_wait_ms,
                          "max_queue": self.cfg.max_queue},
             "limits": {**asdict(self.limits), "decode_timeout_s": self.cfg.decode_timeout_s,
                        "decode_memory_mb": self.cfg.decode_memory_mb, "timeout_headers_s": self.cfg.timeout_headers,
                        "timeout_body_s": self.cfg.timeout_body, "timeout_keep_alive_s": self.cfg.timeout_keep_alive},
-            "auth": {"api_keys": len(self.keys), "open_paths": ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"]},
+            "auth": {"api_keys": len(self.keys),
+                     "open_paths": ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"]},
             "decode_workers": self.cfg.decode_workers,
             "workers": self.cfg.workers,
             "uptime_s": round(time.time() - self.started, 3),

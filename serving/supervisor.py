@@ -40,7 +40,8 @@ def _uvicorn_multiprocess() -> type:
 
 
 class ReloadingMultiprocess(_uvicorn_multiprocess()):  # type: ignore[misc]
-    """uvicorn's worker supervisor, with SIGHUP = "every worker reloads its gallery" instead of "restart every worker"."""
+    """uvicorn's worker supervisor, with SIGHUP = "every worker reloads its gallery" instead of "restart every
+    worker"."""
 
     def __init__(self, config: Any, sockets: list, run_dir: str, gallery: str):
         super().__init__(config, sockets)
@@ -53,7 +54,8 @@ class ReloadingMultiprocess(_uvicorn_multiprocess()):  # type: ignore[misc]
 
 
 def run_single(app: Any, cfg: ServeConfig, **kwargs: Any) -> int:
-    """Serve ``app`` in this process until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the port could not be bound."""
+    """Serve ``app`` in this process until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the port could not be
+    bound."""
     import uvicorn
 
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, lifespan="on", **kwargs)

@@ -98,7 +98,8 @@ def test_matches_pytorch_load_encoder(model, enc, images, tmp_path):
 
     net = load_encoder(model.checkpoint_path)
     assert net.checkpoint_sha256 == enc.fingerprint
-    extra = [write_image(tmp_path / "big.jpg", photo(97, 61, seed=3)), write_image(tmp_path / "tiny.png", photo(2, 5, seed=4))]
+    extra = [write_image(tmp_path / "big.jpg", photo(97, 61, seed=3)),
+             write_image(tmp_path / "tiny.png", photo(2, 5, seed=4))]
     files = list(images) + extra
     x = np.stack([enc.preprocess(f) for f in files])
     with torch.no_grad():
@@ -141,7 +142,8 @@ def test_resolve_providers_order_aliases_and_errors():
     assert resolve_providers(None, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert resolve_providers("cuda", avail) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert resolve_providers(["trt", "cpu"], avail) == ["TensorrtExecutionProvider", "CPUExecutionProvider"]
-    assert resolve_providers([("cuda", {"device_id": "1"})], avail) == [("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    assert resolve_providers([("cuda", {"device_id": "1"})], avail) == [
+        ("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
     with pytest.raises(ValueError, match="onnxruntime-gpu"):
         resolve_providers("cuda", ["CPUExecutionProvider"])
     with pytest.raises(ValueError, match="not available"):
@@ -263,7 +265,8 @@ def test_models_without_or_with_wrong_metadata_are_refused(model, tmp_path):
 
 
 def test_absurd_or_hostile_metadata_is_refused_at_load(model, tmp_path):
-    """Sizes far beyond any real model, deep JSON, bad mean/std, an empty fingerprint: MetadataError naming the model."""
+    """Sizes far beyond any real model, deep JSON, bad mean/std, an empty fingerprint: MetadataError naming the
+    model."""
     from isfe_model.metadata import MAX_IMAGE_SIDE, ModelMetadata
 
     props = model.metadata.to_props()
@@ -339,8 +342,8 @@ def test_import_isfe_model_imports_no_torch_and_no_app_folder():
         "import sys, json\n"
         "import isfe_model, isfe_model.cli, isfe_model.gallery, isfe_model.search, isfe_model.encoder\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('torch', 'torchvision', 'training', 'export', 'serving', 'demo', 'onnx', 'tests', 'faiss', 'tqdm', 'sklearn'))\n"
-        "print(json.dumps(bad))\n"
+        "('torch', 'torchvision', 'training', 'export', 'serving', 'demo', 'onnx', 'tests', 'faiss', 'tqdm', "
+        "'sklearn'))\nprint(json.dumps(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})

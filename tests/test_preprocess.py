@@ -172,7 +172,8 @@ def _png_header_only(w: int, h: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
 
 
 def hostile_files(d: Path) -> dict[str, tuple[Path, str]]:
@@ -193,14 +194,16 @@ def hostile_files(d: Path) -> dict[str, tuple[Path, str]]:
     put("truncated_jpeg", "truncated.jpg", jpg.getvalue()[: len(jpg.getvalue()) // 2], r"truncated|corrupt")
     put("truncated_png", "truncated.png", png.getvalue()[: len(png.getvalue()) // 2], r"truncated|corrupt")
     put("html", "page.jpg", b"<!DOCTYPE html><html><body>not an image</body></html>", r"HTML")
-    put("svg", "vector.svg", b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', r"SVG")
+    put("svg", "vector.svg", b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        r"SVG")
     npy = io.BytesIO()
     np.save(npy, np.zeros((4, 4)))
     put("npy", "array.npy", npy.getvalue(), r"NumPy")
     put("empty", "empty.png", b"", r"empty")
     put("text", "notes.txt", b"hello world\n" * 10, r"not a recognised image")
     put("eps", "doc.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", r"not a recognised image")
-    put("random", "noise.jpg", np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(), r"not a recognised image|corrupt|cannot")
+    put("random", "noise.jpg", np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+        r"not a recognised image|corrupt|cannot")
     put("png_garbage_body", "garbage.png", png.getvalue()[:60] + b"\x00" * 400, r"truncated|corrupt|cannot")
     (d / "a_folder").mkdir(exist_ok=True)
     out["directory"] = (d / "a_folder", r"directory")

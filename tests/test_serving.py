@@ -9,7 +9,6 @@ import concurrent.futures
 import contextlib
 import io
 import math
-import os
 import re
 import signal
 import socket
@@ -26,12 +25,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from isfe_model.preprocess import SUPPORTED_FORMATS, PreprocessSpec, preprocess
 from serving.batcher import BatcherClosed, BatcherFull, MicroBatcher
 from serving.errors import ApiError
 from serving.inputs import Upload, decode_image, parse_k
-from isfe_model.preprocess import SUPPORTED_FORMATS
 from serving.metrics import ServingMetrics
-from isfe_model.preprocess import PreprocessSpec, preprocess
 from tests.helpers_models import free_port, main_stderr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,8 +88,10 @@ def test_histogram_matches_naive_count():
     parsed = parse_exposition(m.render().decode())
     for b in LATENCY_BUCKETS:
         naive = sum(1 for v in values if v <= b)
-        assert parsed[("isfe_request_duration_seconds_bucket", frozenset({("endpoint", "/a"), ("le", _le(str(b)))}))] == naive
-    assert parsed[("isfe_request_duration_seconds_bucket", frozenset({("endpoint", "/a"), ("le", "+Inf")}))] == len(values)
+        assert parsed[("isfe_request_duration_seconds_bucket",
+                       frozenset({("endpoint", "/a"), ("le", _le(str(b)))}))] == naive
+    assert parsed[("isfe_request_duration_seconds_bucket",
+                   frozenset({("endpoint", "/a"), ("le", "+Inf")}))] == len(values)
     assert parsed[("isfe_request_duration_seconds_count", frozenset({("endpoint", "/a")}))] == len(values)
     assert parsed[("isfe_request_duration_seconds_sum", frozenset({("endpoint", "/a")}))] == pytest.approx(sum(values))
     assert parsed[("isfe_request_duration_seconds_count", frozenset({("endpoint", "/b")}))] == 1
@@ -110,7 +110,8 @@ def test_counter_is_thread_safe_and_checks_labels():
     for t in threads:
         t.join()
     parsed = parse_exposition(m.render().decode())
-    assert parsed[("isfe_requests_total", frozenset({("endpoint", "/v1/embed"), ("method", "POST"), ("status", "200")}))] == 4000
+    assert parsed[("isfe_requests_total",
+                   frozenset({("endpoint", "/v1/embed"), ("method", "POST"), ("status", "200")}))] == 4000
     with pytest.raises(ValueError):
         m.requests.labels("x", "y")
     with pytest.raises(ValueError):
@@ -344,7 +345,8 @@ def test_parse_k():
     assert parse_k({"k": 3}, {}, 10, 100) == 3
     assert parse_k({"k": 2.0}, {}, 10, 100) == 2
     for bad in ("0", "101", "-1", "abc", "2.5", 1.5, True, None, [1],
-                "1_0", "\u0663", "\uff13", "+3", "1e1", "", " ", "9" * 5000, 10**200, float("inf"), [[[[[[[[1]]]]]]]] * 1000):
+                "1_0", "\u0663", "\uff13", "+3", "1e1", "", " ", "9" * 5000, 10**200, float("inf"),
+                [[[[[[[[1]]]]]]]] * 1000):
         with pytest.raises(ApiError) as ei:
             parse_k({"k": bad}, {}, 10, 100)
         assert ei.value.status == 422 and ei.value.code == "invalid_k", bad
@@ -380,8 +382,8 @@ def artifacts(tmp_path_factory):
     manifest = json.loads((root / "foreign" / "manifest.json").read_text())
     manifest["fingerprint"] = "0" * 64
     (root / "foreign" / "manifest.json").write_text(json.dumps(manifest))
-    return {"root": root, "model": str(model), "gallery": str(root / "gallery"), "images": root / "images", "encoder": enc,
-            "gallery_obj": Gallery.load(root / "gallery", encoder=enc)}
+    return {"root": root, "model": str(model), "gallery": str(root / "gallery"), "images": root / "images",
+            "encoder": enc, "gallery_obj": Gallery.load(root / "gallery", encoder=enc)}
 
 
 class Server:
@@ -395,7 +397,8 @@ class Server:
 
 def start_server(model: str, gallery: str, log: Path, *extra: str, timeout: float = 60.0) -> Server:
     port = free_port()
-    cmd = [PY, "-m", "serving", "--model", model, "--gallery", gallery, "--port", str(port), "--log-level", "warning", *extra]
+    cmd = [PY, "-m", "serving", "--model", model, "--gallery", gallery, "--port", str(port),
+           "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     server = Server(proc, port, log)
     deadline = time.monotonic() + timeout
@@ -485,7 +488,8 @@ def test_embed_multipart_and_json_equal_local_encoder(server, artifacts):
         one = c.post("/v1/embed", files=_files(paths[:1], "file"))
         many = c.post("/v1/embed", files=_files(paths))
         b64 = c.post("/v1/embed", json={"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
-        data_url = c.post("/v1/embed", json={"image": "data:image/png;base64," + base64.b64encode(paths[0].read_bytes()).decode()})
+        data_url = c.post("/v1/embed",
+                          json={"image": "data:image/png;base64," + base64.b64encode(paths[0].read_bytes()).decode()})
     for r in (one, many, b64, data_url):
         assert r.status_code == 200, r.text
     assert one.json()["count"] == 1 and one.json()["dim"] == 32
@@ -525,14 +529,16 @@ def test_bad_requests_get_4xx_json_and_server_keeps_serving(server, artifacts):
     big = _encode(Image.new("RGB", (1100, 1000), (5, 5, 5)), "PNG")  # 1.1 MP > --max-pixels 1M, small file
     cases: list[tuple[str, dict, int, str]] = []
     for name, (data, status) in bad_uploads().items():
-        cases.append((f"/v1/embed", {"files": [("file", (name, data, "image/png"))]}, status, name))
-        cases.append((f"/v1/search", {"files": [("file", (name, data, "image/png"))]}, status, name))
+        cases.append(("/v1/embed", {"files": [("file", (name, data, "image/png"))]}, status, name))
+        cases.append(("/v1/search", {"files": [("file", (name, data, "image/png"))]}, status, name))
     cases += [
         ("/v1/embed", {"files": [("file", ("big.png", big, "image/png"))]}, 413, "over the server limit"),
         ("/v1/embed", {"files": [("picture", ("a.png", good.read_bytes(), "image/png"))]}, 400, "'picture'"),
         ("/v1/embed", {"data": {"file": "not a file"}}, 415, "content type"),
-        ("/v1/embed", {"files": [("file", ("a.png", good.read_bytes(), "image/png"))], "data": {"file": "x"}}, 400, "must be a file"),
-        ("/v1/embed", {"files": [("other", ("a.png", b"", "image/png"))], "data": {"k": "3"}}, 400, "unexpected file field"),
+        ("/v1/embed", {"files": [("file", ("a.png", good.read_bytes(), "image/png"))], "data": {"file": "x"}}, 400,
+         "must be a file"),
+        ("/v1/embed", {"files": [("other", ("a.png", b"", "image/png"))], "data": {"k": "3"}}, 400,
+         "unexpected file field"),
         ("/v1/embed", {"files": _files([good] * 5)}, 413, "limit of 4"),
         ("/v1/embed", {"files": _files([good] * 9)}, 413, "more than 4"),
         ("/v1/search", {"files": _files([good] * 2)}, 413, "limit of 1"),
@@ -544,8 +550,10 @@ def test_bad_requests_get_4xx_json_and_server_keeps_serving(server, artifacts):
         ("/v1/embed", {"json": {"images": "abc"}}, 400, "list"),
         ("/v1/embed", {"json": {}}, 400, "no image"),
         ("/v1/embed", {"json": [1, 2]}, 400, "object"),
-        ("/v1/embed", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-        ("/v1/embed", {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, ""),
+        ("/v1/embed", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
+         "not valid JSON"),
+        ("/v1/embed", {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+         400, ""),
         ("/v1/embed", {"content": good.read_bytes(), "headers": {"content-type": "image/png"}}, 415, "multipart"),
         ("/v1/embed", {"json": {"image": base64.b64encode(b"hello").decode()}}, 415, "not a recognised image"),
         ("/v1/embed", {"files": [("file", ("huge.png", b"\0" * 300_000, "image/png"))]}, 413, "over the limit"),
@@ -627,12 +635,14 @@ def test_probes_answer_head_and_options(server):
         post = c.post("/healthz")
         assert post.status_code == 405 and post.json()["error"] == "method_not_allowed"
         metrics = parse_exposition(c.get("/metrics").text)
-    assert metrics[("isfe_requests_total", frozenset({("endpoint", "/readyz"), ("method", "HEAD"), ("status", "200")}))] >= 1
+    assert metrics[("isfe_requests_total",
+                    frozenset({("endpoint", "/readyz"), ("method", "HEAD"), ("status", "200")}))] >= 1
 
 
 def test_max_pixels_above_pillow_limit_is_honoured(artifacts):
     """--max-pixels over Pillow's own limit (89,478,485 pixels; 2x that is a hard error) is the limit that counts."""
-    srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "bigpixels.log", "--max-pixels", "200000000")
+    srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "bigpixels.log",
+                       "--max-pixels", "200000000")
     side = 9460  # 89,491,600 pixels: the smallest square over Pillow's limit; all zeros, mode "1": ~11 kB of PNG
     buf = io.BytesIO()
     Image.new("1", (side, side)).save(buf, "PNG")
@@ -695,19 +705,22 @@ def test_concurrent_requests_equal_single_requests(server, artifacts):
     calls = m1[("isfe_batch_size_count", frozenset())] - m0[("isfe_batch_size_count", frozenset())]
     assert images == 24 + 24 + 8
     assert calls < images, "concurrent requests were not micro-batched"
-    assert m1[("isfe_batch_size_bucket", frozenset({("le", "8")}))] == m1[("isfe_batch_size_count", frozenset())]  # <= --max-batch-size
+    # <= --max-batch-size
+    assert m1[("isfe_batch_size_bucket", frozenset({("le", "8")}))] == m1[("isfe_batch_size_count", frozenset())]
 
 
 def test_not_ready_before_startup(artifacts):
     """Without the lifespan startup (no inference worker) /readyz says 503 and work is refused with 503."""
     from serving.app import ServeConfig, create_app
 
-    app = create_app(artifacts["encoder"], artifacts["gallery_obj"], ServeConfig(model=artifacts["model"], gallery=artifacts["gallery"]))
+    app = create_app(artifacts["encoder"], artifacts["gallery_obj"],
+                     ServeConfig(model=artifacts["model"], gallery=artifacts["gallery"]))
     path = _sample(artifacts, 1)[0]
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-            return (await c.get("/healthz"), await c.get("/readyz"), await c.post("/v1/embed", files=_files([path], "file")))
+            return (await c.get("/healthz"), await c.get("/readyz"),
+                    await c.post("/v1/embed", files=_files([path], "file")))
 
     health, ready, embed = asyncio.run(go())
     assert health.status_code == 200
@@ -757,7 +770,8 @@ def test_startup_out_of_memory_or_recursion_is_one_line(artifacts, monkeypatch, 
         raise exc()
 
     monkeypatch.setattr(Gallery, "load", classmethod(load))
-    code, err = _run_main(["--model", artifacts["model"], "--gallery", artifacts["gallery"], "--port", str(free_port())])
+    code, err = _run_main(["--model", artifacts["model"], "--gallery", artifacts["gallery"],
+                           "--port", str(free_port())])
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("serving: error: ") and artifacts["gallery"] in lines[0], err
@@ -778,7 +792,8 @@ def test_port_in_use_exits_nonzero(artifacts, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = subprocess.run([PY, "-m", "serving", "--model", artifacts["model"], "--gallery", artifacts["gallery"], "--port", str(port)],
+        p = subprocess.run([PY, "-m", "serving", "--model", artifacts["model"], "--gallery", artifacts["gallery"],
+                            "--port", str(port)],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "address already in use" in (p.stdout + p.stderr).lower()
@@ -792,7 +807,8 @@ def test_several_workers_serve_the_same_port(artifacts):
             deadline = time.monotonic() + 60
             while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
                 time.sleep(0.2)
-            hits = [c.post("/v1/search", files=_files([path], "file"), data={"k": "3"}).json()["hits"] for _ in range(4)]
+            hits = [c.post("/v1/search", files=_files([path], "file"), data={"k": "3"}).json()["hits"]
+                    for _ in range(4)]
         assert all([h["id"] for h in x] == [h["id"] for h in hits[0]] for x in hits)
         assert hits[0][0]["id"] == "circle/000.png"
     finally:

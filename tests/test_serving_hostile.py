@@ -26,15 +26,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from isfe_model.preprocess import PreprocessSpec
 from serving.decodepool import DecodePool
 from serving.decoding import Upload, decode_image
 from serving.docs import render_docs
 from serving.errors import ApiError
 from serving.guard import REPLAY_CHUNK, HostPolicy, _replay, host_of
 from serving.metrics import method_label
-from isfe_model.preprocess import PreprocessSpec
 from tests.test_serving import (  # noqa: F401 (fixture)
-    _files, _sample, artifacts, parse_exposition, running_server, start_server, stop_server,
+    _files,
+    _sample,
+    artifacts,
+    parse_exposition,
+    running_server,
+    start_server,
+    stop_server,
 )
 
 SPEC = PreprocessSpec(input_size=16, resize_size=16)
@@ -51,13 +57,14 @@ def slow_png() -> bytes:
 
 
 def costly_json() -> bytes:
-    """~16 MB of JSON (millions of empty objects) that takes json.loads ~0.5 s: parsed in a worker, not on the event loop."""
+    """~16 MB of JSON (millions of empty objects) that takes json.loads ~0.5 s: parsed in a worker, not on the event
+    loop."""
     n = (MAX_BODY_MB * 1024 * 1024 - 64) // 3
     return b'{"images": [' + b"{}," * (n - 1) + b"{}]}"
 
 
 @pytest.fixture(scope="module")
-def hostile_server(artifacts):
+def hostile_server(artifacts):  # noqa: F811 (pytest fixture)
     with running_server(
         artifacts["model"], artifacts["gallery"], artifacts["root"] / "hostile.log",
         "--timeout-keep-alive", str(T_IDLE), "--timeout-headers", str(T_HEADERS), "--timeout-body", str(T_BODY),
@@ -139,7 +146,8 @@ def test_slow_headers_get_408_and_close(hostile_server):
 def test_slow_body_gets_408_and_close(hostile_server):
     """A body trickled in slowly: 408 body_timeout after --timeout-body, then the connection is closed."""
     with connect(hostile_server.port) as s:
-        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n")
         t0 = time.monotonic()
         data, closed = b"", False
         while time.monotonic() - t0 < T_BODY + 5 and not closed:
@@ -157,12 +165,14 @@ def test_slow_body_gets_408_and_close(hostile_server):
 
 
 def test_over_limit_bodies_get_413_and_close(hostile_server):
-    """Over --max-body-mb with Content-Length (refused before reading) and chunked (refused while streaming): 413 + closed."""
+    """Over --max-body-mb with Content-Length (refused before reading) and chunked (refused while streaming): 413 +
+    closed."""
     limit = MAX_BODY_MB * 1024 * 1024
     chunk = b"x" * 65536
     # chunked: the server refuses at the limit and closes, although the client is still sending
     with connect(hostile_server.port) as s:
-        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
         sent = 0
         try:
             while sent <= limit + len(chunk):
@@ -176,7 +186,8 @@ def test_over_limit_bodies_get_413_and_close(hostile_server):
     assert closed and b"connection: close" in data.lower(), data[:300]
     # Content-Length over the limit: 413 before the body, and closed without waiting for it
     with connect(hostile_server.port) as s:
-        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (limit + 1))
+        s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (limit + 1))
         s.sendall(b"x" * 1000)
         data, closed, took = read_until_closed(s, 8)
     status, body = status_and_json(data)
@@ -201,7 +212,8 @@ def test_oversized_headers_are_refused(hostile_server):
 
 
 def test_costly_json_is_parsed_off_the_event_loop(hostile_server):
-    """A JSON body that takes json.loads longer than --decode-timeout: 422 decode_timeout; /healthz answers meanwhile."""
+    """A JSON body that takes json.loads longer than --decode-timeout: 422 decode_timeout; /healthz answers
+    meanwhile."""
     body = costly_json()
     latencies: list[float] = []
     done = threading.Event()
@@ -231,8 +243,9 @@ def test_costly_json_is_parsed_off_the_event_loop(hostile_server):
 # --------------------------------------------------------------------------- decoding
 
 
-def test_decode_timeout_kills_worker_and_server_keeps_serving(hostile_server, artifacts):
-    """Two slow-decoding uploads at once: each 422 decode_timeout naming the limit, workers replaced; normal searches answer."""
+def test_decode_timeout_kills_worker_and_server_keeps_serving(hostile_server, artifacts):  # noqa: F811 (pytest fixture)
+    """Two slow-decoding uploads at once: each 422 decode_timeout naming the limit, workers replaced; normal searches
+    answer."""
     hostile = slow_png()
     good = _sample(artifacts, 1)[0]
 
@@ -296,7 +309,8 @@ def test_decode_pool_timeout_crash_and_results_equal_in_process():
         assert ei.value.status == 422 and ei.value.code == "decode_failed" and "signal 9" in ei.value.detail
         again = await pool.decode(Upload("0.png", images[0]))
         np.testing.assert_array_equal(again, got[0])
-        js = await pool.parse_json(json.dumps({"image": base64.b64encode(images[1]).decode(), "k": [[1]] * 50}).encode(), 4)
+        js = await pool.parse_json(
+            json.dumps({"image": base64.b64encode(images[1]).decode(), "k": [[1]] * 50}).encode(), 4)
         return js
 
     pool = DecodePool(SPEC, 50_000_000, workers=2, time_limit_s=0.2, on_restart=restarts.append).start()
@@ -369,16 +383,18 @@ def test_cors_is_off_by_default(hostile_server):
     assert get.status_code == 200 and "access-control-allow-origin" not in get.headers
 
 
-def test_allowed_hosts_and_cors_origin_flags(artifacts):
+def test_allowed_hosts_and_cors_origin_flags(artifacts):  # noqa: F811 (pytest fixture)
     srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "hosts.log",
-                       "--allowed-hosts", "api.example.com,*.corp.example,127.0.0.1", "--cors-origin", "http://app.example")
+                       "--allowed-hosts", "api.example.com,*.corp.example,127.0.0.1", "--cors-origin",
+                       "http://app.example")
     try:
         with httpx.Client(base_url=srv.url, timeout=10) as c:
             for host, status in (("api.example.com", 200), ("API.example.com:443", 200), ("x.corp.example", 200),
                                  ("corp.example", 200), ("localhost", 421), ("example.com", 421)):
                 assert c.get("/healthz", headers={"host": host}).status_code == status, host
             h = {"host": "api.example.com"}
-            pre = c.options("/v1/search", headers={**h, "origin": "http://app.example", "access-control-request-method": "POST"})
+            pre = c.options("/v1/search", headers={**h, "origin": "http://app.example",
+                                                   "access-control-request-method": "POST"})
             assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example"
             get = c.get("/healthz", headers={**h, "origin": "http://app.example"})
             assert get.headers["access-control-allow-origin"] == "http://app.example"
@@ -401,7 +417,8 @@ def test_docs_page_is_self_contained(hostile_server):
     for path in schema["paths"]:
         assert path in page
     assert {"/v1/search", "/v1/embed", "/healthz"} <= set(schema["paths"])
-    hostile = render_docs({"info": {"title": "<script>x</script>"}, "paths": {"/a": {"get": {"description": '"><img src=//evil>'}}}})
+    hostile = render_docs({"info": {"title": "<script>x</script>"},
+                           "paths": {"/a": {"get": {"description": '"><img src=//evil>'}}}})
     assert "<script>" not in hostile and "<img" not in hostile
 
 
@@ -467,14 +484,17 @@ def test_client_flags_are_validated(capsys):
     cfg = config_from_args(parser.parse_args(base))
     assert cfg.allowed_hosts == ["localhost", "127.0.0.1", "::1"] and cfg.cors_origins is None
     assert config_from_args(parser.parse_args(base + ["--host", "0.0.0.0"])).allowed_hosts == ["*"]
-    assert config_from_args(parser.parse_args(base + ["--host", "::1"])).allowed_hosts == ["localhost", "127.0.0.1", "::1"]
+    assert (config_from_args(parser.parse_args(base + ["--host", "::1"])).allowed_hosts
+            == ["localhost", "127.0.0.1", "::1"])
     cfg = config_from_args(parser.parse_args(base + ["--decode-threads", "3", "--cors-origin", "https://a.example",
                                                      "--cors-origin", "http://b.example:8080,https://c.example/"]))
-    assert cfg.decode_workers == 3 and cfg.cors_origins == ["https://a.example", "http://b.example:8080", "https://c.example"]
+    assert cfg.decode_workers == 3 and cfg.cors_origins == [
+        "https://a.example", "http://b.example:8080", "https://c.example"]
     for bad, needle in ((["--timeout-headers", "0"], "seconds > 0"), (["--timeout-body", "inf"], "finite"),
                         (["--decode-timeout", "x"], "seconds"), (["--decode-memory-mb", "-1"], ">= 0"),
                         (["--allowed-hosts", "a b"], "not a host name"), (["--allowed-hosts", ","], "at least one"),
-                        (["--cors-origin", "app.example"], "not an origin"), (["--cors-origin", "ftp://x"], "not an origin")):
+                        (["--cors-origin", "app.example"], "not an origin"),
+                        (["--cors-origin", "ftp://x"], "not an origin")):
         with pytest.raises(SystemExit) as ei:
             parser.parse_args(base + bad)
         assert ei.value.code == 2

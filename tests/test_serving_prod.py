@@ -8,8 +8,8 @@ import asyncio
 import base64
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -20,7 +20,16 @@ import numpy as np
 import pytest
 
 from tests.test_serving import (  # noqa: F401 (artifacts is a fixture)
-    PY, REPO, _files, _run_main, _sample, artifacts, free_port, parse_exposition, start_server, stop_server,
+    PY,
+    REPO,
+    _files,
+    _run_main,
+    _sample,
+    artifacts,
+    free_port,
+    parse_exposition,
+    start_server,
+    stop_server,
 )
 
 KEY = "k" * 8 + "-test-key-0123456789"
@@ -32,7 +41,7 @@ def _b64(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def galleries(artifacts):
+def galleries(artifacts):  # noqa: F811 (pytest fixture)
     """Gallery B (other ids: "b_<class>/...", 12 items) and a corrupt copy of it (embeddings changed after save)."""
     from isfe_model import Gallery
 
@@ -56,13 +65,13 @@ def galleries(artifacts):
 
 
 @pytest.fixture(scope="module")
-def workers_server(artifacts, tmp_path_factory):
+def workers_server(artifacts, tmp_path_factory):  # noqa: F811 (pytest fixture)
     tmp = tmp_path_factory.mktemp("workers-tmp")
     old = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(tmp)  # the server's run folder goes here: checked for clean-up below
     try:
-        srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "workers2.log", "--workers", "2",
-                           "--decode-workers", "1", "--max-batch-size", "8", timeout=120)
+        srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "workers2.log",
+                           "--workers", "2", "--decode-workers", "1", "--max-batch-size", "8", timeout=120)
     finally:
         os.environ.pop("TMPDIR") if old is None else os.environ.__setitem__("TMPDIR", old)
     try:
@@ -91,13 +100,14 @@ def _fresh_get(url: str, path: str) -> httpx.Response:
         return c.get(path)
 
 
-def test_workers_metrics_sum_exactly(workers_server, artifacts):
+def test_workers_metrics_sum_exactly(workers_server, artifacts):  # noqa: F811 (pytest fixture)
     """--workers 2: 100 requests over several connections -> isfe_requests_total says exactly 100 on every scrape."""
     path = _sample(artifacts, 1)[0]
     files = _files([path], "file")
 
     async def load():
-        async with httpx.AsyncClient(base_url=workers_server.url, timeout=60, limits=httpx.Limits(max_connections=8)) as ac:
+        async with httpx.AsyncClient(base_url=workers_server.url, timeout=60,
+                                     limits=httpx.Limits(max_connections=8)) as ac:
             rs = await asyncio.gather(*(ac.post("/v1/embed", files=files) for _ in range(100)))
         return [r.status_code for r in rs]
 
@@ -112,8 +122,9 @@ def test_workers_metrics_sum_exactly(workers_server, artifacts):
     assert len(pids) == 2, pids  # the standard process metrics, one set per live worker
 
 
-def test_reload_under_load_every_worker(workers_server, artifacts, galleries):
-    """16 clients search while the gallery is reloaded (new path, corrupt gallery, SIGHUP): no errors, results switch."""
+def test_reload_under_load_every_worker(workers_server, artifacts, galleries):  # noqa: F811 (pytest fixture)
+    """16 clients search while the gallery is reloaded (new path, corrupt gallery, SIGHUP): no errors, results
+    switch."""
     url = workers_server.url
     query = _sample(artifacts, 1)[0]
     body = {"image": _b64(query), "k": 3}
@@ -182,14 +193,15 @@ def test_reload_under_load_every_worker(workers_server, artifacts, galleries):
 
 
 @pytest.fixture(scope="module")
-def keyed_server(artifacts, tmp_path_factory):
+def keyed_server(artifacts, tmp_path_factory):  # noqa: F811 (pytest fixture)
     gallery = tmp_path_factory.mktemp("keyed") / "gallery"
     shutil.copytree(artifacts["gallery"], gallery)
     env_key = "e" * 20
     os.environ["ISFE_API_KEY"] = env_key + "," + "f" * 20  # overridden by --api-key below: the flag wins
     try:
         srv = start_server(artifacts["model"], str(gallery), artifacts["root"] / "keyed.log", "--api-key", KEY,
-                           "--log-level", "info", "--log-format", "json", "--max-batch-size", "8", "--decode-workers", "2")
+                           "--log-level", "info", "--log-format", "json", "--max-batch-size", "8",
+                           "--decode-workers", "2")
     finally:
         del os.environ["ISFE_API_KEY"]
     srv.gallery = gallery  # type: ignore[attr-defined]
@@ -219,7 +231,7 @@ def test_api_key_required_on_v1_only(keyed_server):
     assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
-def test_openai_client_round_trip_equals_embed(keyed_server, artifacts):
+def test_openai_client_round_trip_equals_embed(keyed_server, artifacts):  # noqa: F811 (pytest fixture)
     openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
     paths = _sample(artifacts, 3)
     with httpx.Client(base_url=keyed_server.url, timeout=30, headers=AUTH) as c:
@@ -237,14 +249,16 @@ def test_openai_client_round_trip_equals_embed(keyed_server, artifacts):
         assert resp.model == model_name
     np.testing.assert_array_equal(np.array(one.data[0].embedding, dtype=np.float32), ref[0])
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="x" * 20, max_retries=0).embeddings.create(model="m", input=inputs)
+        openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="x" * 20,
+                      max_retries=0).embeddings.create(model="m", input=inputs)
 
 
-def test_embeddings_raw_shape_and_refusals(keyed_server, artifacts):
+def test_embeddings_raw_shape_and_refusals(keyed_server, artifacts):  # noqa: F811 (pytest fixture)
     paths = _sample(artifacts, 2)
     with httpx.Client(base_url=keyed_server.url, timeout=30, headers=AUTH) as c:
         ref = np.array(c.post("/v1/embed", files=_files(paths)).json()["embeddings"], dtype=np.float32)
-        body = c.post("/v1/embeddings", json={"input": [_b64(p) for p in paths], "model": "x", "encoding_format": "base64"}).json()
+        body = c.post("/v1/embeddings", json={"input": [_b64(p) for p in paths], "model": "x",
+                                              "encoding_format": "base64"}).json()
         assert body["object"] == "list" and set(body) == {"object", "data", "model", "usage"}
         assert body["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
         assert [set(d) for d in body["data"]] == [{"object", "index", "embedding"}] * 2
@@ -267,7 +281,7 @@ def test_embeddings_raw_shape_and_refusals(keyed_server, artifacts):
         assert c.post("/v1/embeddings", files=_files(paths[:1], "file")).status_code == 415
 
 
-def test_vector_search_equals_image_search(keyed_server, artifacts):
+def test_vector_search_equals_image_search(keyed_server, artifacts):  # noqa: F811 (pytest fixture)
     paths = _sample(artifacts, 24)[::6]
     with httpx.Client(base_url=keyed_server.url, timeout=30, headers=AUTH) as c:
         emb = c.post("/v1/embed", json={"images": [_b64(p) for p in paths]}).json()["embeddings"]
@@ -278,10 +292,11 @@ def test_vector_search_equals_image_search(keyed_server, artifacts):
             for got in (by_vector, scaled):
                 assert got["query"] == "embedding" and got["count"] == 5
                 assert [h["id"] for h in got["hits"]] == [h["id"] for h in by_image["hits"]]
-                np.testing.assert_allclose([h["score"] for h in got["hits"]], [h["score"] for h in by_image["hits"]], atol=1e-5)
+                np.testing.assert_allclose([h["score"] for h in got["hits"]],
+                                           [h["score"] for h in by_image["hits"]], atol=1e-5)
 
 
-def test_batch_search_equals_single_searches(keyed_server, artifacts):
+def test_batch_search_equals_single_searches(keyed_server, artifacts):  # noqa: F811 (pytest fixture)
     paths = _sample(artifacts, 24)[1::5]
     with httpx.Client(base_url=keyed_server.url, timeout=30, headers=AUTH) as c:
         singles = [c.post("/v1/search", json={"image": _b64(p), "k": 4}).json()["hits"] for p in paths[:4]]
@@ -302,7 +317,8 @@ def test_bad_vectors_are_422_naming_the_problem(keyed_server):
     good = [0.1] * 32
     cases = [
         (b'{"embedding": [1, 2, 3]}', "wrong_dimension", "3 numbers"),
-        (b'{"embedding": [[' + b",".join([b"0.1"] * 32) + b"], [1, 2]]}", "invalid_embedding", "embedding[1] has 2 numbers"),
+        (b'{"embedding": [[' + b",".join([b"0.1"] * 32) + b"], [1, 2]]}", "invalid_embedding",
+         "embedding[1] has 2 numbers"),
         (json.dumps({"embedding": [0.0] * 32}).encode(), "zero_embedding", "zero vector"),
         (json.dumps({"embedding": good[:-1] + [float("nan")]}).encode(), "non_finite_embedding", "NaN"),
         (("{\"embedding\": [[%s], [%s, Infinity]]}" % (",".join(["1"] * 32), ",".join(["1"] * 31))).encode(),
@@ -318,7 +334,8 @@ def test_bad_vectors_are_422_naming_the_problem(keyed_server):
             assert needle in r.json()["detail"], r.text
         r = c.post("/v1/search", json={"embedding": good, "image": "aGVsbG8="})
         assert r.status_code == 400 and r.json()["error"] == "ambiguous_query"
-        huge = c.post("/v1/search", json={"embedding": [1e300] * 32, "k": 2})  # no overflow: normalised by the largest component
+        # no overflow: normalised by the largest component
+        huge = c.post("/v1/search", json={"embedding": [1e300] * 32, "k": 2})
         tiny = c.post("/v1/search", json={"embedding": [1e-300] * 32, "k": 2})
         assert huge.status_code == tiny.status_code == 200 and huge.json()["hits"] == tiny.json()["hits"]
         r = c.post("/v1/search", json={"embedding": [good] * 33})
@@ -359,7 +376,7 @@ def test_request_ids_and_json_access_log(keyed_server):
     assert all({"ts", "level", "logger", "msg", "pid"} <= set(r) for r in records)
 
 
-def test_sighup_reloads_a_replaced_gallery(keyed_server, artifacts, galleries):
+def test_sighup_reloads_a_replaced_gallery(keyed_server, artifacts, galleries):  # noqa: F811 (pytest fixture)
     """One process: the gallery folder is replaced in place (isfe-index --overwrite), then SIGHUP."""
     from isfe_model import Gallery
 
@@ -388,10 +405,11 @@ def test_sighup_reloads_a_replaced_gallery(keyed_server, artifacts, galleries):
             assert r.status_code == 400, r.text
 
 
-def test_admin_reload_is_loopback_only_without_keys(artifacts):
+def test_admin_reload_is_loopback_only_without_keys(artifacts):  # noqa: F811 (pytest fixture)
     from serving.app import ServeConfig, create_app
 
-    app = create_app(artifacts["encoder"], artifacts["gallery_obj"], ServeConfig(model=artifacts["model"], gallery=artifacts["gallery"]))
+    app = create_app(artifacts["encoder"], artifacts["gallery_obj"],
+                     ServeConfig(model=artifacts["model"], gallery=artifacts["gallery"]))
 
     async def go():
         transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 5000))
@@ -405,7 +423,7 @@ def test_admin_reload_is_loopback_only_without_keys(artifacts):
 # --------------------------------------------------------------------------- flags, environment, shutdown
 
 
-def test_env_vars_configure_every_flag(artifacts, tmp_path, monkeypatch):
+def test_env_vars_configure_every_flag(artifacts, tmp_path, monkeypatch):  # noqa: F811 (pytest fixture)
     from serving.__main__ import _parse, config_from_args
 
     keyfile = tmp_path / "keys"
@@ -421,10 +439,12 @@ def test_env_vars_configure_every_flag(artifacts, tmp_path, monkeypatch):
     assert (cfg.model, cfg.gallery, cfg.max_batch_size, cfg.log_format) == ("m.onnx", "g", 16, "json")
     assert cfg.api_keys == ["c" * 16, "d" * 16, "a" * 16, "b" * 24]
     assert cfg.cors_origins == ["https://a.example", "https://b.example"]
-    cfg = config_from_args(_parse(["--max-batch-size", "4", "--api-key", "e" * 16, "--cors-origin", "https://c.example"]))
+    cfg = config_from_args(_parse(["--max-batch-size", "4", "--api-key", "e" * 16,
+                                   "--cors-origin", "https://c.example"]))
     assert cfg.max_batch_size == 4 and cfg.api_keys[0] == "e" * 16 and "c" * 16 not in cfg.api_keys  # the flag wins
     assert cfg.cors_origins == ["https://c.example"]
-    for var, value, needle in (("ISFE_PORT", "80a", "ISFE_PORT='80a'"), ("ISFE_MAX_BATCH_SIZE", "0", "ISFE_MAX_BATCH_SIZE"),
+    for var, value, needle in (("ISFE_PORT", "80a", "ISFE_PORT='80a'"),
+                               ("ISFE_MAX_BATCH_SIZE", "0", "ISFE_MAX_BATCH_SIZE"),
                                ("ISFE_LOG_LEVEL", "loud", "must be one of"), ("ISFE_API_KEY", "short", "16-512"),
                                ("ISFE_API_KEY_FILE", str(tmp_path / "none"), "cannot read API key file"),
                                ("ISFE_SHUTDOWN_TIMEOUT", "", "empty")):
@@ -432,13 +452,15 @@ def test_env_vars_configure_every_flag(artifacts, tmp_path, monkeypatch):
         code, err = _run_main([])
         monkeypatch.delenv(var)
         lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("serving: error: ") and needle in lines[0], (var, err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("serving: error: ") and needle in lines[0], (
+            var, err)
 
 
-def test_sigterm_finishes_the_request_in_flight(artifacts):
+def test_sigterm_finishes_the_request_in_flight(artifacts):  # noqa: F811 (pytest fixture)
     """SIGTERM while a request waits in the batcher (--max-wait-ms 1500): it gets its 200, then the server exits 0."""
-    srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "sigterm.log", "--max-batch-size", "8",
-                       "--max-wait-ms", "1500", "--decode-workers", "1", "--shutdown-timeout", "20")
+    srv = start_server(artifacts["model"], artifacts["gallery"], artifacts["root"] / "sigterm.log",
+                       "--max-batch-size", "8", "--max-wait-ms", "1500", "--decode-workers", "1",
+                       "--shutdown-timeout", "20")
     path = _sample(artifacts, 1)[0]
     out: dict = {}
 
@@ -464,7 +486,7 @@ def test_sigterm_finishes_the_request_in_flight(artifacts):
     assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
 
 
-def test_real_process_bad_env_is_one_line(artifacts):
+def test_real_process_bad_env_is_one_line(artifacts):  # noqa: F811 (pytest fixture)
     env = {**os.environ, "ISFE_WORKERS": "two"}
     p = subprocess.run([PY, "-m", "serving", "--model", artifacts["model"], "--gallery", artifacts["gallery"],
                         "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
