@@ -212,7 +212,7 @@ def test_paper_presets():
 
     cub = _merge(PRESETS["cub200-paper"], {})
     assert (cub.arch, cub.pretrained, cub.input_size, cub.resize_size) == ("googlenet", "imagenet", 227, 256)
-    assert (cub.lr, cub.schedule, cub.batch_size, cub.temperature, cub.momentum) == (0.001, "constant", 64, 0.1, 0.9)
+    assert (cub.lr, cub.schedule, cub.batch_size, cub.temperature, cub.momentum) == (0.001, "step", 64, 0.1, 0.9)
     assert cub.positive == "nn-or-aug" and cub.embedding_dim == 128
     assert not cub.augment["color_jitter"] and not cub.augment["grayscale"] and cub.augment["flip"]
     # the crop is exactly 227 x 227 of the 256 x 256 image (then no resampling)
