@@ -20,7 +20,14 @@ measures training images/s (two views of an image count as two images) of:
 * ``isfe`` — ``training.step.TrainStep``, the training loop's own step:
   uint8 images on the device, a random batch gathered there, both views made
   by the batched augmentation, bf16 / channels_last / ``torch.compile`` /
-  fused loss and SGD where on (``auto``: on for CUDA).
+  fused loss and SGD where on (``auto``: on for CUDA; on a CPU with AMX-BF16 /
+  AVX512-BF16 the training loop's own timed trial picks them, reported as
+  ``auto_choice`` and ``speed_trial_ms``);
+* ``variants`` (default on the CPU without ``--quick``; ``--variants`` elsewhere) — the same step in
+  float32, bf16 autocast, channels-last and both, built side by side and
+  timed interleaved (one step of each in turn, the order rotating), so that
+  other work on shared cores slows them alike; ``ratio_over_fp32`` per
+  variant and ``ratio_auto_over_fp32`` (the auto choice's variant).
 
 Each is warmed up first (worker start-up and compilation are reported as
 ``setup_seconds`` / ``compile_seconds``, not counted), then ``--steps`` steps
@@ -31,8 +38,9 @@ data/augmentation, forward (+ loss) and backward (+ optimizer step).
 Writes ``benchmarks/results/train_throughput-<device>.json`` (``<device>``:
 :func:`benchmarks.common.device_tag`, e.g. ``nvidia-h200`` or ``cpu2``) with
 ``device``, ``baseline_images_per_s``, ``isfe_images_per_s``,
-``ratio_isfe_over_baseline`` and the machine (``host``, see
-:mod:`benchmarks.common`).
+``ratio_isfe_over_baseline``, ``cpu_model`` / ``cpu_flags`` and the machine
+(``host``, see :mod:`benchmarks.common`).  ``--no-baseline`` skips the
+authors' pipeline (its keys are then null).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/train_throughput.py` from an
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, device_name, device_tag, load_average, write_result  # noqa: E402
+from benchmarks.common import RESULTS, cpu_flags, cpu_model, device_name, device_tag, load_average, write_result  # noqa: E402,E501
 from isfe_model.preprocess import PreprocessSpec  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import CIFAR_MEAN, CIFAR_STD  # noqa: E402
@@ -59,7 +67,7 @@ from training.distributed import DistContext  # noqa: E402
 from training.loss import invaspread_loss  # noqa: E402
 from training.model import ModelConfig, build_encoder  # noqa: E402
 from training.runtime import numerics, resolve_device  # noqa: E402
-from training.step import Speed, build_step, resolve_speed  # noqa: E402
+from training.step import Speed, TrainStep, build_step, resolve_speed  # noqa: E402
 
 TARGET_IMAGES_PER_S = 100_000  # issue 3: one H100, end to end
 
@@ -191,12 +199,60 @@ def bench_baseline(args, images: np.ndarray, device: torch.device, fast_step=Non
     }
 
 
+VARIANTS = {"fp32": (False, False), "bf16": (True, False), "channels-last": (False, True),
+            "bf16+channels-last": (True, True)}
+
+
+def _step_cfg(args, speed: Speed) -> TrainConfig:
+    return TrainConfig(batch_size=args.batch_size, arch=args.arch, embedding_dim=128, loss=args.loss,
+                       amp=None if "amp" in speed.timed else speed.amp,
+                       channels_last=None if "channels_last" in speed.timed else speed.channels_last,
+                       compile=speed.compile, seed=0)
+
+
+def bench_variants(args, images: np.ndarray, device: torch.device, compile_: bool) -> dict:
+    """fp32 / bf16 / channels-last / both: one TrainStep each (same seed), timed interleaved step by step."""
+    data = torch.from_numpy(images).to(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+
+    def batch():
+        return data[torch.randint(0, len(data), (args.batch_size,), generator=gen, device=device)]
+
+    steps: dict[str, TrainStep] = {}
+    for name, (amp, cl) in VARIANTS.items():
+        speed = Speed(amp=amp, channels_last=cl, compile=compile_)
+        torch.manual_seed(0)
+        steps[name] = build_step(_step_cfg(args, speed), _model_cfg(args), device, DistContext(), speed)[0]
+        if compile_:
+            steps[name].warmup(batch())
+    names = list(steps)
+    for _ in range(args.warmup):
+        for name in names:
+            steps[name](batch(), 0.03)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(args.steps):
+        order = names[i % len(names):] + names[: i % len(names)]  # rotate: no variant always follows another
+        for name in order:
+            x = batch()
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[name](x, 0.03)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    views = 2 * args.batch_size
+    out = {name: {"images_per_s": round(views * len(t) / sum(t), 1), "ms_per_step": round(1000 * sum(t) / len(t), 1),
+                  "min_ms_per_step": round(1000 * min(t), 1)} for name, t in times.items()}
+    for name in out:
+        out[name]["ratio_over_fp32"] = round(out[name]["images_per_s"] / out["fp32"]["images_per_s"], 2)
+    return out
+
+
 def bench_isfe(args, images: np.ndarray, device: torch.device, speed: Speed) -> tuple[dict, object]:
-    """The training loop's TrainStep on device-resident uint8 images."""
-    cfg = TrainConfig(batch_size=args.batch_size, arch=args.arch, embedding_dim=128, loss=args.loss,
-                      amp=speed.amp, channels_last=speed.channels_last, compile=speed.compile, seed=0)
+    """The training loop's TrainStep on device-resident uint8 images (a CPU auto choice: its timed trial first)."""
+    cfg = _step_cfg(args, speed)
     torch.manual_seed(0)
-    step, loss_name = build_step(cfg, _model_cfg(args), device, DistContext(), speed)
+    step, loss_name = build_step(cfg, _model_cfg(args), device, DistContext(), speed, log=print)
     data = torch.from_numpy(images).to(device)
     gen = torch.Generator(device=device).manual_seed(1)
     n = data.shape[0]
@@ -244,6 +300,7 @@ def bench_isfe(args, images: np.ndarray, device: torch.device, speed: Speed) -> 
         "split_ms_per_step": _per_step_ms(split, args.split_steps),
         "loss": loss_name,
         "amp": speed.amp, "channels_last": speed.channels_last, "compile": speed.compile,
+        "speed_note": speed.note or None, "speed_trial_ms": speed.trial_ms,
     }, step
 
 
@@ -268,6 +325,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--no-baseline-fast-model", action="store_true",
                     help="skip the per-image pipeline + ISFE model variant")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the authors' per-image pipeline")
+    ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time fp32 / bf16 / channels-last / both interleaved (default: on the CPU, "
+                         "not with --quick)")
+    ap.add_argument("--shared", default=None, metavar="NOTE",
+                    help="say in the JSON that the cores were shared (e.g. 'with other engineers\' jobs')")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_throughput-<device>.json)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -292,7 +355,8 @@ def main(argv=None) -> int:
     tag = device_tag(device)
     print(f"train_throughput on {device_name(device)}: batch {args.batch_size} ({2 * args.batch_size} views), "
           f"{args.arch} {args.size}x{args.size}, {args.steps} timed steps; ISFE amp={speed.amp} "
-          f"channels_last={speed.channels_last} compile={speed.compile}", flush=True)
+          f"channels_last={speed.channels_last} compile={speed.compile}"
+          + (f" ({speed.note})" if speed.note else ""), flush=True)
     t_all = time.perf_counter()
     load_start = (load_average() or [None])[0]
     with numerics(device, deterministic=False):  # cuDNN autotuning and TF32 on CUDA, as the training loop runs
@@ -301,6 +365,8 @@ def main(argv=None) -> int:
         "benchmark": "train_throughput",
         "device": tag,
         "device_detail": device_name(device),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "torch": str(torch.__version__),
@@ -311,29 +377,39 @@ def main(argv=None) -> int:
         **results,
         "target_images_per_s": TARGET_IMAGES_PER_S,
         "meets_target": bool(device.type == "cuda" and results["isfe_images_per_s"] >= TARGET_IMAGES_PER_S),
+        "cores_shared": args.shared or None,
         "seconds": round(time.perf_counter() - t_all, 1),
         # other work on the machine during the run (both pipelines share it; CPU numbers are only comparable at ~0)
         "load_average_1m": {"start": load_start, "end": (load_average() or [None])[0]},
     }
     out = write_result(Path(args.out) if args.out else RESULTS / f"train_throughput-{tag}.json", result)
-    print(f"ISFE / baseline = {result['ratio_isfe_over_baseline']}x -> {out}")
+    print(f"ISFE / baseline = {result['ratio_isfe_over_baseline']}x; auto choice {result.get('auto_choice')} "
+          f"= {result.get('ratio_auto_over_fp32')}x fp32 -> {out}")
     return 0
 
 
 def _run_all(args, images: np.ndarray, device: torch.device, speed: Speed) -> dict:
-    """ISFE's step, the baseline pipeline and (CUDA) the baseline data with ISFE's model -> the result's numbers."""
+    """ISFE's step (auto), the variants, the baseline pipeline and (CUDA) the baseline data with ISFE's model."""
     isfe, step = bench_isfe(args, images, device, speed)
     print(f"  isfe:     {isfe['images_per_s']:>10.0f} images/s  split {isfe['split_ms_per_step']} ms"
           + (f"  (compile {isfe['compile_seconds']} s)" if isfe["compile_seconds"] is not None else ""), flush=True)
+    auto = next(k for k, v in VARIANTS.items() if v == (speed.amp, speed.channels_last))
+    out: dict = {"auto_choice": auto, "isfe_images_per_s": isfe["images_per_s"], "isfe": isfe}
+    if args.variants if args.variants is not None else device.type == "cpu" and not args.quick:
+        variants = bench_variants(args, images, device, speed.compile)
+        for name, v in variants.items():
+            print(f"  {name:<19} {v['images_per_s']:>8.1f} images/s  {v['ms_per_step']:>8.1f} ms/step  "
+                  f"{v['ratio_over_fp32']:.2f}x fp32", flush=True)
+        out |= {"variants": variants, "ratio_auto_over_fp32": variants[auto]["ratio_over_fp32"]}
+    if args.no_baseline:
+        return out | {"baseline_images_per_s": None, "ratio_isfe_over_baseline": None}
     baseline = bench_baseline(args, images, device)
     print(f"  baseline: {baseline['images_per_s']:>10.0f} images/s  split {baseline['split_ms_per_step']} ms",
           flush=True)
-    out = {
+    out |= {
         "baseline_images_per_s": baseline["images_per_s"],
-        "isfe_images_per_s": isfe["images_per_s"],
         "ratio_isfe_over_baseline": round(isfe["images_per_s"] / baseline["images_per_s"], 2),
         "baseline": baseline,
-        "isfe": isfe,
     }
     if device.type == "cuda" and not args.no_baseline_fast_model:
         fast_model = bench_baseline(args, images, device, fast_step=step)

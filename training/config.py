@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from training.augment import AugmentConfig
-from training.model import ARCHS
+from training.model import ARCHS, INITS
 from training.negatives import NEGATIVE_MODES
 from training.positives import NN_FEATURES, POSITIVE_MODES
 from training.presets import PRESETS, preset_for
 from training.run_state import load_run_state
 
 __all__ = ["UsageError", "TrainConfig", "Bound", "option", "option_problems", "RESUMABLE_CHANGES", "build_parser",
-           "config_from_args", "flag_of"]
+           "config_from_args", "flag_of", "step_milestones", "milestone_problems"]
 
 
 class UsageError(ValueError):
@@ -93,17 +93,24 @@ class TrainConfig:
     lr: float = option(0.03, bound=gt(0))
     momentum: float = option(0.9)
     weight_decay: float = option(5e-4)
-    schedule: str = option("step", "step (paper: x0.1 at 60%%, x0.01 at 80%% of the epochs), cosine or constant",
-                           choices=("step", "cosine", "constant"))
+    schedule: str = option("step", "step (paper: x0.1 at 60%%, x0.01 at 80%% of the epochs, or at --milestones), "
+                                   "cosine or constant", choices=("step", "cosine", "constant"))
+    milestones: str | None = option(None, "epochs of --schedule step's decays, x0.1 at each, e.g. 20,40 (the "
+                                          "authors' unseen-category code); default: 60%% and 80%% of --epochs",
+                                    metavar="E1,E2,...")  # training.config.step_milestones
     warmup_epochs: float = option(0.0, "linear learning-rate warm-up (epochs, may be fractional)")  # then the schedule
     temperature: float = option(0.1, bound=gt(0, "(the paper uses 0.1)"))
     neg_weight: float = option(1.0, "weight of the negatives (authors' negM)", bound=ge(0))
     detach_keys: bool = option(True, "let the gradient flow through the key side too (default: authors' detached keys)",
                                kind="negated", flag="--full-gradient")
-    negatives: str = option("all", "all (default), hard (keep the 50%% most similar negatives) or easy (the 50%% least "
-                                   "similar)", choices=NEGATIVE_MODES)  # the paper's Table 8 ablation
+    negatives: str = option("all", "all (default), hard (keep the 50%% most similar negatives), easy (the 50%% least "
+                                   "similar) or hard-authors (the authors' released hard branch: N kept, weighted 0.5, "
+                                   "loss divided by N + 1)", choices=NEGATIVE_MODES)  # the paper's Table 8 ablation
     embedding_dim: int = option(128, bound=ge(1))
     arch: str = option("resnet18", f"one of {', '.join(ARCHS)}", choices=tuple(ARCHS))
+    init: str = option("torchvision", "initialisation of a from-scratch backbone: torchvision (its constructors; "
+                                      "default) or authors (PyTorch's layer defaults, as the authors' resnet_cifar.py)",
+                       choices=INITS)  # training.model.ModelConfig.init; the CIFAR/STL *-paper presets: authors
     input_size: int | None = option(None, "model input side (default: 16 digits, 32 CIFAR/small images, 224 large)",
                                     bound=ge(8))
     resize_size: int | None = option(None, "side images are resized to before cropping")
@@ -115,10 +122,11 @@ class TrainConfig:
     device: str = option("auto", "auto (default), cpu, cuda, cuda:N", resumable=True)
     loss: str = option("auto", "auto (fused on CUDA), fused or reference", choices=("auto", "fused", "reference"),
                        resumable=True)
-    amp: bool | None = option(None, "bf16 autocast for the encoder (default: on for CUDA)", kind="toggle",
-                              resumable=True)  # None: on for CUDA (training.step.resolve_speed)
-    channels_last: bool | None = option(None, "channels-last memory format (default: on for CUDA)", kind="toggle",
-                                        resumable=True)
+    amp: bool | None = option(None, "bf16 autocast for the encoder (default auto: on for CUDA; on a CPU with "
+                                    "amx_bf16/avx512_bf16 a short timed trial decides, else off)", kind="toggle",
+                              resumable=True)  # None: auto (training.step.resolve_speed / choose_by_trial)
+    channels_last: bool | None = option(None, "channels-last memory format (default auto: as --amp)",
+                                        kind="toggle", resumable=True)
     compile: bool | None = option(None, "torch.compile the encoder and augmentation (default: on for CUDA)",
                                   kind="toggle", resumable=True)
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes (torchrun, CUDA)", kind="toggle")
@@ -135,6 +143,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = option(None, bound=ge(1), kind="hidden")  # short test runs and smoke runs
     deterministic: bool = option(False, "deterministic algorithms (bit-exact resume on CPU; slower on CUDA)",
                                  kind="switch", resumable=True)
+    tf32: bool | None = option(None, "TF32 tensor-core matrix products and convolutions on CUDA (default: on for "
+                                     "CUDA; the *-paper presets: off, full float32)",
+                               kind="toggle")  # training.train.resolve_tf32, full_fp32
     positive: str = option("aug", "aug (default: the image's other augmented view) or nn-or-aug (half the time its "
                                   "nearest neighbour in the current embedding, refreshed every epoch; the paper's "
                                   "CUB-200 setting)", choices=POSITIVE_MODES)
@@ -157,6 +168,10 @@ class TrainConfig:
         if self.negatives != "all" and self.loss == "fused":
             problems.append(f"--negatives {self.negatives} is implemented in the reference loss only; "
                             f"drop --loss fused")
+        if self.negatives == "hard-authors" and self.neg_weight != 1.0:
+            problems.append(f"--negatives hard-authors weights the kept negatives 0.5 itself (the authors' negM); "
+                            f"drop --neg-weight {self.neg_weight:g}")
+        problems += milestone_problems(self)
         if self.resize_size is not None and self.input_size is not None and self.resize_size < self.input_size:
             problems.append(f"--resize-size ({self.resize_size}) must be >= --input-size ({self.input_size})")
         if problems:
@@ -178,6 +193,36 @@ def option_problems(cfg: TrainConfig) -> list[str]:
         elif bound is not None and not (value is None and f.default is None) and not bound.holds(value):
             problems.append(f"{flag_of(f)} must be {bound.describe()}, got {value}")
     return problems
+
+
+def _parse_milestones(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace(" ", "").split(","))
+
+
+def milestone_problems(cfg: TrainConfig) -> list[str]:
+    """``--milestones``: increasing whole epochs >= 1.  Only ``--schedule step`` reads them, and one at or past
+    ``--epochs`` never fires, so a preset's milestones survive ``--schedule constant`` or a shorter ``--epochs``."""
+    if cfg.milestones is None:
+        return []
+    try:
+        ms = _parse_milestones(cfg.milestones)
+    except ValueError:
+        return [f"--milestones must be comma-separated whole epochs, e.g. 20,40; got {cfg.milestones!r}"]
+    if not ms or any(b <= a for a, b in zip(ms, ms[1:])) or ms[0] < 1:
+        return [f"--milestones must be increasing epochs >= 1, e.g. 20,40; got {cfg.milestones}"]
+    return []
+
+
+def step_milestones(cfg: TrainConfig) -> tuple[int, ...]:
+    """Epochs at which ``--schedule step`` multiplies the learning rate by 0.1 (0-based epoch of the decayed steps).
+
+    ``--milestones`` (e.g. ``(20, 40)``: the authors' unseen-category code, lr x0.1 from epoch 20, x0.01 from 40
+    of 60) or the paper's 60% and 80% of ``--epochs`` (120 and 160 of 200).  Training epoch ``e + 1`` (our
+    1-based count; the authors' 0-based ``epoch e``) runs at ``lr * 0.1 ** #{m : e >= m}``.
+    """
+    if cfg.milestones is not None:
+        return _parse_milestones(cfg.milestones)
+    return round(0.6 * cfg.epochs), round(0.8 * cfg.epochs)
 
 
 # Options that may differ when a run is resumed; every other one must match the run.

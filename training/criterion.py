@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import training.distributed as dist_utils
 from training.loss import check_loss_args, invaspread_loss_rows
-from training.negatives import NEGATIVE_MODES, select_negatives
+from training.negatives import NEGATIVE_MODES, num_kept, select_negatives
 
 __all__ = ["InvaSpreadCriterion", "LOSS_BACKENDS"]
 
@@ -52,7 +52,11 @@ class InvaSpreadCriterion(nn.Module):
         neg_weight: w >= 0 (the authors' ``negM``).
         detach_keys: the authors' gradient (True) or the full gradient.
         negatives: "all", "hard" or "easy" (paper Table 8: keep the ``fraction``
-            most / least similar negatives of each anchor; reference backend only).
+            most / least similar negatives of each anchor; reference backend only),
+            or "hard-authors" (the authors' released hard branch with ``negM =
+            fraction``: ``int(2N fraction)`` kept, their log terms weighted by
+            ``fraction``, the loss divided by kept + 1 instead of 2N; needs
+            ``neg_weight = 1``; see :mod:`training.negatives`).
         backend: "reference" (PyTorch, any device) or "fused" (Triton kernels,
             memory linear in the batch; needs CUDA or ``TRITON_INTERPRET=1``).
         dist_ctx: the process group (default: one process).
@@ -70,6 +74,9 @@ class InvaSpreadCriterion(nn.Module):
         if backend == "fused" and negatives != "all":
             raise ValueError(f"negatives={negatives!r} is implemented in the reference backend only; "
                              f"use backend='reference'")
+        if negatives == "hard-authors" and neg_weight != 1.0:
+            raise ValueError(f"negatives='hard-authors' weights the kept negatives by fraction={fraction} itself "
+                             f"(the authors' negM); use neg_weight=1, got {neg_weight}")
         self.temperature, self.neg_weight, self.detach_keys = float(temperature), float(neg_weight), bool(detach_keys)
         self.negatives, self.backend, self.fraction = negatives, backend, fraction
         self.ctx = dist_ctx or dist_utils.DistContext()
@@ -83,10 +90,19 @@ class InvaSpreadCriterion(nn.Module):
                 f"negatives={self.negatives!r}, backend={self.backend!r}, world_size={self.ctx.world_size}")
 
     def rows(self, anchors: Tensor, keys: Tensor, anchor_index: Tensor) -> Tensor:
-        """Summed loss ``S`` of anchors [M, D] against keys [2N, D] (see :func:`invaspread_loss_rows`)."""
+        """Summed loss ``S`` of anchors [M, D] against keys [2N, D] (see :func:`invaspread_loss_rows`).
+
+        "hard-authors": ``S * 2N / (K + 1)`` with the authors' ``Z_i`` and weights, so that
+        :meth:`forward`'s division by 2N gives their division by ``K + 1``.
+        """
         if self.backend == "fused":
             return self._fused_rows(anchors, keys, anchor_index, self.temperature, self.neg_weight)
         mask = select_negatives(anchors, keys, anchor_index, self.temperature, self.negatives, self.fraction)
+        if self.negatives == "hard-authors":
+            two_n = keys.shape[0]
+            total = invaspread_loss_rows(anchors, keys, anchor_index, self.temperature, self.fraction, neg_mask=mask,
+                                         z_weight=1.0)
+            return total * (two_n / (num_kept(two_n, "hard-authors", self.fraction) + 1))
         return invaspread_loss_rows(anchors, keys, anchor_index, self.temperature, self.neg_weight, neg_mask=mask)
 
     def forward(self, features: Tensor) -> Tensor:

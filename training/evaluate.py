@@ -350,7 +350,14 @@ def monitor_metrics(model: nn.Module, train, test, device: str | torch.device, k
     """The training loop's quick metric: kNN top-1/top-5 (shared classes) or Recall@1 on the test split (disjoint).
 
     ``train_images`` (uint8 [N, R, R, 3], e.g. already on the device) replaces
-    ``train.images`` as the kNN memory bank; ``amp``: bf16 autocast.
+    ``train.images`` as the kNN memory bank; ``amp``: bf16 autocast (the
+    training loop passes its own ``--amp``, also where a CPU's timed trial chose
+    bf16: measured on the 2-epoch digits models on an AMX-BF16 Xeon, bf16
+    embeddings changed kNN top-1 by 1 of 359 test images (91.92% -> 91.64%) on
+    the bf16-trained model and not at all on the fp32 one, top-5 not at all,
+    at half the time; ``tests/test_cpu_speed.py`` holds it within 1 point).
+    :func:`evaluate_model` (``python -m training.evaluate``, the reported
+    numbers) always embeds in float32.
     """
     spec = model.cfg.preprocess
     device = torch.device(device)
@@ -414,8 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_encoder(args.checkpoint, map_location=args.device)
         data = args.data or model.checkpoint.get("config", {}).get("data")
         spec = model.cfg.preprocess
-        train = load_split(data, "train", resize_size=spec.resize_size)
-        test = load_split(data, "test", resize_size=spec.resize_size)
+        # decoded as the model's inputs are (its spec's decode policy: the arrays isfe_model makes)
+        train = load_split(data, "train", resize_size=spec.resize_size, decode=spec.decode)
+        test = load_split(data, "test", resize_size=spec.resize_size, decode=spec.decode)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -425,8 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --linear-probe needs the same classes in train/ and test/; {data} has disjoint classes "
               f"(unseen-category protocol: use Recall@K and NMI)", file=sys.stderr)
         return 2
-    res = evaluate_model(model, train, test, args.device, args.k, args.sigma, ks, not args.no_nmi, args.batch_size,
-                         probe=probe, probe_c=args.probe_c)
+    tf32_was = torch.backends.cudnn.allow_tf32  # a *-paper run (config tf32 false) is evaluated in full float32
+    torch.backends.cudnn.allow_tf32 = tf32_was and model.checkpoint.get("config", {}).get("tf32") is not False
+    try:
+        res = evaluate_model(model, train, test, args.device, args.k, args.sigma, ks, not args.no_nmi,
+                             args.batch_size, probe=probe, probe_c=args.probe_c)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32_was
     res["data"] = data or "digits"
     if args.json:
         print(dumps(res))  # strict JSON: a NaN metric prints as null

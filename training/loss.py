@@ -71,12 +71,13 @@ def invaspread_loss_rows(
     temperature: float = 0.1,
     neg_weight: float = 1.0,
     neg_mask: Tensor | None = None,
+    z_weight: float | None = None,
 ) -> Tensor:
     """Sum over the given anchor rows of the per-row InvaSpread loss (not divided by 2N).
 
     With ``K_i`` the negatives anchor i keeps (all ``2N - 2`` by default)::
 
-        Z_i = w * sum_{j in K_i} exp(s_ij) + exp(s_i,pos)
+        Z_i = v * sum_{j in K_i} exp(s_ij) + exp(s_i,pos)          (v = z_weight, default w)
         l_i = -( log(exp(s_i,pos) / Z_i) + w * sum_{j in K_i} log(1 - exp(s_ij) / Z_i) )
 
     Args:
@@ -89,6 +90,8 @@ def invaspread_loss_rows(
             (``training.negatives.select_negatives``); a dropped negative leaves
             ``Z_i`` and the negative sum entirely.  Self and positive entries are
             ignored.  ``None``: every negative.
+        z_weight: v > 0, the negatives' weight inside ``Z_i`` when it differs from ``w``
+            (the authors' hard branch: v = 1 with w = 0.5); ``None``: ``w`` (the paper).
 
     Returns:
         A scalar float32 (float64 for float64 inputs) tensor:
@@ -113,11 +116,14 @@ def invaspread_loss_rows(
     neg_mask = ~(self_mask | pos_mask) if neg_mask is None else neg_mask & ~(self_mask | pos_mask)
 
     s_pos = s[rows, pos_index]  # [M]
-    if neg_weight == 0:
+    v = neg_weight if z_weight is None else z_weight
+    if z_weight is not None and not z_weight > 0:
+        raise ValueError(f"z_weight must be > 0, got {z_weight}")
+    if v == 0:
         # Z_i = exp(s_pos): P_i = 1 and the negative terms vanish.
         return s_pos.new_zeros(())
-    # log Z'_i = logsumexp_j (s_ij + log w [j is a kept negative]), self and dropped negatives excluded.
-    shift = s.new_full((), float(torch.log(torch.tensor(float(neg_weight), dtype=torch.float64))))
+    # log Z'_i = logsumexp_j (s_ij + log v [j is a kept negative]), self and dropped negatives excluded.
+    shift = s.new_full((), float(torch.log(torch.tensor(float(v), dtype=torch.float64))))
     z_terms = torch.where(neg_mask, s + shift, s).masked_fill(~(neg_mask | pos_mask), float("-inf"))
     log_z = torch.logsumexp(z_terms, dim=1)  # [M]
     log_p_pos = s_pos - log_z

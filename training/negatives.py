@@ -14,6 +14,20 @@ itself)::
     Z_i = w * sum_{j in K_i} exp(s_ij) + exp(s_i,pos)
     l_i = -( log(exp(s_i,pos) / Z_i) + w * sum_{j in K_i} log(1 - exp(s_ij) / Z_i) )
 
+The authors' released code (``BatchCriterion`` of mangye16/Unsupervised_Embedding_Learning,
+its branch for ``negM < 1``, run with ``negM = 0.5``) is a different scale of the same
+idea, ``hard-authors`` here: it keeps ``K = int(2N * 0.5) = N`` hardest negatives (ours:
+``round(0.5 (2N - 2)) = N - 1``), leaves them unweighted in ``Z_i`` but weights their
+``log(1 - p)`` terms by 0.5, and divides the sum over the 2N anchors by ``K + 1`` instead
+of ``2N``::
+
+    Z_i = sum_{j in K_i} exp(s_ij) + exp(s_i,pos)
+    L   = -( sum_i log(exp(s_i,pos) / Z_i) + 0.5 * sum_i sum_{j in K_i} log(1 - exp(s_ij) / Z_i) ) / (K + 1)
+
+So its gradient is about ``2N / (N + 1) ~ 2`` times ours, a little less where the
+negative terms carry weight (measured in ``tests/test_fidelity.py``: 1.84-1.98x, direction
+within a few degrees).
+
 This module only *selects* (a boolean mask [M, 2N]); the loss itself is
 :func:`training.loss.invaspread_loss_rows` with ``neg_mask=``, and
 :class:`training.criterion.InvaSpreadCriterion` (``negatives="hard"``) combines
@@ -30,15 +44,24 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["NEGATIVE_MODES", "kept_negatives", "select_negatives"]
+__all__ = ["NEGATIVE_MODES", "kept_negatives", "select_negatives", "num_kept"]
 
-NEGATIVE_MODES = ("all", "hard", "easy")
+NEGATIVE_MODES = ("all", "hard", "easy", "hard-authors")
 
 
-def _num_kept(two_n: int, fraction: float) -> int:
-    """Negatives kept per anchor: round(fraction * (2N - 2)), at least 1 when any exist."""
+def num_kept(two_n: int, negatives: str, fraction: float = 0.5) -> int:
+    """Negatives kept per anchor of a batch of ``two_n`` views (at least 1 when any exist).
+
+    hard / easy: ``round(fraction * (2N - 2))``; hard-authors: ``int(2N * fraction)`` (the authors'
+    ``negNum``); all: ``2N - 2``.
+    """
     total = two_n - 2
-    return 0 if total <= 0 else max(1, min(total, int(math.floor(fraction * total + 0.5))))
+    if total <= 0:
+        return 0
+    if negatives == "all":
+        return total
+    kept = int(two_n * fraction) if negatives == "hard-authors" else int(math.floor(fraction * total + 0.5))
+    return max(1, min(total, kept))
 
 
 def kept_negatives(sims: Tensor, anchor_index: Tensor, negatives: str, fraction: float = 0.5) -> Tensor:
@@ -47,7 +70,7 @@ def kept_negatives(sims: Tensor, anchor_index: Tensor, negatives: str, fraction:
     Args:
         sims: [M, 2N] similarities of the anchors to all keys (any float dtype; not differentiated).
         anchor_index: [M] int64 global row of each anchor.
-        negatives: "all", "hard" (most similar) or "easy" (least similar).
+        negatives: "all", "hard" / "hard-authors" (most similar) or "easy" (least similar); see :func:`num_kept`.
         fraction: share of the 2N - 2 negatives kept (0 < fraction <= 1).
     """
     if negatives not in NEGATIVE_MODES:
@@ -61,8 +84,8 @@ def kept_negatives(sims: Tensor, anchor_index: Tensor, negatives: str, fraction:
     candidate[rows, (anchor_index + two_n // 2) % two_n] = False
     if negatives == "all":
         return candidate
-    keep = _num_kept(two_n, fraction)
-    score = sims.detach().float() if negatives == "hard" else -sims.detach().float()
+    keep = num_kept(two_n, negatives, fraction)
+    score = -sims.detach().float() if negatives == "easy" else sims.detach().float()
     score = score.masked_fill(~candidate, float("-inf"))
     top = score.topk(keep, dim=1).indices  # [M, keep]
     mask = torch.zeros_like(candidate)

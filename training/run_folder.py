@@ -19,10 +19,24 @@ during a write leaves its temporary file (``.<name>.<random>.tmp``) behind;
 
 The history row is committed before its metrics line: last.pt first (a crash
 in between re-creates the line from the history on resume), then metrics.jsonl.
+
+Epoch index (:data:`EPOCH_INDEX`): row ``epoch 0`` is the random encoder, row
+``epoch N`` the encoder after N training epochs.  The authors' loop trains first
+and logs its first evaluation as "epoch 0", so their epoch ``e`` is our ``e + 1``.
+
+Best epoch: like the authors (who evaluate every epoch and keep the best), every
+evaluation row of a trained epoch also carries the best value so far of its
+monitor metric and that epoch (:data:`BEST_METRICS`: ``best_knn_top1`` and
+``best_knn_top1_epoch``, or ``best_recall@1`` and ``best_recall@1_epoch`` for
+unseen test classes; the earliest epoch on a tie; epoch 0 is not a candidate),
+so the last row, ``checkpoint.pt``'s ``metrics`` and the closing log line hold
+both the final and the best number.  It is the best of the *evaluated* epochs:
+``--eval-every 1`` evaluates every epoch (the paper's Fig. 3 curve).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,9 +51,46 @@ from training.config import UsageError
 from training.evaluate import format_metrics
 from training.model import ModelConfig, save_checkpoint
 
-__all__ = ["RunFolder", "prepare_out", "stale_temporaries", "RUN_FILES"]
+__all__ = ["RunFolder", "prepare_out", "stale_temporaries", "RUN_FILES", "EPOCH_INDEX", "BEST_METRICS", "best_of",
+           "best_fields"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "checkpoint.pt", "curves.png")
+
+#: What "epoch" means in metrics.jsonl, checkpoint.pt and benchmarks/run_result.py's JSON.
+EPOCH_INDEX = "0 = random encoder; N = after N training epochs (the authors' logs call it epoch N-1)"
+
+#: Monitor metrics whose best value (and its epoch) is recorded: kNN top-1 (shared classes), Recall@1 (unseen).
+BEST_METRICS = ("knn_top1", "recall@1")
+
+
+def best_of(rows: list[dict[str, Any]], metric: str) -> tuple[float, int] | None:
+    """(best value, its epoch) of ``metric`` over the rows of trained epochs (epoch >= 1), earliest on ties."""
+    best = None
+    for r in rows:
+        v = r.get(metric)
+        number = isinstance(v, (int, float)) and math.isfinite(v)
+        if r.get("epoch", 0) >= 1 and number and (best is None or v > best[0]):
+            best = (v, int(r["epoch"]))
+    return best
+
+
+def best_fields(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``best_<metric>`` and ``best_<metric>_epoch`` over ``rows`` for each metric the last row has (epoch >= 1)."""
+    out: dict[str, Any] = {}
+    last = rows[-1] if rows else {}
+    for metric in BEST_METRICS:
+        found = best_of(rows, metric) if metric in last else None
+        if found is not None:
+            out[f"best_{metric}"], out[f"best_{metric}_epoch"] = found
+    return out
+
+
+def _best_text(row: dict[str, Any]) -> str:
+    """'; best kNN top-1 x% at epoch N' for a row with best fields, else ''."""
+    names = {"knn_top1": "kNN top-1", "recall@1": "R@1"}
+    return "".join(f"; best {names[m]} {row[f'best_{m}']:.2f}% at epoch {row[f'best_{m}_epoch']}"
+                   for m in BEST_METRICS if f"best_{m}" in row)
+
 
 # what last.pt holds besides the history (a zero-argument function, called on rank 0 only)
 StateFn = Callable[[], dict[str, Any]]
@@ -118,8 +169,9 @@ class RunFolder:
                             metrics=self.history[-1] if self.history else {}, **s)
 
     def commit(self, row: dict[str, Any], epoch: int, state: StateFn) -> None:
-        """Add an evaluation row: the history, then last.pt, then metrics.jsonl."""
+        """Add an evaluation row (+ the best so far, :func:`best_fields`): the history, last.pt, metrics.jsonl."""
         self.history.append(row)
+        row.update(best_fields(self.history))
         self.save_state(epoch, state)
         if self.ctx.is_main:
             self._write_metrics()
@@ -132,8 +184,8 @@ class RunFolder:
             return last
         path = self.path / "checkpoint.pt"
         save_checkpoint(path, model, model_cfg, resolved, epoch=epoch, metrics=last, train_seconds=self.elapsed(),
-                        **extra)
-        self.log(f"done in {self.elapsed():.0f} s: {format_metrics(last)} -> {path}")
+                        epoch_index=EPOCH_INDEX, **extra)
+        self.log(f"done in {self.elapsed():.0f} s: epoch {epoch} {format_metrics(last)}{_best_text(last)} -> {path}")
         try:  # learning curves next to the checkpoint; a plotting problem never fails a finished run
             from training.report import write_curves  # matplotlib: only when a run ends
 

@@ -9,7 +9,9 @@ state, atomically) at every evaluation, every ``--save-every`` epochs and at
 the end, and ``checkpoint.pt`` (atomically) when training finishes (or stops
 at ``--time-limit``).
 
-Speed (each on by default on CUDA, off on the CPU, each switchable):
+Speed (each on by default on CUDA, each switchable; on the CPU ``--amp`` and
+``--channels-last`` are chosen by a short timed trial where the CPU has native
+bf16, see :func:`training.step.resolve_speed`):
 ``--amp`` (bf16 autocast; the loss runs in float32), ``--channels-last``,
 ``--compile`` (``torch.compile`` of the encoder and the augmentation; the
 one-time compile is reported as ``compile_seconds``, apart from the
@@ -17,6 +19,12 @@ steady-state ``images_per_s``), the fused SGD, and no host synchronisation
 in the step loop (the loss is read back every ``--log-every`` steps).  Small
 datasets live on the device (``--data-on-device``; see
 :mod:`training.batches`).
+
+Numerics: ``--tf32`` (default on for CUDA) lets TF32 tensor cores run the
+float32 matrix products and convolutions; ``--no-tf32`` (every ``*-paper``
+preset, with ``--no-amp --no-compile --loss reference``) keeps the whole run,
+the kNN monitor included, in IEEE float32 (:func:`resolve_tf32`,
+:func:`full_fp32`).
 
 Exact resume: ``--resume RUN_DIR [--epochs E]`` continues from
 ``RUN_DIR/last.pt`` (weights, optimizer, step counters and every RNG state);
@@ -35,6 +43,7 @@ files in :mod:`training.run_folder`; here: data loading, restoring,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -42,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,11 +74,37 @@ from training.step import Speed, TrainStep, build_step, lr_at, resolve_speed, se
 # names other modules and tests import from here (their homes are training.config / runtime / step)
 __all__ = ["main", "train", "train_one_epoch", "fit", "TrainingInterrupted", "TrainConfig", "UsageError", "Speed",
            "TrainStep", "build_step", "build_parser", "config_from_args", "lr_at", "resolve_device", "resolve_speed",
-           "select_loss"]
+           "select_loss", "resolve_tf32", "full_fp32"]
 
 
 class TrainingInterrupted(Exception):
     """Ctrl-C during training; the message says how to resume."""
+
+
+def resolve_tf32(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether TF32 may run float32 matmuls / convolutions: on CUDA unless ``--no-tf32`` (the ``*-paper`` presets)."""
+    return device.type == "cuda" and cfg.tf32 is not False
+
+
+@contextlib.contextmanager
+def full_fp32(device: torch.device, enabled: bool) -> Iterator[None]:
+    """IEEE float32 matrix products and cuDNN convolutions on CUDA inside the block (TF32 off); restored afterwards.
+
+    Nested inside :func:`training.runtime.numerics` (which turns TF32 matmuls on for CUDA), it sets
+    ``torch.set_float32_matmul_precision("highest")`` and ``torch.backends.cudnn.allow_tf32 = False``
+    (PyTorch's default lets cuDNN convolutions use TF32).  Nothing changes on the CPU or when not ``enabled``.
+    """
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 @dataclass
@@ -173,7 +208,7 @@ def restore(state: dict[str, Any], step: TrainStep, generators: dict[str, torch.
 def build_run(cfg: TrainConfig, ctx: dist_utils.DistContext, device: torch.device, speed: Speed, out: Path,
               data: TrainData, log, resume: dict[str, Any] | None, t_begin: float) -> Run:
     """Model, step, generators and data source; the resumed state restored; config.json written."""
-    model_cfg = ModelConfig(arch=cfg.arch, embedding_dim=cfg.embedding_dim, preprocess=data.spec)
+    model_cfg = ModelConfig(arch=cfg.arch, embedding_dim=cfg.embedding_dim, preprocess=data.spec, init=cfg.init)
     step, loss_name = build_step(cfg, model_cfg, device, ctx, speed)
     if cfg.pretrained and resume is None:
         try:
@@ -194,6 +229,8 @@ def build_run(cfg: TrainConfig, ctx: dist_utils.DistContext, device: torch.devic
     resolved = dataclasses.asdict(cfg) | {
         "out": str(out), "device": str(device), "loss": loss_name, "model": model_cfg.to_dict(),
         "amp": speed.amp, "channels_last": speed.channels_last, "compile": speed.compile,
+        "speed_note": speed.note or None, "speed_trial_ms": speed.trial_ms,  # CPU auto: how it was resolved
+        "tf32": resolve_tf32(cfg, device),
         "world_size": ctx.world_size, "data_on_device": on_device, "steps_per_epoch": data.steps,
         "train_images": data.n,
     }
@@ -214,9 +251,12 @@ def _announce(cfg: TrainConfig, data: TrainData, resolved: dict[str, Any], place
     r, world, side = resolved, resolved["world_size"], data.spec.input_size
     log(f"data {data.train.name}: {data.n} train / {len(data.test) if data.test is not None else 0} test images, "
         f"{side}x{side} input ({'on the device' if r['data_on_device'] else 'host memory, prefetched'}: {placement}); "
-        f"{cfg.arch} -> {cfg.embedding_dim}-d on {r['device']}{f' x {world} processes' if world > 1 else ''}; "
+        f"{cfg.arch} ({f'{cfg.pretrained} weights' if cfg.pretrained else f'{cfg.init} init'}) -> "
+        f"{cfg.embedding_dim}-d on {r['device']}{f' x {world} processes' if world > 1 else ''}; "
         f"loss {r['loss']}; amp {'bf16' if r['amp'] else 'off'}, "
-        f"channels_last {'on' if r['channels_last'] else 'off'}, compile {'on' if r['compile'] else 'off'}; "
+        f"{('tf32 on, ' if r['tf32'] else 'tf32 off (float32), ') if str(r['device']).startswith('cuda') else ''}"
+        f"channels_last {'on' if r['channels_last'] else 'off'}, compile {'on' if r['compile'] else 'off'}"
+        f"{f' ({note})' if (note := r.get('speed_note')) else ''}; "
         f"{cfg.epochs} epochs x {data.steps} steps of {cfg.batch_size}")
 
 
@@ -329,7 +369,7 @@ def train(cfg: TrainConfig, log=log, resume: dict[str, Any] | None = None) -> di
         raise UsageError(str(e)) from None
     try:
         device = dist_device or resolve_device(cfg.device)
-        with numerics(device, cfg.deterministic):
+        with numerics(device, cfg.deterministic), full_fp32(device, not resolve_tf32(cfg, device)):
             return _train(cfg, ctx, device, log if ctx.is_main else silent, resume)
     finally:
         dist_utils.cleanup(ctx)
