@@ -161,7 +161,11 @@ def _swap_in(tmp: Path, target: Path, may_replace: Callable[[Path], bool]) -> Pa
         if target.exists() or target.is_symlink():
             if not may_replace(target):
                 raise FileExistsError(str(target))
-            if exchange_paths(tmp, target):
+            try:
+                swapped = exchange_paths(tmp, target)
+            except FileNotFoundError:  # target went away after the check: start over
+                continue
+            if swapped:
                 return tmp  # tmp now names the old folder
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=tmp.parent))
             old.rmdir()

@@ -404,20 +404,42 @@ def _is_gallery_dir(p: Path) -> bool:
 def _foreign_entries(p: Path) -> list[str]:
     """Names in gallery folder ``p`` that a gallery does not consist of (replacing ``p`` would delete them)."""
     own = {MANIFEST_FILE, EMBEDDINGS_FILE, ITEMS_FILE}
-    return sorted(e.name for e in p.iterdir() if e.name not in own or e.is_symlink() or not e.is_file())
+    # the types come from the listing itself (d_type): a folder swapped away meanwhile
+    # cannot make its files look foreign
+    with os.scandir(p) as listing:
+        return sorted(e.name for e in listing
+                      if e.name not in own or e.is_symlink() or not e.is_file(follow_symlinks=False))
 
 
 def _is_replaceable(p: Path) -> bool:
-    return p.is_dir() and not p.is_symlink() and (not any(p.iterdir())
-                                                  or (_is_gallery_dir(p) and not _foreign_entries(p)))
+    try:
+        return p.is_dir() and not p.is_symlink() and (not any(p.iterdir())
+                                                      or (_is_gallery_dir(p) and not _foreign_entries(p)))
+    except FileNotFoundError:  # moved aside by another writer meanwhile: nothing left to replace
+        return True
 
 
 def _check_replaceable(target: Path, overwrite: bool) -> None:
+    """Refuse replacing ``target`` unless it is empty or a gallery (and ``overwrite``).
+
+    A folder that another writer moved aside meanwhile is fine: there is nothing left to protect.
+    """
+    try:
+        _check_replaceable_now(target, overwrite)
+    except FileNotFoundError:  # another writer moved it aside between our checks: there is nothing to protect
+        pass
+
+
+def _check_replaceable_now(target: Path, overwrite: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        raise FileNotFoundError(str(target))
     if not target.is_dir() or target.is_symlink():
         raise GalleryError(f"{target} exists and is not a folder; choose another output path")
     if not any(target.iterdir()):
         return  # an empty folder is fine to fill
     if not _is_gallery_dir(target):
+        if not target.exists():  # moved aside while its manifest was read
+            raise FileNotFoundError(str(target))
         raise GalleryError(f"{target} exists and is not an ISFE gallery; refusing to replace it "
                            f"— choose another output folder")
     foreign = _foreign_entries(target)

@@ -218,7 +218,11 @@ class TrainStep:
         return self.criterion(feats.float())
 
     def __call__(self, batch: Tensor, lr: float, second: Tensor | None = None) -> Tensor:
-        """One SGD step at learning rate ``lr``; returns the detached loss (no host sync)."""
+        """One SGD step of the training loop at learning rate ``lr``; returns the detached loss (no host sync)."""
+        return self.update(batch, lr, second)
+
+    def update(self, batch: Tensor, lr: float, second: Tensor | None = None) -> Tensor:
+        """The step itself (also timed by the CPU speed trial, which undoes it: see :meth:`untouched`)."""
         for g in self.opt.param_groups:
             g["lr"] = lr
         loss = self.loss(self.views(batch, second))
@@ -300,7 +304,7 @@ def choose_by_trial(step: TrainStep, batch: Tensor, lr: float, rounds: int = 3, 
             for cand in cands if r % 2 else cands[::-1]:
                 step.set_speed(*cand)
                 t0 = time.perf_counter()
-                step(batch, lr)
+                step.update(batch, lr)  # not step(...): the trial is no training step
                 if step.device.type == "cuda":
                     torch.cuda.synchronize(step.device)
                 if r:
