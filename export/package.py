@@ -299,7 +299,8 @@ def build_wheel(folder: str | os.PathLike, dist: str | os.PathLike, name: str, v
     """
     folder, dist = Path(folder), Path(dist)
     dist.mkdir(exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=".wheel.", suffix=".tmp", dir=dist))
+    # absolute: the build runs in its own working folder, where a relative --outdir would land elsewhere
+    out = Path(tempfile.mkdtemp(prefix=".wheel.", suffix=".tmp", dir=dist)).resolve()
     try:
         with tempfile.TemporaryDirectory(prefix="isfe-model-wheel.") as work:
             proj = Path(work) / "project"

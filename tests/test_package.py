@@ -397,3 +397,16 @@ def test_failed_fp32_gate_writes_no_package_and_keeps_the_report_beside_it(tmp_p
     assert rc == 1 and "ONNX Runtime fp32 parity gate failed" in err and f"(report: {kept})" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "pkg-model.onnx.parity.json", "run"]
     assert json.loads(kept.read_text())["passed"] is False
+
+
+def test_wheel_into_a_relative_folder(built, tmp_path, monkeypatch):
+    """`--wheel dist` relative to the working folder (as `make quickstart` passes it): the build runs in a
+    folder of its own, so the output folder must not be resolved there."""
+    from export.package import main as package_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "relative").mkdir()
+    assert package_main([str(built["pkg"]), "--wheel", "relative/dist"]) == 0
+    wheels = list((tmp_path / "relative" / "dist").glob("*.whl"))
+    assert [w.name for w in wheels] == [f"{module_name(NAME)}-{VERSION}-py3-none-any.whl"]
+    assert not [p for p in (tmp_path / "relative" / "dist").iterdir() if p.name.startswith(".")]  # no staging left
