@@ -30,7 +30,7 @@ quickstart: venv
 	$(PY) -m training --out $(RUN)
 	$(PY) -m export --checkpoint $(RUN)/checkpoint.pt --onnx $(RUN)/model.onnx \
 		--package $(RUN)/package --name quickstart --version 1 --wheel $(RUN)/dist
-	$(PY) -m build --wheel --no-isolation --outdir $(RUN)/dist .
+	$(PY) -m build --wheel --no-isolation --skip-dependency-check --outdir $(RUN)/dist .
 	$(PY) -m training.data --data digits --split test --write-folder $(RUN)/images
 	$(PY) -m isfe_model index $(RUN)/model.onnx $(RUN)/images -o $(RUN)/gallery --overwrite
 
