@@ -18,6 +18,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
@@ -151,13 +152,19 @@ def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+#: Tries of the two-rename fallback when other writers keep replacing the same folder.
+SWAP_ATTEMPTS = 20
+
+
 def _swap_in(tmp: Path, target: Path, may_replace: Callable[[Path], bool]) -> Path | None:
     """Put folder ``tmp`` at ``target``; returns the path now holding the replaced folder (to delete), or None.
 
     An existing ``target`` is exchanged with ``tmp`` in one step where the system can (a reader
     never finds ``target`` missing), else moved aside and replaced (two renames).
     """
-    for _ in range(3):  # target may appear or go away between the check and the rename
+    for attempt in range(SWAP_ATTEMPTS):  # target may appear or go away between the check and the rename
+        if attempt:  # another writer is between its two renames: let it finish
+            time.sleep(min(0.05, 0.001 * 2**attempt))
         if target.exists() or target.is_symlink():
             if not may_replace(target):
                 raise FileExistsError(str(target))

@@ -17,21 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers_models import make_split_folder
 from training.train import main
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 32), ("test", 8)):
-        for c in ("a", "b"):
-            d = root / "data" / split / c
-            d.mkdir(parents=True)
-            for i in range(count):
-                base = 60 if c == "a" else 180
-                img = np.clip(rng.normal(base, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
+    make_split_folder(root)  # root/data/{train,test}/{a,b}/, seeded
     old = os.environ.get("ISFE_CACHE")
     os.environ["ISFE_CACHE"] = str(root / "cache")
     yield root / "data"
