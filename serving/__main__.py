@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most seconds one image (or JSON body) may take to decode; its worker is then killed and "
                         "replaced and the request gets 422 decode_timeout (default 10)")
     r.add_argument("--decode-memory-mb", type=nonneg_int, default=2048, metavar="MIB",
-                   help="address-space limit of each decode worker in MiB; a decode that needs more gets 413 (default "
-                        "2048; 0: none)")
+                   help="memory one decode may use in MiB, beyond the decode worker's own footprint; a decode that "
+                        "needs more gets 413 (default 2048; 0: no limit)")
     r.add_argument("--threads", type=positive_int, default=None,
                    help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
     r.add_argument("--providers", default=None,

@@ -15,8 +15,10 @@ hands a job over a pipe and waits for the answer:
 A worker that was demoted is retired after its job and replaced (a process
 cannot lower its own niceness again), so the pool always offers full-priority
 workers to ordinary requests.  Each worker also runs under an address-space
-limit (``RLIMIT_AS`` = ``memory_mb``): a decode that needs more memory fails
-with ``MemoryError`` (413) instead of taking the machine's memory.
+limit: its own footprint once numpy and Pillow are loaded (measured after the
+warm-up, so it does not depend on the machine's libraries or CPU count) plus
+``memory_mb``.  A decode that needs more memory fails with ``MemoryError``
+(413) instead of taking the machine's memory.
 
 Jobs queue in the thread pool (first come, first served) when every worker is
 busy; the pool therefore protects other clients from as many simultaneous
@@ -74,15 +76,31 @@ def _warm_up(spec: PreprocessSpec, max_pixels: int) -> None:
             pass
 
 
+def _address_space_bytes() -> int:
+    """This process's mapped address space (VmSize), from ``/proc/self/statm``; 0 where there is no /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    """``RLIMIT_AS`` = current footprint + ``extra_bytes`` (never above an inherited hard limit)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = _address_space_bytes() + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def _worker_main(conn: Any, spec: PreprocessSpec, max_pixels: int, memory_bytes: int) -> None:
     """Child process: answer ``(kind, name, payload, args)`` jobs until the pipe closes or ``None`` arrives."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops the pool
-    if memory_bytes > 0:
-        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     lift_pillow_pixel_limit(max_pixels)
     _warm_up(spec, max_pixels)
+    if memory_bytes > 0:
+        _limit_address_space(memory_bytes)
     while True:
         try:
             job = conn.recv()
@@ -159,7 +177,7 @@ class DecodePool:
         max_pixels: decoded-pixel limit per image.
         workers: processes (= simultaneous decodes).
         time_limit_s: longest a single job may take before its worker is killed (422 ``decode_timeout``).
-        memory_mb: address-space limit per worker in MiB (0: none).
+        memory_mb: memory one decode may use, in MiB, beyond the worker's own footprint (0: no limit).
         on_restart: called with a reason ("timeout", "crash", "demoted") whenever a worker is replaced.
     """
 
