@@ -252,3 +252,33 @@ def test_training_cache_decode_equals_isfe_model_with_draft_on(photos, tmp_path,
     spec = draft.spec
     x = np.stack([preprocess(f, spec) for f in train])
     assert np.array_equal(to_chw_float(center_crop_array(np.asarray(draft.images), spec.input_size)), x)
+
+
+def test_training_with_decode_draft_records_the_policy_for_export(photos, tmp_path, monkeypatch, capsys):
+    """``--decode draft`` trains on drafted arrays and the checkpoint's spec (hence the exported ``isfe.decode``)
+    says so; the default stays "full"; the flag refuses a policy it does not know."""
+    from export.to_onnx import metadata_for_encoder
+    from training.config import build_parser, config_from_args
+    from training.model import load_encoder
+    from training.train import main
+
+    monkeypatch.setenv("ISFE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for n, (key, path) in enumerate(sorted(photos.items())[:8]):
+            dst = root / split / ("a" if n % 2 else "b") / f"{key}.jpg"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, dst)
+    common = ["--data", str(root), "--device", "cpu", "--input-size", str(INPUT_SIZE), "--resize-size",
+              str(RESIZE_SIZE), "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "4", "--eval-every", "0",
+              "--no-amp", "--no-channels-last"]
+    assert main([*common, "--decode", "draft", "--out", str(tmp_path / "draft")]) == 0
+    assert "(JPEGs draft-decoded)" in capsys.readouterr().out
+    model = load_encoder(tmp_path / "draft" / "checkpoint.pt")
+    assert model.cfg.preprocess.decode == "draft"
+    assert metadata_for_encoder(model, "t", "1").to_props()["isfe.decode"] == "draft"
+    assert config_from_args(build_parser().parse_args([*common, "--out", "x"]))[0].decode == "full"
+    capsys.readouterr()
+    assert main([*common, "--decode", "sloppy", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "--decode" in err and "sloppy" in err and "draft" in err and not (tmp_path / "y").exists()

@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from isfe_model.preprocess import DECODE_POLICIES
 from training.augment import AugmentConfig
 from training.model import ARCHS, INITS
 from training.negatives import NEGATIVE_MODES
@@ -114,6 +115,10 @@ class TrainConfig:
     input_size: int | None = option(None, "model input side (default: 16 digits, 32 CIFAR/small images, 224 large)",
                                     bound=ge(8))
     resize_size: int | None = option(None, "side images are resized to before cropping")
+    decode: str = option("full", "JPEG decoding of the training images: full (every pixel; default) or draft "
+                                 "(Pillow's DCT-domain downscaling where the resize size is at most half the shorter "
+                                 "side: several times faster on camera photos); the exported model decodes alike",
+                         choices=DECODE_POLICIES)  # isfe_model.preprocess.PreprocessSpec.decode; part of the cache key
     seed: int = option(0)
     eval_every: int = option(10, "kNN evaluation every N epochs (0: only before and after training)",
                              bound=ge(0, "(0 = only before and after training)"), resumable=True)

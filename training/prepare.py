@@ -769,8 +769,9 @@ def read_dataset_info(data: str | os.PathLike | None) -> dict | None:
     return None
 
 
-def load_unlabeled(data: str | os.PathLike, resize_size: int) -> np.ndarray:
-    """The ``unlabeled/`` images of a prepared folder -> uint8 [M, R, R, 3] (cached like load_split).
+def load_unlabeled(data: str | os.PathLike, resize_size: int, decode: str = "full") -> np.ndarray:
+    """The ``unlabeled/`` images of a prepared folder -> uint8 [M, R, R, 3] (cached like load_split, with the same
+    JPEG ``decode`` policy).
 
     Raises:
         DataError: no ``unlabeled/`` folder, or an unreadable image (named).
@@ -784,7 +785,7 @@ def load_unlabeled(data: str | os.PathLike, resize_size: int) -> np.ndarray:
             f"`python -m training.prepare stl10 ROOT --out {root}` writes it), or use --train-split train"
         )
     r = int(resize_size)
-    cdir = d.cache_dir() / "datasets" / d._source_key(str(root), "unlabeled", r)
+    cdir = d.cache_dir() / "datasets" / d._source_key(str(root), "unlabeled", r, decode)
     if (cdir / "meta.json").exists():
         try:
             meta = json.loads((cdir / "meta.json").read_text())
@@ -793,7 +794,7 @@ def load_unlabeled(data: str | os.PathLike, resize_size: int) -> np.ndarray:
                 return x
         except (OSError, ValueError, KeyError):
             pass  # damaged cache entry: rebuild
-    x, _, _ = d._decode_folder(str(root), "unlabeled", r, cdir)  # shard folders play the role of classes
+    x, _, _ = d._decode_folder(str(root), "unlabeled", r, cdir, decode=decode)  # shard folders play the classes
     return x
 
 

@@ -152,12 +152,13 @@ class Run:
 
 def load_data(cfg: TrainConfig, ctx: dist_utils.DistContext) -> TrainData:
     """Decode the training (and test) split; the first process of each node fills the node's cache first."""
-    spec = default_spec(cfg.data, cfg.input_size, cfg.resize_size)
+    spec = default_spec(cfg.data, cfg.input_size, cfg.resize_size, decode=cfg.decode)
     if ctx.local_rank != 0:
         ctx.barrier()
-    train_ds = load_split(cfg.data, "train", resize_size=spec.resize_size)
+    train_ds = load_split(cfg.data, "train", resize_size=spec.resize_size, decode=cfg.decode)
     # no test split (a folder of unlabelled images): train without the kNN monitor
-    test_ds = load_split(cfg.data, "test", resize_size=spec.resize_size) if has_split(cfg.data, "test") else None
+    test_ds = (load_split(cfg.data, "test", resize_size=spec.resize_size, decode=cfg.decode)
+               if has_split(cfg.data, "test") else None)
     if ctx.local_rank == 0:
         ctx.barrier()
     spec = dataclasses.replace(train_ds.spec, input_size=spec.input_size, resize_size=spec.resize_size)
@@ -165,7 +166,7 @@ def load_data(cfg: TrainConfig, ctx: dist_utils.DistContext) -> TrainData:
         spec = pretrained_preprocess(cfg.arch, spec)  # the input normalisation the weights were trained with
     images = train_ds.images
     if cfg.train_split == "train+unlabeled":  # extra images without labels (STL-10); kNN keeps the labelled ones
-        images = np.concatenate([np.asarray(train_ds.images), load_unlabeled(cfg.data, spec.resize_size)])
+        images = np.concatenate([np.asarray(train_ds.images), load_unlabeled(cfg.data, spec.resize_size, cfg.decode)])
     if len(images) < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images; lower it")
     steps = len(images) // cfg.batch_size
@@ -250,7 +251,8 @@ def _announce(cfg: TrainConfig, data: TrainData, resolved: dict[str, Any], place
             f"test/<class>/ next to train/<class>/ for kNN accuracy)")
     r, world, side = resolved, resolved["world_size"], data.spec.input_size
     log(f"data {data.train.name}: {data.n} train / {len(data.test) if data.test is not None else 0} test images, "
-        f"{side}x{side} input ({'on the device' if r['data_on_device'] else 'host memory, prefetched'}: {placement}); "
+        f"{side}x{side} input{' (JPEGs draft-decoded)' if data.spec.decode == 'draft' else ''} "
+        f"({'on the device' if r['data_on_device'] else 'host memory, prefetched'}: {placement}); "
         f"{cfg.arch} ({f'{cfg.pretrained} weights' if cfg.pretrained else f'{cfg.init} init'}) -> "
         f"{cfg.embedding_dim}-d on {r['device']}{f' x {world} processes' if world > 1 else ''}; "
         f"loss {r['loss']}; amp {'bf16' if r['amp'] else 'off'}, "
