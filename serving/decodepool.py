@@ -1,4 +1,6 @@
-"""Decode worker processes: every untrusted image and JSON body is parsed here, with a time limit.
+"""Decode worker processes: every untrusted JSON body and every image but the smallest is parsed here, with a time
+limit (PNG and sequential JPEG uploads of at most 64 KiB and 256 x 256 pixels decode in the server process: see
+:meth:`DecodePool.decode`).
 
 A decode running in a thread cannot be stopped; a decode running in a child
 process can.  :class:`DecodePool` keeps ``workers`` child processes (started
@@ -44,7 +46,15 @@ import numpy as np
 
 from isfe_model.preprocess import PreprocessSpec, lift_pillow_pixel_limit
 
-from .decoding import Upload, decode_image, parse_json_body, parse_openai_body
+from .decoding import (
+    INLINE_MAX_BYTES,
+    Upload,
+    decode_image,
+    decodes_inline,
+    parse_json_body,
+    parse_openai_body,
+    read_header,
+)
 from .errors import ApiError
 
 __all__ = ["DEMOTE_AFTER_S", "DecodePool", "DecodePoolError"]
@@ -179,16 +189,19 @@ class DecodePool:
         time_limit_s: longest a single job may take before its worker is killed (422 ``decode_timeout``).
         memory_mb: memory one decode may use, in MiB, beyond the worker's own footprint (0: no limit).
         on_restart: called with a reason ("timeout", "crash", "demoted") whenever a worker is replaced.
+        inline: decode small PNG/JPEG uploads in the calling thread (see :meth:`decode`); False sends every
+            upload to a worker.
     """
 
     def __init__(self, spec: PreprocessSpec, max_pixels: int, workers: int = 4, time_limit_s: float = 10.0,
-                 memory_mb: int = 2048, on_restart: Callable[[str], None] | None = None):
+                 memory_mb: int = 2048, on_restart: Callable[[str], None] | None = None, inline: bool = True):
         if workers < 1 or not time_limit_s > 0:
             raise ValueError(f"need workers >= 1 and time_limit_s > 0, got {workers}, {time_limit_s}")
         self.spec, self.max_pixels, self.workers = spec, int(max_pixels), int(workers)
         self.time_limit_s = float(time_limit_s)
         self.memory_bytes = int(memory_mb) * 1024 * 1024
         self.on_restart = on_restart
+        self.inline, self.inline_decodes = bool(inline), 0
         self._ctx = multiprocessing.get_context("forkserver")
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: set[_Worker] = set()
@@ -241,7 +254,17 @@ class DecodePool:
 
     # ------------------------------------------------------------------- jobs
     async def decode(self, upload: Upload) -> np.ndarray:
-        """Upload bytes -> float32 [3, S, S]; raises :class:`ApiError` (4xx) for bad or too costly images."""
+        """Upload bytes -> float32 [3, S, S]; raises :class:`ApiError` (4xx) for bad or too costly images.
+
+        Small uploads (:func:`serving.decoding.decodes_inline`: PNG or sequential JPEG of at most 64 KiB and
+        256 x 256 pixels) are decoded right here, on the caller's thread: bounded work, cheaper than the round
+        trip to a worker.  Everything else goes to a worker process (time and memory limits).
+        """
+        if self.inline and len(upload.data) <= INLINE_MAX_BYTES:
+            header = read_header(upload, self.max_pixels)  # cheap on <= 64 KiB; raises the same 4xx
+            if decodes_inline(upload, header):
+                self.inline_decodes += 1
+                return decode_image(upload, self.spec, self.max_pixels, header)
         return await self._submit("image", upload.name, upload.data, ())
 
     async def parse_json(self, raw: bytes, max_images: int,

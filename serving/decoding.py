@@ -6,7 +6,9 @@ plain functions of bytes, so the tests call them directly too.
 
 * :func:`decode_image`: bytes -> float32 [3, S, S] (``isfe_model.preprocess``),
   classifying what is wrong: empty -> 400, not an image -> 415, too many
-  pixels -> 413, corrupt -> 422.
+  pixels -> 413, corrupt -> 422; :func:`read_header` is its first half (the
+  structure walk and the header) and :func:`decodes_inline` says which small
+  uploads the server decodes itself, without a worker.
 * :func:`parse_json_body`: ``{"image": "<base64>"}`` / ``{"images": [...]}``
   (data URLs too) or, for search, ``{"embedding": [...]}`` -> (uploads, fields);
   malformed -> 400, too many images -> 413.
@@ -237,12 +239,25 @@ _STRUCTURE_STATUS = {
 }
 
 
-def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
-    """Bytes -> float32 [3, S, S] via :func:`isfe_model.preprocess.preprocess`.
+#: Uploads this small (bytes and pixels), PNG or baseline JPEG, decode in the server process
+#: (:func:`decodes_inline`): their work is bounded by a few milliseconds, less than a round trip to a
+#: decode worker costs.  Anything else goes to the time-limited worker processes.
+INLINE_MAX_BYTES = 64 * 1024
+INLINE_MAX_PIXELS = 256 * 256
 
-    Raises :class:`ApiError` with 400 (empty), 415 (not an image), 413 (too
-    many pixels) or 422 (corrupt / undecodable); never anything else for bad bytes.
-    """
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says about an upload (nothing decoded yet)."""
+
+    format: str
+    width: int
+    height: int
+    progressive: bool
+
+
+def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
+    """The structure walk and the header of an upload; raises :class:`ApiError` (400/413/415/422) as decode_image."""
     name, data = upload.name, upload.data
     if not data:
         raise ApiError(400, "empty_file", f"{name}: empty upload (0 bytes)")
@@ -262,7 +277,8 @@ def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.nd
             # max_pixels check below is the limit that counts (see lift_pillow_pixel_limit).
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
-                w, h = im.size
+                (w, h), fmt = im.size, str(im.format)
+                progressive = bool(im.info.get("progressive") or im.info.get("progression"))
     except UnidentifiedImageError:
         raise ApiError(415, "not_an_image",
                        f"{name}: not a recognised image format (supported: {_FORMAT_NAMES})") from None
@@ -275,6 +291,33 @@ def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int) -> np.nd
             413, "image_too_large",
             f"{name}: image is {w}x{h} = {w * h:,} pixels, over the server limit of {max_pixels:,}; downscale it"
         )
+    return ImageHeader(fmt, w, h, progressive)
+
+
+def decodes_inline(upload: Upload, header: ImageHeader) -> bool:
+    """True when decoding costs less than handing the upload to a worker: at most INLINE_MAX_BYTES and
+    INLINE_MAX_PIXELS, PNG or a sequential JPEG of at most 4 scans.  Such a decode is bounded by its size, so it
+    needs no time limit: a 256 x 256 PNG or JPEG decodes in well under a millisecond."""
+    data = upload.data
+    if len(data) > INLINE_MAX_BYTES or header.width * header.height > INLINE_MAX_PIXELS:
+        return False
+    # a JPEG's scans are its passes over the image: at most one per component (no entropy-coded 0xFF is
+    # followed by 0xDA: the encoder stuffs 0x00 after each, so every FF DA is an SOS marker)
+    return header.format == "PNG" or (header.format == "JPEG" and not header.progressive
+                                      and data.count(b"\xff\xda") <= 4)
+
+
+def decode_image(upload: Upload, spec: PreprocessSpec, max_pixels: int,
+                 header: ImageHeader | None = None) -> np.ndarray:
+    """Bytes -> float32 [3, S, S] via :func:`isfe_model.preprocess.preprocess`.
+
+    Raises :class:`ApiError` with 400 (empty), 415 (not an image), 413 (too
+    many pixels) or 422 (corrupt / undecodable); never anything else for bad bytes.
+    ``header``: the upload's :func:`read_header`, when the caller has it already.
+    """
+    name, data = upload.name, upload.data
+    if header is None:
+        read_header(upload, max_pixels)
     try:
         return preprocess(data, spec, max_pixels=max_pixels, name=name)
     except ImageError as e:

@@ -542,3 +542,62 @@ def test_upload_structure_is_checked_before_the_header_probe():
         assert time.monotonic() - t0 < 1.0  # refused from the structure, nothing decoded
     ok = decode_image(Upload("ok.png", hostile._encode(Image.new("RGB", (20, 20), (1, 2, 3)), "PNG")), spec, 1_000_000)
     assert ok.shape == (3, 16, 16)
+
+
+def _encoded(size: tuple[int, int], fmt: str, **kw) -> bytes:
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_small_uploads_decode_inline_and_equal_the_worker_decode():
+    """Small PNG / sequential JPEG uploads skip the worker (bounded work); everything else still goes to a worker;
+    both paths give identical arrays and identical errors (the worker path is the slow twin)."""
+    inline_cases = {"png": _encoded((40, 30), "PNG"), "jpeg": _encoded((256, 256), "JPEG", quality=90),
+                    "png-interlaced": _encoded((64, 64), "PNG", optimize=False)}
+    worker_cases = {"progressive": _encoded((64, 64), "JPEG", progressive=True),
+                    "too-many-pixels": _encoded((300, 300), "PNG", compress_level=9),
+                    "too-many-bytes": _encoded((250, 250), "PNG", compress_level=0),
+                    "gif": _encoded((32, 32), "GIF"), "bmp": _encoded((32, 32), "BMP")}
+    assert len(worker_cases["too-many-bytes"]) > 64 * 1024
+    bad = {"truncated": inline_cases["png"][:200], "empty": b"", "text": b"hello, not an image"}
+    fast = DecodePool(SPEC, 50_000_000, workers=1).start()
+    slow = DecodePool(SPEC, 50_000_000, workers=1, inline=False).start()
+    try:
+        async def go(pool, cases):
+            out = {}
+            for k, v in cases.items():
+                try:
+                    out[k] = await pool.decode(Upload(f"{k}.img", v))
+                except ApiError as e:
+                    out[k] = (e.status, e.code, e.detail)
+            return out
+
+        # a bad upload fails on whichever path its header sends it to (the truncated PNG: inline)
+        for cases, inlined in ((inline_cases, len(inline_cases)), (worker_cases, 0), (bad, None)):
+            before = fast.inline_decodes
+            a, b = asyncio.run(go(fast, cases)), asyncio.run(go(slow, cases))
+            assert inlined is None or fast.inline_decodes - before == inlined, cases.keys()
+            for k in cases:
+                if isinstance(a[k], tuple):
+                    assert a[k] == b[k] and 400 <= a[k][0] < 500, (k, a[k], b[k])
+                else:
+                    np.testing.assert_array_equal(a[k], b[k])
+                    np.testing.assert_array_equal(a[k], decode_image(Upload("x", cases[k]), SPEC, 50_000_000))
+        assert slow.inline_decodes == 0
+    finally:
+        fast.stop()
+        slow.stop()
+
+
+def test_a_jpeg_of_many_sequential_scans_is_not_decoded_inline():
+    """FF DA counts every scan (entropy-coded data never holds FF DA): more than 4 -> the worker, time-limited."""
+    from serving.decoding import decodes_inline, read_header
+
+    jpeg = _encoded((32, 32), "JPEG")
+    sos = jpeg.index(b"\xff\xda")
+    many = jpeg[:sos] + jpeg[sos:-2] * 6 + b"\xff\xd9"  # the one scan repeated: 6 SOS markers
+    for data, want in ((jpeg, True), (many, False)):
+        up = Upload("x.jpg", data)
+        assert decodes_inline(up, read_header(up, 50_000_000)) is want
