@@ -126,7 +126,7 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="ONNX model (default: build a random-init 32x32 ResNet18)")
     p.add_argument("--gallery", help="gallery folder for --model")
@@ -139,9 +139,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side", type=int, default=7000, help="side of the hostile PNG (default 7000: 49 MP)")
     p.add_argument("--before", metavar="REF", help="also measure the serving package of this git revision (e.g. HEAD)")
     p.add_argument("--server-args", default="", help="extra flags for the current server, e.g. '--decode-timeout 2'")
+    p.add_argument("--shared-cores", action="store_true",
+                   help="say in the JSON that the cores were shared with other work while measuring")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/hostile_bench-cpu<N>.json)")
-    args = parse_checked(p, argv, at_least_one=("clients", "requests", "rounds", "hostile"))
+    return p
 
+
+def _measure(args: argparse.Namespace, servers: dict[str, tuple[subprocess.Popen, int]], queries: list[Path],
+             hostile_png: bytes) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Alternate idle and hostile phases over the servers for --rounds rounds -> samples per (server, phase)."""
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rnd in range(args.rounds):
+        for label, (_, port) in servers.items():
+            normal = [multipart_request("/v1/search", port, "file", q.name, q.read_bytes(), {"k": "5"})
+                      for q in queries[:32]]
+            hostile_req = multipart_request("/v1/embed", port, "file", "slow.png", hostile_png, {})
+            if rnd == 0:
+                asyncio.run(run_load(port, normal, args.clients, 64))  # warm-up
+            for name, n_hostile in (("idle", 0), ("hostile", args.hostile)):
+                res = asyncio.run(phase(port, normal, hostile_req, args.clients, args.requests, n_hostile))
+                samples.setdefault((label, name), []).append(res)
+                print(f"round {rnd + 1}/{args.rounds} {label:14s} {name:7s} "
+                      f"p50 {res['latency_ms']['p50']:7.1f} ms  "
+                      f"p99 {res['latency_ms']['p99']:7.1f} ms  {res['requests_per_s']:6.1f} req/s  "
+                      f"errors {res['errors'] or 0}  {res.get('hostile_uploads', '')}", flush=True)
+    return samples
+
+
+def _result(args: argparse.Namespace, labels: list[str], samples: dict[tuple[str, str], list[dict[str, Any]]],
+            hostile_bytes: int) -> dict[str, Any]:
+    runs: dict[str, Any] = {}
+    for label in labels:
+        idle, hostile = summarise(samples[(label, "idle")]), summarise(samples[(label, "hostile")])
+        runs[label] = {"idle": idle, "hostile": hostile,
+                       "p99_ratio_hostile_vs_idle": round(hostile["latency_ms"]["p99"] / idle["latency_ms"]["p99"], 2),
+                       "p50_ratio_hostile_vs_idle": round(hostile["latency_ms"]["p50"] / idle["latency_ms"]["p50"], 2)}
+    return {
+        "benchmark": "hostile_bench",
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "note": ("machine shared with other work while measured: compare the phases of this run (ratios), not "
+                 "absolute numbers") if args.shared_cores else "compare the phases of this run (ratios)",
+        "normal": f"POST /v1/search (multipart, k=5) from {args.clients} keep-alive clients, {args.requests} per phase",
+        "hostile": f"{args.hostile} clients uploading a {args.side}x{args.side} RGB PNG "
+                   f"({hostile_bytes:,} bytes) to /v1/embed back to back",
+        "rounds": args.rounds,
+        "load_average_at_end": os.getloadavg(),
+        "runs": runs,
+        "summary": {label: r["p99_ratio_hostile_vs_idle"] for label, r in runs.items()},
+        "goal": {"p99_ratio_hostile_vs_idle_max": 2.0},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_checked(_parser(), argv, at_least_one=("clients", "requests", "rounds", "hostile"))
     with tempfile.TemporaryDirectory(prefix="isfe-hostile-bench-") as tmp:
         tmpdir = Path(tmp)
         if args.model:
@@ -158,60 +210,20 @@ def main(argv: list[str] | None = None) -> int:
             old = extract_serving(args.before, tmpdir / "before")
             variants[f"before ({args.before})"] = (old, {**os.environ, "PYTHONPATH": str(REPO)}, [])
         servers: dict[str, tuple[subprocess.Popen, int]] = {}
-        samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
         try:
             for label, (cwd, env, extra) in variants.items():
                 log = tmpdir / f"{len(servers)}.log"
                 servers[label] = launch_server(model, gallery, extra, log, cwd=cwd, env=env, who=f"{label} server")
-            for rnd in range(args.rounds):
-                for label, (_, port) in servers.items():
-                    normal = [
-                        multipart_request("/v1/search", port, "file", q.name, q.read_bytes(), {"k": "5"})
-                        for q in queries[:32]
-                    ]
-                    hostile_req = multipart_request("/v1/embed", port, "file", "slow.png", hostile_png, {})
-                    if rnd == 0:
-                        asyncio.run(run_load(port, normal, args.clients, 64))  # warm-up
-                    for name, n_hostile in (("idle", 0), ("hostile", args.hostile)):
-                        res = asyncio.run(phase(port, normal, hostile_req, args.clients, args.requests, n_hostile))
-                        samples.setdefault((label, name), []).append(res)
-                        print(f"round {rnd + 1}/{args.rounds} {label:14s} {name:7s} "
-                              f"p50 {res['latency_ms']['p50']:7.1f} ms  "
-                              f"p99 {res['latency_ms']['p99']:7.1f} ms  {res['requests_per_s']:6.1f} req/s  "
-                              f"errors {res['errors'] or 0}  {res.get('hostile_uploads', '')}", flush=True)
+            samples = _measure(args, servers, queries, hostile_png)
         finally:
             for proc, _ in servers.values():
                 stop_server(proc)
-
-    runs: dict[str, Any] = {}
-    for label in variants:
-        idle, hostile = summarise(samples[(label, "idle")]), summarise(samples[(label, "hostile")])
-        runs[label] = {"idle": idle, "hostile": hostile,
-                       "p99_ratio_hostile_vs_idle": round(hostile["latency_ms"]["p99"] / idle["latency_ms"]["p99"], 2),
-                       "p50_ratio_hostile_vs_idle": round(hostile["latency_ms"]["p50"] / idle["latency_ms"]["p50"], 2)}
-    result = {
-        "benchmark": "hostile_bench",
-        "cpu": "Intel Xeon with AMX-BF16, 2 shared cores" if os.cpu_count() == 2 else cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "note": "machine shared with other work while measured: "
-                "compare the phases of this run (ratios), not absolute numbers",
-        "normal": f"POST /v1/search (multipart, k=5) from {args.clients} keep-alive clients, {args.requests} per phase",
-        "hostile": f"{args.hostile} clients uploading a {args.side}x{args.side} RGB PNG "
-                   f"({len(hostile_png):,} bytes) to /v1/embed back to back",
-        "rounds": args.rounds,
-        "load_average_at_end": os.getloadavg(),
-        "runs": runs,
-        "summary": {label: r["p99_ratio_hostile_vs_idle"] for label, r in runs.items()},
-        "goal": {"p99_ratio_hostile_vs_idle_max": 2.0},
-    }
+    result = _result(args, list(variants), samples, len(hostile_png))
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"hostile_bench-cpu{os.cpu_count()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_result(out, result)
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -185,6 +185,40 @@ def _print_table(results: dict[str, dict[str, Any]], ratios: dict[str, float], b
         print("  note:", n)
 
 
+def _document(args: argparse.Namespace, model: Any, images: Any, calib: Any, onnx_path: Path, int8_path: Path,
+              checks: dict[str, Any], results: dict[str, dict[str, Any]], batches: list[int], cores: int,
+              gpu_notes: list[str], load_before: list[float] | None, device: str) -> dict[str, Any]:
+    """The result JSON: machine, model, threads, INT8 settings, agreement, images/s, ratios and goals."""
+    spec = model.cfg.preprocess
+    ratios = _ratios(results, batches)
+    goals = {k: {"goal": g, "measured": ratios.get(k), "met": bool(ratios.get(k, 0) >= g)} for k, g in GOALS.items()}
+    return {
+        "benchmark": "infer_bench",
+        "device": device,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {"arch": model.cfg.arch, "input_size": spec.input_size, "embedding_dim": model.cfg.embedding_dim,
+                  "checkpoint": str(args.checkpoint) if args.checkpoint else "untrained (random init)"},
+        "images": images.source,
+        "threads": {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads(),
+                    "ort_intra_op": cores, "ort_inter_op": 1, "ort_graph_optimization": "ORT_ENABLE_ALL"},
+        "int8": {"format": "QDQ per-channel, uint8 activations / int8 weights", "calibration_images": len(calib),
+                 "sizes_mb": {"fp32": onnx_path.stat().st_size / 1e6, "int8": int8_path.stat().st_size / 1e6}},
+        "libraries": library_versions(),
+        "agreement_with_pytorch": checks,
+        "images_per_s": {k: {b: round(v["images_per_s"], 1) for b, v in d.items()} for k, d in results.items()},
+        "details": results,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "goals": goals,
+        "notes": gpu_notes,
+        "load_average_1m": {
+            "before": (load_before or [None])[0], "after": (load_average() or [None])[0],
+            "note": "other processes' load on this machine during the run (> cores means contention)"},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -234,34 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, v in r.items():
                 results.setdefault(name, {})[str(b)] = v
         ratios = _ratios(results, batches)
-        goals = {k: {"goal": g, "measured": ratios.get(k), "met": bool(ratios.get(k, 0) >= g)}
-                 for k, g in GOALS.items()}
         device = device_tag("cuda" if torch.cuda.is_available() else None)
-        doc = {
-            "benchmark": "infer_bench",
-            "device": device,
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": {"arch": model.cfg.arch, "input_size": spec.input_size, "embedding_dim": model.cfg.embedding_dim,
-                      "checkpoint": str(args.checkpoint) if args.checkpoint else "untrained (random init)"},
-            "images": images.source,
-            "threads": {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads(),
-                        "ort_intra_op": cores, "ort_inter_op": 1, "ort_graph_optimization": "ORT_ENABLE_ALL"},
-            "int8": {"format": "QDQ per-channel, uint8 activations / int8 weights", "calibration_images": len(calib),
-                     "sizes_mb": {"fp32": onnx_path.stat().st_size / 1e6, "int8": int8_path.stat().st_size / 1e6}},
-            "libraries": library_versions(),
-            "agreement_with_pytorch": checks,
-            "images_per_s": {k: {b: round(v["images_per_s"], 1) for b, v in d.items()} for k, d in results.items()},
-            "details": results,
-            "ratios": {k: round(v, 3) for k, v in ratios.items()},
-            "goals": goals,
-            "notes": gpu_notes,
-            "load_average_1m": {
-                "before": (load_before or [None])[0], "after": (load_average() or [None])[0],
-                "note": "other processes' load on this machine during the run (> cores means contention)"},
-        }
+        doc = _document(args, model, images, calib, onnx_path, int8_path, checks, results, batches, cores,
+                        gpu_notes, load_before, device)
         suffix = f"-{cores}thread" if args.threads else ""
         out = write_result(args.out or RESULTS / f"infer_bench-{device}{suffix}.json", doc)
         _print_table(results, ratios, batches, gpu_notes)

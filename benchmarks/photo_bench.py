@@ -210,6 +210,39 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _measure_policy(policy: str, model: Path, spec: Any, photos: list[Path], one: Path, work: Path, threads: int,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    """One decode policy: preprocessing images/s, isfe-index end to end (best of --repeats) and its startup."""
+    startup = min(run_index(model, one, work / f"gal-one-{policy}", threads, args.batch_size)["wall_s"]
+                  for _ in range(args.repeats))
+    rates = [preprocess_rate(photos, spec, threads) for _ in range(args.repeats)]
+    index = [run_index(model, work / "photos", work / f"gal-{policy}", threads, args.batch_size)
+             for _ in range(args.repeats)]
+    best = min(index, key=lambda r: r["wall_s"])
+    print(f"{policy:5s}: preprocess {max(rates):7.2f} img/s   isfe-index {len(photos) / best['wall_s']:7.2f} "
+          f"img/s ({best['wall_s']:.1f} s, peak RSS {best['max_rss_mib']:.0f} MiB)", flush=True)
+    return {"preprocess_images_per_s": round(max(rates), 2),
+            "index_images_per_s": round(len(photos) / best["wall_s"], 2),
+            "index_wall_s": best["wall_s"], "index_max_rss_mib": best["max_rss_mib"],
+            "index_one_photo_wall_s": startup,
+            "index_images_per_s_after_startup": round((len(photos) - 1) / max(best["wall_s"] - startup, 1e-9), 2),
+            "index_runs": index}
+
+
+def _measure_rss(model: Path, photos: list[Path], counts: list[int], work: Path, threads: int,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of isfe-index over folders of ``counts`` files (hard links to the photos, cycled)."""
+    rss: dict[str, Any] = {}
+    for c in counts:
+        folder = linked_folder(work / f"links-{c}", photos, c)
+        rss[str(c)] = run_index(model, folder, work / f"gal-links-{c}", threads, args.batch_size)
+        rss[str(c)]["output_array_mib"] = round(c * args.embedding_dim * 4 / 2**20, 3)
+        print(f"RSS: {c:6d} files -> peak {rss[str(c)]['max_rss_mib']:.0f} MiB ({rss[str(c)]['wall_s']:.1f} s)",
+              flush=True)
+        shutil.rmtree(folder)
+    return rss
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
@@ -234,31 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = {k: PreprocessSpec(args.input_size, args.resize_size, decode=k) for k in models}
         one = linked_folder(work / "one", photos, 1)
-        runs: dict[str, Any] = {}
-        for policy in ("full", "draft"):
-            startup = min(run_index(models[policy], one, work / f"gal-one-{policy}", threads, args.batch_size)["wall_s"]
-                          for _ in range(args.repeats))
-            rates = [preprocess_rate(photos, spec[policy], threads) for _ in range(args.repeats)]
-            index = [run_index(models[policy], work / "photos", work / f"gal-{policy}", threads, args.batch_size)
-                     for _ in range(args.repeats)]
-            best = min(index, key=lambda r: r["wall_s"])
-            runs[policy] = {"preprocess_images_per_s": round(max(rates), 2),
-                            "index_images_per_s": round(len(photos) / best["wall_s"], 2),
-                            "index_wall_s": best["wall_s"], "index_max_rss_mib": best["max_rss_mib"],
-                            "index_one_photo_wall_s": startup,
-                            "index_images_per_s_after_startup": round((len(photos) - 1) / max(best["wall_s"] - startup,
-                                                                                              1e-9), 2),
-                            "index_runs": index}
-            print(f"{policy:5s}: preprocess {max(rates):7.2f} img/s   isfe-index {len(photos) / best['wall_s']:7.2f} "
-                  f"img/s ({best['wall_s']:.1f} s, peak RSS {best['max_rss_mib']:.0f} MiB)", flush=True)
-        rss = {}
-        for c in counts:
-            folder = linked_folder(work / f"links-{c}", photos, c)
-            rss[str(c)] = run_index(models["draft"], folder, work / f"gal-links-{c}", threads, args.batch_size)
-            rss[str(c)]["output_array_mib"] = round(c * args.embedding_dim * 4 / 2**20, 3)
-            print(f"RSS: {c:6d} files -> peak {rss[str(c)]['max_rss_mib']:.0f} MiB ({rss[str(c)]['wall_s']:.1f} s)",
-                  flush=True)
-            shutil.rmtree(folder)
+        runs = {policy: _measure_policy(policy, models[policy], spec[policy], photos, one, work, threads, args)
+                for policy in ("full", "draft")}
+        rss = _measure_rss(models["draft"], photos, counts, work, threads, args)
         agree = agreement(models["full"], models["draft"], photos)
         print(f"draft vs full: cosine mean {agree['cosine_mean']:.6f} min {agree['cosine_min']:.6f}; uint8 mean abs "
               f"diff {agree['uint8_mean_abs_diff_mean']:.3f} (max {agree['uint8_mean_abs_diff_max']:.3f})", flush=True)

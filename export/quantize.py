@@ -47,6 +47,21 @@ def _reader(x: np.ndarray, input_name: str, batch_size: int):
     return Reader()
 
 
+def _int8_metadata(meta: ModelMetadata, method: str, per_channel: bool, n_calib: int,
+                   calib_source: str) -> ModelMetadata:
+    """The fp32 model's metadata, marked int8-qdq, with how it was quantized and calibrated."""
+    extra = dict(meta.extra)
+    extra.update(
+        {
+            "isfe.int8_format": f"QDQ, per-{'channel' if per_channel else 'tensor'} int8 weights, uint8 activations",
+            "isfe.int8_calibration": f"{method}, {n_calib} images" + (f" from {calib_source}" if calib_source else ""),
+            "isfe.onnxruntime_version": library_versions()["onnxruntime"],
+            "isfe.source_model_quantization": meta.quantization,
+        }
+    )
+    return dataclasses.replace(meta, quantization="int8-qdq", extra=extra)
+
+
 def quantize_int8(
     onnx_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -109,20 +124,7 @@ def quantize_int8(
             raise ExportError(f"INT8 quantization failed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
         q = onnx.load(str(tmp))
-        versions = library_versions()
-        extra = dict(meta.extra)
-        extra.update(
-            {
-                "isfe.int8_format": f"QDQ, per-{'channel' if per_channel else 'tensor'} int8 weights, "
-                                    "uint8 activations",
-                "isfe.int8_calibration": f"{method}, {len(calib_x)} images"
-                                         + (f" from {calib_source}" if calib_source else ""),
-                "isfe.onnxruntime_version": versions["onnxruntime"],
-                "isfe.source_model_quantization": meta.quantization,
-            }
-        )
-        qmeta = dataclasses.replace(meta, quantization="int8-qdq", extra=extra)
-        set_props(q, qmeta.to_props())
+        set_props(q, _int8_metadata(meta, method, per_channel, len(calib_x), calib_source).to_props())
         q.doc_string = (src.doc_string + " (INT8 QDQ)").strip()
         try:
             onnx.checker.check_model(q, full_check=True)

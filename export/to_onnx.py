@@ -261,6 +261,39 @@ def simplify_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     return set_props(slim, props)
 
 
+def _trace_to_onnx(model: nn.Module, example: torch.Tensor, metadata: ModelMetadata, opset: int) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) with a symbolic batch axis -> the ModelProto, with producer and doc string."""
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                model,
+                (example,),
+                None,
+                dynamo=True,
+                opset_version=int(opset),
+                input_names=[metadata.input_name],
+                output_names=[metadata.output_name],
+                dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS, min=1, max=1 << 16)},),
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as e:  # exporter failures come in many types
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    proto = program.model_proto
+    got_opset = {o.domain: o.version for o in proto.opset_import}.get("", None)
+    if got_opset != int(opset):
+        raise ExportError(f"the exporter wrote opset {got_opset}, expected {opset}")
+    s = metadata.preprocess.input_size
+    proto.producer_name = "isfe-export"
+    proto.producer_version = f"torch {torch.__version__}"
+    proto.doc_string = (
+        f"ISFE image encoder {metadata.arch}: {metadata.input_name} float32 [batch,3,{s},{s}] RGB in [0,1] "
+        f"-> {metadata.output_name} float32 [batch,{metadata.embedding_dim}] L2-normalised"
+    )
+    return proto
+
+
 def export_onnx(
     model: nn.Module,
     onnx_path: str | os.PathLike,
@@ -309,33 +342,7 @@ def export_onnx(
     example = torch.rand(example_batch, 3, s, s, generator=torch.Generator().manual_seed(0))
     tmp = temp_path_for(onnx_path, ".onnx")
     try:
-        try:
-            with torch.no_grad():
-                program = torch.onnx.export(
-                    model,
-                    (example,),
-                    None,
-                    dynamo=True,
-                    opset_version=int(opset),
-                    input_names=[metadata.input_name],
-                    output_names=[metadata.output_name],
-                    dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS, min=1, max=1 << 16)},),
-                    external_data=False,
-                    verbose=False,
-                )
-        except Exception as e:  # exporter failures come in many types
-            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        proto = program.model_proto
-        got_opset = {o.domain: o.version for o in proto.opset_import}.get("", None)
-        if got_opset != int(opset):
-            raise ExportError(f"the exporter wrote opset {got_opset}, expected {opset}")
-        proto.producer_name = "isfe-export"
-        proto.producer_version = f"torch {torch.__version__}"
-        proto.doc_string = (
-            f"ISFE image encoder {metadata.arch}: {metadata.input_name} float32 [batch,3,{s},{s}] RGB in [0,1] "
-            f"-> {metadata.output_name} float32 [batch,{metadata.embedding_dim}] L2-normalised"
-        )
+        proto = _trace_to_onnx(model, example, metadata, opset)
         set_props(proto, metadata.to_props())
         if simplify:
             proto = simplify_onnx(proto)
