@@ -1,14 +1,15 @@
 """Real training runs on the CPU, auto speed switches vs float32, one after the other (issue: CPU bf16 auto).
 
     python benchmarks/cpu_auto_runs.py --data ../shared/data/cifar10-jpeg.tar.gz \
-        [--max-steps-per-epoch N] [--no-quickstart] [--out benchmarks/results/cpu_auto_runs-<device>.json]
+        [--max-steps-per-epoch N] [--no-quickstart] [--no-cifar] [--out benchmarks/results/cpu_auto_runs-<device>.json]
 
 Arms, each a ``python -m training`` process with the same seed, run sequentially (never side by side):
 
 * ``cifar``: ``--preset cifar10-fast --data DATA --device cpu --epochs 1 --warmup-epochs 0 --eval-every 0``
-  (the preset's batch 512, lr 0.12, cosine, in one epoch without its 5 warm-up epochs; kNN before and after), once with the automatic choice (``--amp`` / ``--channels-last`` unset: on a CPU with
-  AMX-BF16 or AVX512-BF16 a timed trial of the real step picks fp32 / bf16 / channels-last / both) and once
-  with ``--no-amp --no-channels-last`` (plain float32);
+  (the preset's batch 512, lr 0.12, cosine, in one epoch without its 5 warm-up epochs; kNN before and after),
+  once with the automatic choice (``--amp`` / ``--channels-last`` unset: on a CPU with AMX-BF16 or
+  AVX512-BF16 a timed trial of the real step picks fp32 / bf16 / channels-last / both) and once with
+  ``--no-amp --no-channels-last`` (plain float32);
 * ``quickstart``: the default recipe (embedded digits, 6 epochs) both ways, timed end to end.
 
 Reported per arm: what auto chose and the trial's ms/step (from the run's ``config.json``), images/s of the
@@ -77,13 +78,16 @@ def compare(auto: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="CIFAR-10 (image folder or archive), e.g. the JPEG copy")
+    ap.add_argument("--data", default=None, help="CIFAR-10 (image folder or archive), e.g. the JPEG copy")
     ap.add_argument("--max-steps-per-epoch", type=int, default=None,
                     help="shorten the CIFAR epoch to N steps of 512 (default: the whole epoch, 97 steps)")
     ap.add_argument("--no-quickstart", action="store_true", help="skip the two quickstart runs")
+    ap.add_argument("--no-cifar", action="store_true", help="skip the two CIFAR-10 runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/cpu_auto_runs-<device>.json)")
     args = ap.parse_args(argv)
+    if not args.no_cifar and not args.data:
+        ap.error("--data is required for the CIFAR-10 runs (or pass --no-cifar)")
     load_before = load_average()
     cifar = ["--preset", "cifar10-fast", "--data", args.data, "--device", "cpu", "--epochs", "1",
              "--warmup-epochs", "0", "--eval-every", "0", "--seed", str(args.seed)]
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cpu_auto_runs-") as tmp:
         work = Path(tmp)
-        todo = [("cifar", cifar)] + ([] if args.no_quickstart else [("quickstart", quick)])
+        todo = ([] if args.no_cifar else [("cifar", cifar)]) + ([] if args.no_quickstart else [("quickstart", quick)])
         for name, base in todo:
             auto = run_arm(base, work / f"{name}-auto")
             fp32 = run_arm(base + FP32_FLAGS, work / f"{name}-fp32")
