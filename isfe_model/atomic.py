@@ -162,12 +162,19 @@ def _swap_in(tmp: Path, target: Path, may_replace: Callable[[Path], bool]) -> Pa
     An existing ``target`` is exchanged with ``tmp`` in one step where the system can (a reader
     never finds ``target`` missing), else moved aside and replaced (two renames).
     """
+    refused = 0
     for attempt in range(SWAP_ATTEMPTS):  # target may appear or go away between the check and the rename
         if attempt:  # another writer is between its two renames: let it finish
             time.sleep(min(0.05, 0.001 * 2**attempt))
         if target.exists() or target.is_symlink():
             if not may_replace(target):
-                raise FileExistsError(str(target))
+                # a folder another writer swaps while it is being looked at can seem incomplete: refuse only
+                # what is refused twice in a row
+                refused += 1
+                if refused >= 2:
+                    raise FileExistsError(str(target))
+                continue
+            refused = 0
             try:
                 swapped = exchange_paths(tmp, target)
             except FileNotFoundError:  # target went away after the check: start over
