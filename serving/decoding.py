@@ -240,8 +240,8 @@ _STRUCTURE_STATUS = {
 
 
 #: Uploads this small (bytes and pixels), PNG or baseline JPEG, decode in the server process
-#: (:func:`decodes_inline`): their work is bounded by a few milliseconds, less than a round trip to a
-#: decode worker costs.  Anything else goes to the time-limited worker processes.
+#: (:func:`decodes_inline`): their work is bounded by their size (a 40 KB 256 x 256 JPEG: 1.1-1.6 ms
+#: on a 2-core Xeon), so they need no killable worker.  Anything else goes to the time-limited worker processes.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 256 * 256
 
@@ -295,9 +295,9 @@ def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
 
 
 def decodes_inline(upload: Upload, header: ImageHeader) -> bool:
-    """True when decoding costs less than handing the upload to a worker: at most INLINE_MAX_BYTES and
+    """True for uploads the server decodes itself, without a worker: at most INLINE_MAX_BYTES and
     INLINE_MAX_PIXELS, PNG or a sequential JPEG of at most 4 scans.  Such a decode is bounded by its size, so it
-    needs no time limit: a 256 x 256 PNG or JPEG decodes in well under a millisecond."""
+    needs no time limit (a 40 KB 256 x 256 JPEG: 1.1-1.6 ms at 32-224 px on a 2-core Xeon)."""
     data = upload.data
     if len(data) > INLINE_MAX_BYTES or header.width * header.height > INLINE_MAX_PIXELS:
         return False
