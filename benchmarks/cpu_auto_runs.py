@@ -37,7 +37,7 @@ from benchmarks.common import RESULTS, device_tag, load_average, write_result  #
 
 FP32_FLAGS = ["--no-amp", "--no-channels-last"]
 CONFIG_KEYS = ("preset", "batch_size", "lr", "schedule", "warmup_epochs", "epochs", "max_steps_per_epoch", "seed",
-               "amp", "channels_last", "compile", "loss", "speed_note", "speed_trial_ms")
+               "amp", "channels_last", "compile", "loss", "speed_note", "speed_trial_ms", "speed_trial_batch")
 
 
 def run_arm(args_: list[str], out: Path) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from benchmarks.common import cores, device_name, host_info, write_result  # noq
 PAPER_KNN_TOP1 = {"after_200_epochs": 83.6, "after_2_epochs_approx": 60.0}
 SETTINGS = ("data", "epochs", "batch_size", "lr", "schedule", "milestones", "warmup_epochs", "temperature",
             "negatives", "init", "seed", "eval_every", "device", "loss", "amp", "channels_last", "compile", "tf32",
-            "world_size", "steps_per_epoch", "train_images", "deterministic", "speed_note", "speed_trial_ms")
+            "world_size", "steps_per_epoch", "train_images", "deterministic", "speed_note", "speed_trial_ms",
+            "speed_trial_batch")
 
 
 class RunError(ValueError):

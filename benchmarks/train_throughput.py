@@ -300,7 +300,7 @@ def bench_isfe(args, images: np.ndarray, device: torch.device, speed: Speed) -> 
         "split_ms_per_step": _per_step_ms(split, args.split_steps),
         "loss": loss_name,
         "amp": speed.amp, "channels_last": speed.channels_last, "compile": speed.compile,
-        "speed_note": speed.note or None, "speed_trial_ms": speed.trial_ms,
+        "speed_note": speed.note or None, "speed_trial_ms": speed.trial_ms, "speed_trial_batch": speed.trial_batch,
     }, step
 
 

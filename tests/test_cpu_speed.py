@@ -5,7 +5,8 @@
 * paper presets resolve to float32 on every device;
 * the timed trial (:func:`training.step.choose_by_trial`) leaves weights, BN
   buffers, optimizer state and every RNG as they were: a step after it equals
-  a step of a twin that never ran it, bit for bit;
+  a step of a twin that never ran it, bit for bit; it times at most
+  ``TRIAL_MAX_BATCH`` images per step;
 * a short bf16 + channels-last CPU run learns (kNN after > before), and its
   checkpoint exports to ONNX (fp32) with the parity gate passing;
 * the kNN monitor in bf16 gives the fp32 monitor's accuracy (within 1 point).
@@ -163,6 +164,27 @@ def test_trial_times_only_the_switch_left_to_it():
     tried.speed.amp, tried.speed.timed = True, ("channels_last",)
     speed = choose_by_trial(tried, batch, 0.1, rounds=1)
     assert set(speed.trial_ms) == {"bf16", "bf16+channels-last"} and speed.amp
+
+
+@pytest.mark.parametrize("batch, cap, timed", [(8, 4, 4), (8, 64, 8)])
+def test_trial_times_at_most_trial_max_batch_images(monkeypatch, batch, cap, timed):
+    """A big run's trial times a capped batch (minutes -> seconds at 512); the run itself keeps its batch."""
+    import training.step as step_mod
+
+    monkeypatch.setattr(step_mod, "TRIAL_MAX_BATCH", cap)
+    seen = []
+    real = step_mod.choose_by_trial
+    monkeypatch.setattr(step_mod, "choose_by_trial", lambda step, b, lr, **kw: seen.append(b.shape) or real(
+        step, b, lr, rounds=1, budget_s=0.0, **kw))
+    cfg = TrainConfig(batch_size=batch, embedding_dim=8, seed=5)
+    mc = ModelConfig(embedding_dim=8, preprocess=PreprocessSpec(input_size=8, resize_size=10))
+    speed = Speed(False, False, False, timed=("amp", "channels_last"))
+    step, _ = build_step(cfg, mc, CPU, DistContext(), speed)
+    assert seen == [(timed, 10, 10, 3)]
+    assert speed.trial_batch == timed and f"ms/step at batch {timed} " in speed.note
+    assert step.batch_size == batch
+    images = torch.randint(0, 256, (batch, 10, 10, 3), dtype=torch.uint8)
+    assert torch.isfinite(step(images, 0.1))  # the run's own batch still trains after a smaller trial
 
 
 @pytest.fixture(scope="module")

@@ -230,7 +230,8 @@ def build_run(cfg: TrainConfig, ctx: dist_utils.DistContext, device: torch.devic
     resolved = dataclasses.asdict(cfg) | {
         "out": str(out), "device": str(device), "loss": loss_name, "model": model_cfg.to_dict(),
         "amp": speed.amp, "channels_last": speed.channels_last, "compile": speed.compile,
-        "speed_note": speed.note or None, "speed_trial_ms": speed.trial_ms,  # CPU auto: how it was resolved
+        # CPU auto: how it was resolved
+        "speed_note": speed.note or None, "speed_trial_ms": speed.trial_ms, "speed_trial_batch": speed.trial_batch,
         "tf32": resolve_tf32(cfg, device),
         "world_size": ctx.world_size, "data_on_device": on_device, "steps_per_epoch": data.steps,
         "train_images": data.n,
