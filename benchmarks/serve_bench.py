@@ -14,12 +14,15 @@ POST /v1/search requests from C concurrent keep-alive clients (C = --clients,
 then C = --moderate).  Per mode and load the medians over the rounds are
 reported (robust against other work on a shared machine).  It then stops.
 Reported per run: requests/s, latency p50/p90/p99/max (ms), errors, and the
-mean micro-batch size read from the server's /metrics.  Before the servers
-start, ONNX Runtime alone is timed in-process at batch 1 and at the max batch
-size: that ratio is the ceiling of what batching can gain for this model on
-this machine, and the summary says which share of it the server captures; the
-batched server's images/s over the in-process batched images/s at C clients is
-the server's efficiency (goal >= 0.9).  The servers run as in production: an
+mean micro-batch size read from the server's /metrics.  Before each round,
+ONNX Runtime alone is timed in-process at batch 1 and at the max batch size,
+with its default threads and, when they differ, with the servers' ``--threads``
+and ``--inference-workers`` (that many threads calling one session side by
+side); the better of the two is the round's ceiling.  Batch-size ratio: the
+ceiling of what batching can gain for this model on this machine, and the
+summary says which share of it the server captures; the batched server's
+images/s over the in-process batched images/s at C clients is the server's
+efficiency (goal >= 0.9).  The servers run as in production: an
 API key (every request carries ``Authorization: Bearer``), a client
 ``X-Request-ID`` on every request, metrics on.  The ratios
 batched/batch-1 throughput at C clients and p99/p50 at moderate load are
@@ -43,6 +46,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -203,9 +207,10 @@ def launch_server(model: str, gallery: str, flags: list[str], log: Path, *, cwd:
 
 
 def start_server(model: str, gallery: str, max_batch_size: int, max_wait_ms: float, threads: int | None,
-                 log: Path) -> tuple[subprocess.Popen, int]:
-    """The benchmark's server: API key on, the given batching and ONNX Runtime threads."""
-    flags = ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--api-key", API_KEY]
+                 log: Path, inference_workers: int = 1) -> tuple[subprocess.Popen, int]:
+    """The benchmark's server: API key on, the given batching, inference workers and ONNX Runtime threads."""
+    flags = ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--api-key", API_KEY,
+             "--inference-workers", str(inference_workers)]
     return launch_server(model, gallery, flags + (["--threads", str(threads)] if threads else []), log)
 
 
@@ -234,32 +239,62 @@ def build_reference(workdir: Path) -> tuple[str, str, list[Path]]:
 
 
 class InProcess:
-    """ONNX Runtime alone, in this process, at batch 1 and at ``batch`` (images/s).
+    """ONNX Runtime alone, in this process, at batch 1 and at ``batch`` (images/s), in each configuration.
 
-    :meth:`measure` runs one round; the benchmark calls it right before each
-    round of server runs, so that the in-process figure and the server's are
-    taken under the same background load (the servers are idle meanwhile).
+    A configuration is (intra-op threads, workers): ``workers`` threads call
+    ``embed_arrays`` side by side on one session, as the server's inference
+    workers do.  :meth:`measure` runs one round of every configuration; the
+    benchmark calls it right before each round of server runs, so that the
+    in-process figure and the server's are taken under the same background load
+    (the servers are idle meanwhile).  The ceiling of a round is its best
+    configuration: ONNX Runtime's defaults (one caller, its own thread count)
+    and the server's (``--threads``, ``--inference-workers``) when they differ.
     """
 
-    def __init__(self, model: str, batch: int, threads: int | None, seconds: float = 2.0):
+    def __init__(self, model: str, batch: int, threads: int | None, workers: int = 1, seconds: float = 2.0):
         from isfe_model import Encoder
 
-        self.enc = Encoder(model, threads=threads)
+        configs = [(None, 1)] + ([(threads, workers)] if (threads, workers) != (None, 1) else [])
+        self.encoders = {c: Encoder(model, threads=c[0]) for c in configs}
         self.batch, self.seconds = batch, seconds
-        s = self.enc.spec.input_size
+        s = next(iter(self.encoders.values())).spec.input_size
         self.x = np.random.default_rng(0).random((batch, 3, s, s), dtype=np.float32)
         self.samples: dict[int, list[float]] = {1: [], batch: []}
-        for b in self.samples:
-            self.enc.embed_arrays(self.x[:b])  # warm-up
+        self.by_config: dict[str, dict[int, list[float]]] = {self.label(c): {1: [], batch: []} for c in configs}
+        for enc in self.encoders.values():
+            for b in self.samples:
+                enc.embed_arrays(self.x[:b])  # warm-up
+
+    @staticmethod
+    def label(config: tuple[int | None, int]) -> str:
+        threads, workers = config
+        return f"threads={threads or 'default'},workers={workers}"
+
+    def _rate(self, config: tuple[int | None, int], b: int) -> float:
+        enc, workers = self.encoders[config], config[1]
+        counts = [0] * workers
+        t0 = time.perf_counter()
+
+        def loop(i: int) -> None:
+            while time.perf_counter() - t0 < self.seconds:
+                enc.embed_arrays(self.x[:b])
+                counts[i] += b
+
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(counts) / (time.perf_counter() - t0)
 
     def measure(self) -> dict[int, float]:
+        """One round: every configuration at batch 1 and ``batch``; returns the best images/s per batch size."""
         out = {}
         for b in self.samples:
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < self.seconds:
-                self.enc.embed_arrays(self.x[:b])
-                n += b
-            out[b] = n / (time.perf_counter() - t0)
+            rates = {c: self._rate(c, b) for c in self.encoders}
+            for c, r in rates.items():
+                self.by_config[self.label(c)][b].append(r)
+            out[b] = max(rates.values())
             self.samples[b].append(out[b])
         return out
 
@@ -267,7 +302,10 @@ class InProcess:
         r1, rb = float(np.median(self.samples[1])), float(np.median(self.samples[self.batch]))
         return {"batch": self.batch, "images_per_s_batch1": round(r1, 1),
                 f"images_per_s_batch{self.batch}": round(rb, 1), "ratio": round(rb / r1, 2),
-                "rounds": {str(b): [round(v, 1) for v in vs] for b, vs in self.samples.items()}}
+                "rounds": {str(b): [round(v, 1) for v in vs] for b, vs in self.samples.items()},
+                "configurations": {k: {str(b): [round(v, 1) for v in vs] for b, vs in d.items()}
+                                   for k, d in self.by_config.items()},
+                "ceiling": "per round, the best configuration"}
 
 
 def device_name(info: dict[str, Any]) -> str:
@@ -299,12 +337,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32, help="batched mode's --max-batch-size (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batched mode's --max-wait-ms (default 2)")
     p.add_argument("--threads", type=int, default=None, help="server --threads (ONNX Runtime intra-op threads)")
+    p.add_argument("--inference-workers", type=int, default=1, help="server --inference-workers (default 1)")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternating rounds per mode and load; medians are reported (default 3)")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'cores shared with other jobs')")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/serve_bench-<device>.json)")
-    return parse_checked(p, argv, at_least_one=("clients", "moderate", "requests", "rounds"))
+    return parse_checked(p, argv, at_least_one=("clients", "moderate", "requests", "rounds",
+                                                              "inference_workers"))
 
 
 def parse_checked(p: argparse.ArgumentParser, argv: list[str] | None,
@@ -332,7 +372,7 @@ def measure_servers(args: argparse.Namespace, model: str, gallery: str, payloads
         # on a shared machine hits both modes alike.
         for mode, mbs in modes:
             servers[mode] = start_server(model, gallery, mbs, args.max_wait_ms, args.threads,
-                                         tmpdir / f"server-{mode}.log")
+                                         tmpdir / f"server-{mode}.log", args.inference_workers)
         reqs = {mode: [multipart_request("/v1/search", port, "file", n, d, {"k": str(args.k)}, request_id=f"bench-{i}")
                        for i, (n, d) in enumerate(payloads)] for mode, (_, port) in servers.items()}
         info_req = (f"GET /v1/info HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {API_KEY}\r\n"
@@ -419,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             from tests.helpers_models import make_images
             queries = make_images(tmpdir / "queries", per_class=8, size=48, seed=1)
         payloads = [(q.name, q.read_bytes()) for q in queries[:64]]
-        in_process = InProcess(model, args.max_batch_size, args.threads)
+        in_process = InProcess(model, args.max_batch_size, args.threads, args.inference_workers)
         modes = [("batched", args.max_batch_size), ("batch1", 1)]
         samples, info = measure_servers(args, model, gallery, payloads, tmpdir, modes, in_process)
         ceiling = in_process.summary()
@@ -436,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         "requests_per_run": args.requests,
         "rounds": args.rounds,
         "server_threads": args.threads,
+        "server_inference_workers": args.inference_workers,
         "note": args.note,
         "load_average_at_end": os.getloadavg(),
         "onnxruntime_in_process": ceiling,

@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch-size", type=positive_int, default=32,
                    help="most images per inference call; 1 disables micro-batching (default 32)")
     b.add_argument("--max-wait-ms", type=nonneg_float, default=2.0,
-                   help="how long a batch waits to fill after its first image (default 2 ms)")
+                   help="how long a batch waits to fill, counted from when its first image was queued (default 2 ms)")
+    b.add_argument("--inference-workers", type=positive_int, default=1, metavar="N",
+                   help="inference threads, each running whole batches; with --threads 1 and N = the cores, no batch "
+                        "waits for a thread the HTTP work pushed off its core (default 1)")
     b.add_argument("--max-queue", type=positive_int, default=1024,
                    help="images waiting for inference before requests get 503 (default 1024)")
     lim = p.add_argument_group("limits")
@@ -171,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: ServeConfig fields that take their flag's value as it is (same name, no conversion).
-AS_GIVEN = ("model", "gallery", "host", "port", "max_batch_size", "max_wait_ms", "max_queue", "max_images",
-            "max_pixels", "max_k", "decode_workers", "decode_memory_mb", "timeout_keep_alive", "timeout_headers",
-            "timeout_body", "threads", "backend", "workers", "limit_concurrency", "log_level", "log_format",
-            "shutdown_timeout")
+AS_GIVEN = ("model", "gallery", "host", "port", "max_batch_size", "max_wait_ms", "max_queue", "inference_workers",
+            "max_images", "max_pixels", "max_k", "decode_workers", "decode_memory_mb", "timeout_keep_alive",
+            "timeout_headers", "timeout_body", "threads", "backend", "workers", "limit_concurrency", "log_level",
+            "log_format", "shutdown_timeout")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:

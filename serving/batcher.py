@@ -3,12 +3,24 @@
 Requests put single preprocessed images (float32 [3, S, S]) on a queue; one
 worker thread takes the first waiting image, then keeps collecting until it
 has ``max_batch_size`` images or ``max_wait_ms`` have passed since that first
-image, stacks them into [B, 3, S, S] and calls the inference function once.
-While the worker runs a batch, new requests pile up in the queue and form the
-next batch, so the batch size (and throughput) grows with load while a lone
-request waits at most ``max_wait_ms``.
+image was *submitted*, stacks them into [B, 3, S, S] and calls the inference
+function once.  While the worker runs a batch, new requests pile up in the
+queue and form the next batch, so the batch size (and throughput) grows with
+load while a lone request waits at most ``max_wait_ms``.  Under load the first
+waiting image has usually waited longer than that already (it came in during
+the previous batch): the worker then takes what is queued and runs at once,
+instead of leaving the cores idle while it waits for a few more.
 
-Inference runs on the worker thread, never on the asyncio event loop;
+With ``workers`` > 1 that many worker threads take batches from the one
+queue, each running whole batches on its own: with ONNX Runtime at one
+intra-op thread each, a batch never waits for a sibling thread that the
+event loop has pushed off its core (on a small machine the HTTP work and the
+inference share the cores).  Such workers never wait for company: a free
+worker takes its share of what is queued (the queue split over the idle
+workers, at most ``max_batch_size``) and runs it, so batches form only from a
+backlog and ``max_wait_ms`` is not used.
+
+Inference runs on the worker threads, never on the asyncio event loop;
 results travel back through :class:`concurrent.futures.Future` objects that
 ``asyncio.wrap_future`` turns into awaitables.
 """
@@ -45,6 +57,7 @@ class BatcherClosed(RuntimeError):
 class _Item:
     x: np.ndarray
     future: concurrent.futures.Future
+    queued: float  # time.monotonic() at submit
 
 
 _STOP = object()
@@ -57,11 +70,14 @@ class MicroBatcher:
         fn: inference function, float32 [B, *item_shape] -> [B, ...] (row i
             belongs to input i).
         max_batch_size: most inputs per call (1 disables batching).
-        max_wait_ms: how long the first input of a batch may wait for company.
+        max_wait_ms: how long the first input of a batch may wait for company, counted from its
+            :meth:`submit` (time it spent queued behind the previous batch counts); one worker only.
         max_queue: most inputs waiting; :meth:`submit` raises
             :class:`BatcherFull` beyond it (backpressure instead of unbounded memory).
         on_batch: called as ``on_batch(batch_size, seconds)`` after each call
-            (metrics).
+            (metrics; from any worker thread).
+        workers: worker threads, each taking and running whole batches (``fn`` must be
+            thread-safe when > 1: ONNX Runtime's ``InferenceSession.run`` is).
     """
 
     def __init__(
@@ -72,6 +88,7 @@ class MicroBatcher:
         max_queue: int = 1024,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "isfe-inference",
+        workers: int = 1,
     ):
         if int(max_batch_size) < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -79,40 +96,58 @@ class MicroBatcher:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if int(max_queue) < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if int(workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.fn = fn
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
         self.on_batch = on_batch
         self.name = name
+        self.workers = int(workers)
         self._queue: queue.Queue = queue.Queue()
-        self._pending = 0  # inputs submitted and not yet taken by the worker
+        self._pending = 0  # inputs submitted and not yet taken by a worker
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for an input
         self._closed = False
         self.batches = 0  # inference calls made (for tests/diagnostics)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "MicroBatcher":
-        if self._thread is not None:
+        if self._threads:
             return self
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=self.name if self.workers == 1 else f"{self.name}-{i}",
+                                          daemon=True) for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Refuse new inputs, finish the queued ones, and join the worker."""
+        """Refuse new inputs, finish the queued ones, and join the workers (``timeout`` in all)."""
         with self._lock:
             self._closed = True
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
-            self._thread = None
+        if not self._threads:
+            return
+        for _ in self._threads:
+            self._queue.put(_STOP)  # one each; queued inputs come first
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+        self._threads = []
+        # fail whatever is still queued: an input that slipped in behind the stop signals
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(BatcherClosed("server shutting down"))
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closed
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._closed
 
     @property
     def queue_depth(self) -> int:
@@ -128,30 +163,31 @@ class MicroBatcher:
     def submit(self, x: np.ndarray) -> concurrent.futures.Future:
         """Queue one input (thread-safe); the future resolves to its output row."""
         with self._lock:
-            if self._closed or self._thread is None:
+            if self._closed or not self._threads:
                 raise BatcherClosed("the inference worker is not running (server starting or shutting down)")
             if self._pending >= self.max_queue:
                 raise BatcherFull(f"{self._pending} images are waiting for inference (limit {self.max_queue}); "
                                   f"retry later")
             self._pending += 1
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Item(x, fut))
+        self._queue.put(_Item(x, fut, time.monotonic()))
         return fut
 
     def submit_many(self, xs: np.ndarray | list[np.ndarray]) -> list[concurrent.futures.Future]:
         """Queue several inputs at once, all or none (they may land in different batches)."""
         n = len(xs)
         with self._lock:
-            if self._closed or self._thread is None:
+            if self._closed or not self._threads:
                 raise BatcherClosed("the inference worker is not running (server starting or shutting down)")
             if self._pending + n > self.max_queue:
                 raise BatcherFull(f"{self._pending} images are waiting for inference (limit {self.max_queue}); "
                                   f"retry later")
             self._pending += n
         futs = []
+        now = time.monotonic()
         for x in xs:
             fut: concurrent.futures.Future = concurrent.futures.Future()
-            self._queue.put(_Item(x, fut))
+            self._queue.put(_Item(x, fut, now))
             futs.append(fut)
         return futs
 
@@ -163,14 +199,29 @@ class MicroBatcher:
 
     # ------------------------------------------------------------------ worker
     def _take(self) -> tuple[list[_Item], bool]:
-        """Block for the next batch; returns (items, stop_requested)."""
-        first = self._queue.get()
+        """Block for the next batch; returns (items, stop_requested).
+
+        One worker collects until ``max_batch_size`` inputs or the first input's ``max_wait_ms``.
+        One of several takes its share of what is queued now (the queued inputs split over it and
+        the idle workers) without waiting, so that no core idles while a batch fills.
+        """
+        with self._lock:
+            self._idle += 1
+        try:
+            first = self._queue.get()
+        finally:
+            with self._lock:
+                self._idle -= 1
+                idle = self._idle
         if first is _STOP:
             return [], True
         batch = [first]
-        deadline = time.monotonic() + self.max_wait_s
+        limit, deadline = self.max_batch_size, first.queued + self.max_wait_s
+        if self.workers > 1:  # no waiting: what is queued now, split over the idle workers
+            limit = min(limit, -(-(1 + self._queue.qsize()) // (idle + 1)))
+            deadline = 0.0
         stop = False
-        while len(batch) < self.max_batch_size:
+        while len(batch) < limit:
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -190,14 +241,6 @@ class MicroBatcher:
             batch, stop = self._take()
             if batch:
                 self._process(batch)
-        # fail whatever is still queued (should be nothing: submit refuses after stop)
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP and item.future.set_running_or_notify_cancel():
-                item.future.set_exception(BatcherClosed("server shutting down"))
 
     def _process(self, batch: list[_Item]) -> None:
         live = [it for it in batch if it.future.set_running_or_notify_cancel()]
@@ -217,7 +260,8 @@ class MicroBatcher:
             if not isinstance(e, Exception):
                 raise
             return
-        self.batches += 1
+        with self._lock:
+            self.batches += 1
         if self.on_batch is not None:
             try:
                 self.on_batch(len(live), dt)

@@ -36,6 +36,8 @@ class ServeConfig:
     max_batch_size: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 1024
+    #: Inference threads, each running whole batches (see serving.batcher).
+    inference_workers: int = 1
     max_body_bytes: int = 20 * 1024 * 1024
     max_images: int = 32
     max_pixels: int = 50_000_000
@@ -126,7 +128,8 @@ class ServerState:
         self.started = time.time()
         self.keys = ApiKeys(cfg.api_keys)
         self.batcher = MicroBatcher(encoder.embed_arrays, max_batch_size=cfg.max_batch_size,
-                                    max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue)
+                                    max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue,
+                                    workers=cfg.inference_workers)
         self.metrics = ServingMetrics(queue_depth=lambda: self.batcher.queue_depth)
         self.batcher.on_batch = self.metrics.record_batch
         self.reloader = GalleryReloader(encoder, gallery, cfg.gallery, cfg.backend, self.metrics, cfg.run_dir)
@@ -195,6 +198,7 @@ class ServerState:
             "gallery": {**self.reloader.info(), "dtype": str(np.asarray(g.embeddings).dtype),
                         "backend": self.cfg.backend},
             "batching": {"max_batch_size": self.cfg.max_batch_size, "max_wait_ms": self.cfg.max_wait_ms,
+                         "inference_workers": self.cfg.inference_workers,
                          "max_queue": self.cfg.max_queue},
             "limits": {**asdict(self.limits), "decode_timeout_s": self.cfg.decode_timeout_s,
                        "decode_memory_mb": self.cfg.decode_memory_mb, "timeout_headers_s": self.cfg.timeout_headers,

@@ -141,7 +141,8 @@ def _rowfn(x: np.ndarray) -> np.ndarray:
     return np.stack([flat.sum(1), flat.max(1)], axis=1)
 
 
-def test_batcher_results_equal_unbatched_under_concurrency():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batcher_results_equal_unbatched_under_concurrency(workers):
     sizes: list[int] = []
     rng = np.random.default_rng(1)
     xs = rng.random((200, 3, 4, 4), dtype=np.float32)
@@ -150,7 +151,8 @@ def test_batcher_results_equal_unbatched_under_concurrency():
         time.sleep(0.002)  # inference takes time, so requests pile up
         return _rowfn(x)
 
-    with MicroBatcher(fn, max_batch_size=16, max_wait_ms=5, on_batch=lambda n, s: sizes.append(n)) as b:
+    with MicroBatcher(fn, max_batch_size=16, max_wait_ms=5, on_batch=lambda n, s: sizes.append(n),
+                      workers=workers) as b:
         with concurrent.futures.ThreadPoolExecutor(32) as ex:
             futs = list(ex.map(lambda i: b.submit(xs[i]), range(len(xs))))
             got = np.stack([f.result(timeout=10) for f in futs])
@@ -186,6 +188,30 @@ def test_batcher_waits_for_company_up_to_max_wait():
         waited = time.monotonic() - t0
     assert sizes == [2, 1]
     assert 0.25 <= waited < 3
+
+
+def test_batcher_max_wait_counts_from_submit_so_a_busy_worker_does_not_idle():
+    """Inputs that queued behind a long batch for longer than max_wait go at once when it ends (no extra wait)."""
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def fn(x):
+        gate.wait(5)
+        return _rowfn(x)
+
+    with MicroBatcher(fn, max_batch_size=8, max_wait_ms=400, on_batch=lambda n, s: sizes.append(n)) as b:
+        first = b.submit(np.ones(3, np.float32))  # alone: runs after 400 ms and blocks on the gate
+        time.sleep(0.5)
+        later = b.submit_many([np.zeros(3, np.float32)] * 2)  # queued behind the blocked batch
+        time.sleep(0.5)  # they have now waited longer than max_wait
+        t0 = time.monotonic()
+        gate.set()
+        first.result(5)
+        for f in later:
+            f.result(5)
+        after_release = time.monotonic() - t0
+    assert sizes == [1, 2]
+    assert after_release < 0.3, f"the second batch waited {after_release:.3f} s after the first one ended"
 
 
 def test_batcher_error_reaches_every_waiter_and_worker_survives():
@@ -233,8 +259,46 @@ def test_batcher_backpressure_stop_and_cancel():
     assert b.batches == 2
 
 
+def test_batcher_workers_run_batches_side_by_side_and_stop_finishes_the_queue():
+    """Two workers: two batches in flight at once (each whole), and stop() runs what was queued, then joins both."""
+    running, most, names = [0], [0], set()
+    lock, gate = threading.Lock(), threading.Event()
+
+    def fn(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            names.add(threading.current_thread().name)
+        gate.wait(5)
+        with lock:
+            running[0] -= 1
+        return _rowfn(x)
+
+    b = MicroBatcher(fn, max_batch_size=2, max_wait_ms=0, workers=2).start()
+    xs = np.arange(24, dtype=np.float32).reshape(8, 3)
+    futs = [b.submit(x) for x in xs]
+    deadline = time.monotonic() + 5
+    while most[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert most[0] == 2 and names == {"isfe-inference-0", "isfe-inference-1"}
+    gate.set()
+    b.stop()
+    assert not b.alive
+    np.testing.assert_array_equal(np.stack([f.result(0) for f in futs]), _rowfn(xs))
+    with pytest.raises(BatcherClosed):
+        b.submit(xs[0])
+
+
+def test_batcher_with_several_workers_never_waits_for_company():
+    """With workers > 1 an input goes as soon as a worker is free: max_wait does not hold it back."""
+    with MicroBatcher(_rowfn, max_batch_size=8, max_wait_ms=5000, workers=2) as b:
+        t0 = time.monotonic()
+        assert b.submit(np.ones(3, np.float32)).result(5).tolist() == [3.0, 1.0]
+        assert time.monotonic() - t0 < 2.0
+
+
 def test_batcher_rejects_bad_settings():
-    for kw in ({"max_batch_size": 0}, {"max_wait_ms": -1}, {"max_queue": 0}):
+    for kw in ({"max_batch_size": 0}, {"max_wait_ms": -1}, {"max_queue": 0}, {"workers": 0}):
         with pytest.raises(ValueError):
             MicroBatcher(_rowfn, **kw)
 
