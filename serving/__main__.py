@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch-size", type=positive_int, default=32,
                    help="most images per inference call; 1 disables micro-batching (default 32)")
     b.add_argument("--max-wait-ms", type=nonneg_float, default=2.0,
-                   help="how long a batch waits to fill, counted from when its first image was queued (default 2 ms)")
+                   help="how long a batch waits to fill, counted from when its first image was queued; one inference "
+                        "worker only (default 2 ms)")
     b.add_argument("--inference-workers", type=positive_int, default=1, metavar="N",
                    help="inference threads, each running whole batches; with --threads 1 and N = the cores, no batch "
                         "waits for a thread the HTTP work pushed off its core (default 1)")

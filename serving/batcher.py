@@ -135,8 +135,10 @@ class MicroBatcher:
         end = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             t.join(None if end is None else max(0.0, end - time.monotonic()))
+        late = sum(t.is_alive() for t in self._threads)  # still in a batch after the timeout
         self._threads = []
-        # fail whatever is still queued: an input that slipped in behind the stop signals
+        # fail whatever is still queued (inputs the timeout left, or one that slipped in behind the stop
+        # signals), then give each late worker its stop signal back
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -144,6 +146,8 @@ class MicroBatcher:
                 break
             if item is not _STOP and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(BatcherClosed("server shutting down"))
+        for _ in range(late):
+            self._queue.put(_STOP)
 
     @property
     def alive(self) -> bool:

@@ -289,6 +289,27 @@ def test_batcher_workers_run_batches_side_by_side_and_stop_finishes_the_queue():
         b.submit(xs[0])
 
 
+def test_batcher_stop_timeout_fails_what_is_left_and_the_late_worker_still_exits():
+    gate = threading.Event()
+
+    def fn(x):
+        gate.wait(5)
+        return _rowfn(x)
+
+    b = MicroBatcher(fn, max_batch_size=1, max_wait_ms=0).start()
+    worker = b._threads[0]
+    running = b.submit(np.ones(2, np.float32))
+    time.sleep(0.1)  # the worker holds it, blocked
+    queued = b.submit(np.zeros(2, np.float32))
+    b.stop(timeout=0.2)
+    with pytest.raises(BatcherClosed):
+        queued.result(1)
+    gate.set()
+    assert running.result(5).tolist() == [2.0, 1.0]  # the batch in flight still finishes
+    worker.join(5)
+    assert not worker.is_alive()
+
+
 def test_batcher_with_several_workers_never_waits_for_company():
     """With workers > 1 an input goes as soon as a worker is free: max_wait does not hold it back."""
     with MicroBatcher(_rowfn, max_batch_size=8, max_wait_ms=5000, workers=2) as b:
