@@ -48,7 +48,7 @@ __all__ = ["BF16_FLAGS", "cpu_flags", "native_bf16", "Speed", "resolve_speed", "
 # CPU flags of native bf16 matrix instructions (oneDNN runs bf16 convolutions on them; elsewhere bf16 is emulated)
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 TRIAL_MARGIN = 0.95  # a candidate other than fp32 must take <= 95% of fp32's step time to be chosen
-TRIAL_MAX_BATCH = 64  # the trial times steps of at most this many images (the ordering holds; 8x cheaper at 512)
+TRIAL_MAX_BATCH = 64  # the trial times at most this many images per step (same choice at 16-512: speed_trial_batches)
 CPUINFO = Path("/proc/cpuinfo")  # where cpu_flags() reads by default (tests point it at a written file)
 
 
