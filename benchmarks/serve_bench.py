@@ -13,8 +13,10 @@ up, then, for --rounds rounds, alternates between them: a fixed number of
 POST /v1/search requests from C concurrent keep-alive clients (C = --clients,
 then C = --moderate).  Per mode and load the medians over the rounds are
 reported (robust against other work on a shared machine).  It then stops.
-Reported per run: requests/s, latency p50/p90/p99/max (ms), errors, and the
-mean micro-batch size read from the server's /metrics.  Before each round,
+Reported per run: requests/s, latency p50/p90/p99/max (ms), errors, the
+mean micro-batch size read from the server's /metrics, and (Linux) the CPU
+milliseconds per request of the server's event-loop thread, its other threads
+(inference, ONNX Runtime's pool), its decode processes and the load generator.  Before each round,
 ONNX Runtime alone is timed in-process at batch 1 and at the max batch size,
 with its default threads and, when they differ, with the servers' ``--threads``
 and ``--inference-workers`` (that many threads calling one session side by
@@ -163,6 +165,55 @@ async def run_load(port: int, requests: list[bytes], clients: int, total: int) -
             "mean": round(float(lat.mean()), 2),
         },
     }
+
+
+def _cpu_seconds(stat_path: str) -> float:
+    """utime + stime of a /proc stat file, in seconds (0.0 if it has gone)."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the decode workers sit under a forkserver)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def server_cpu(pid: int) -> dict[str, float] | None:
+    """CPU seconds so far of a server: its event-loop (main) thread, its other threads (inference, ONNX
+    Runtime's pool, helpers) and its descendant processes (decode workers); None where /proc is missing."""
+    if not os.path.isdir(f"/proc/{pid}/task"):
+        return None
+    main = _cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
+    return {"event_loop_thread": main, "other_threads": _cpu_seconds(f"/proc/{pid}/stat") - main,
+            "decode_processes": sum(_cpu_seconds(f"/proc/{c}/stat") for c in _descendants(pid))}
+
+
+def cpu_per_request(before: dict[str, float] | None, after: dict[str, float] | None, client_s: float,
+                    requests: int) -> dict[str, float] | None:
+    """CPU milliseconds per request by part (server threads, decode processes, this load generator)."""
+    if before is None or after is None or requests < 1:
+        return None
+    out = {k: round(1000 * (after[k] - before[k]) / requests, 3) for k in after}
+    out["load_generator"] = round(1000 * client_s / requests, 3)
+    return out
 
 
 def batch_stats(metrics_text: str) -> tuple[float, float]:
@@ -385,11 +436,14 @@ def measure_servers(args: argparse.Namespace, model: str, gallery: str, payloads
             print(f"round {rnd + 1}/{args.rounds} onnxruntime alone: batch 1 {ort[1]:.1f} images/s, "
                   f"batch {in_process.batch} {ort[in_process.batch]:.1f} images/s", flush=True)
             for clients in (args.clients, args.moderate):
-                for mode, (_, port) in servers.items():
+                for mode, (proc, port) in servers.items():
                     s0, c0 = batch_stats(asyncio.run(http_get(port, "/metrics"))[1].decode())
+                    cpu0, own0 = server_cpu(proc.pid), time.process_time()
                     res = asyncio.run(run_load(port, reqs[mode], clients, args.requests))
+                    cpu1, own1 = server_cpu(proc.pid), time.process_time()
                     s1, c1 = batch_stats(asyncio.run(http_get(port, "/metrics"))[1].decode())
                     res["mean_batch_size"] = round((s1 - s0) / max(1.0, c1 - c0), 2)
+                    res["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu1, own1 - own0, res["requests"])
                     samples.setdefault((mode, clients), []).append(res)
                     print(f"round {rnd + 1}/{args.rounds} {mode:8s} clients={clients:3d}  "
                           f"{res['requests_per_s']:8.1f} req/s  "
@@ -399,6 +453,11 @@ def measure_servers(args: argparse.Namespace, model: str, gallery: str, payloads
         for proc, _ in servers.values():
             stop_server(proc)
     return samples, info
+
+
+def _median_parts(rows: list[dict[str, float] | None]) -> dict[str, float] | None:
+    rows = [r for r in rows if r]
+    return {k: round(float(np.median([r[k] for r in rows])), 3) for k in rows[0]} if rows else None
 
 
 def summarise_runs(args: argparse.Namespace, modes: list[tuple[str, int]], samples: dict) -> dict[str, Any]:
@@ -414,6 +473,7 @@ def summarise_runs(args: argparse.Namespace, modes: list[tuple[str, int]], sampl
                 "latency_ms": {q: round(float(np.median([r["latency_ms"][q] for r in rs])), 2)
                                for q in ("p50", "p90", "p99", "max", "mean")},
                 "mean_batch_size": round(float(np.median([r["mean_batch_size"] for r in rs])), 2),
+                "cpu_ms_per_request": _median_parts([r["cpu_ms_per_request"] for r in rs]),
                 "errors": sum(sum(r["errors"].values()) for r in rs),
                 "rounds": rs,
             }
@@ -439,6 +499,8 @@ def summary_of(args: argparse.Namespace, runs: dict[str, Any], ceiling: dict[str
     per_round = [r["requests_per_s"] / v for r, v in zip(b[c]["rounds"], ceiling["rounds"][str(ceiling["batch"])])]
     summary[f"server_vs_in_process_batched_at_{c}_clients"] = round(float(np.median(per_round)), 3)
     summary[f"server_vs_in_process_batched_at_{c}_clients_per_round"] = [round(x, 3) for x in per_round]
+    # where a request's CPU goes (the event loop's share is what the HTTP layer costs)
+    summary[f"cpu_ms_per_request_batched_at_{c}_clients"] = b[c]["cpu_ms_per_request"]
     return summary
 
 
