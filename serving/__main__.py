@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits to fill, counted from when its first image was queued; one inference "
                         "worker only (default 2 ms)")
     b.add_argument("--inference-workers", type=positive_int, default=1, metavar="N",
-                   help="inference threads, each running whole batches; with --threads 1 and N = the cores, no batch "
-                        "waits for a thread the HTTP work pushed off its core (default 1)")
+                   help="inference threads, each running whole batches and never waiting for company; on a small CPU "
+                        "machine try --threads 1 with N = the cores (default 1)")
     b.add_argument("--max-queue", type=positive_int, default=1024,
                    help="images waiting for inference before requests get 503 (default 1024)")
     lim = p.add_argument_group("limits")
