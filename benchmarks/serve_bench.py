@@ -310,10 +310,10 @@ class InProcess:
         self.batch, self.seconds = batch, seconds
         s = next(iter(self.encoders.values())).spec.input_size
         self.x = np.random.default_rng(0).random((batch, 3, s, s), dtype=np.float32)
-        self.samples: dict[int, list[float]] = {1: [], batch: []}
+        self.sizes = (1, batch)
         self.by_config: dict[str, dict[int, list[float]]] = {self.label(c): {1: [], batch: []} for c in configs}
         for enc in self.encoders.values():
-            for b in self.samples:
+            for b in self.sizes:
                 enc.embed_arrays(self.x[:b])  # warm-up
 
     @staticmethod
@@ -341,19 +341,22 @@ class InProcess:
     def measure(self) -> dict[int, float]:
         """One round: every configuration at batch 1 and ``batch``; returns the best images/s per batch size."""
         out = {}
-        for b in self.samples:
+        for b in self.sizes:
             rates = {c: self._rate(c, b) for c in self.encoders}
             for c, r in rates.items():
                 self.by_config[self.label(c)][b].append(r)
             out[b] = max(rates.values())
-            self.samples[b].append(out[b])
         return out
 
+    def best(self, b: int) -> list[float]:
+        """Round by round, the best configuration's images/s at batch ``b``."""
+        return [max(vs) for vs in zip(*(d[b] for d in self.by_config.values()))]
+
     def summary(self) -> dict[str, Any]:
-        r1, rb = float(np.median(self.samples[1])), float(np.median(self.samples[self.batch]))
+        r1, rb = float(np.median(self.best(1))), float(np.median(self.best(self.batch)))
         return {"batch": self.batch, "images_per_s_batch1": round(r1, 1),
                 f"images_per_s_batch{self.batch}": round(rb, 1), "ratio": round(rb / r1, 2),
-                "rounds": {str(b): [round(v, 1) for v in vs] for b, vs in self.samples.items()},
+                "rounds": {str(b): [round(v, 1) for v in self.best(b)] for b in self.sizes},
                 "configurations": {k: {str(b): [round(v, 1) for v in vs] for b, vs in d.items()}
                                    for k, d in self.by_config.items()},
                 "ceiling": "per round, the best configuration"}

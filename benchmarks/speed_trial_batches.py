@@ -31,7 +31,7 @@ def trial_at(side: int, resize: int, batch: int) -> dict:
     from training.config import TrainConfig
     from training.distributed import DistContext
     from training.model import ModelConfig
-    from training.step import Speed, build_step, choose_by_trial
+    from training.step import Speed, build_step, choose_by_trial, speed_label
 
     cfg = TrainConfig(batch_size=batch, embedding_dim=128, seed=0)
     mc = ModelConfig(embedding_dim=128, preprocess=PreprocessSpec(input_size=side, resize_size=resize))
@@ -43,11 +43,9 @@ def trial_at(side: int, resize: int, batch: int) -> dict:
     t0 = time.perf_counter()
     speed = choose_by_trial(step, images, cfg.lr, rounds=1, budget_s=0.0)
     ms = speed.trial_ms
-    chosen = {(False, False): "fp32", (True, False): "bf16", (False, True): "channels-last",
-              (True, True): "bf16+channels-last"}[(speed.amp, speed.channels_last)]
     speedup = {k: round(ms["fp32"] / v, 2) for k, v in ms.items()}
-    return {"batch": batch, "ms_per_step": ms, "speedup_over_fp32": speedup, "chosen": chosen,
-            "trial_s": round(time.perf_counter() - t0, 1)}
+    return {"batch": batch, "ms_per_step": ms, "speedup_over_fp32": speedup,
+            "chosen": speed_label(speed.amp, speed.channels_last), "trial_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,8 @@ from training.criterion import InvaSpreadCriterion
 from training.model import ModelConfig, build_encoder
 
 __all__ = ["BF16_FLAGS", "cpu_flags", "native_bf16", "Speed", "resolve_speed", "choose_by_trial", "lr_at",
-           "make_optimizer", "select_loss", "build_criterion", "TrainStep", "build_step", "TRIAL_MAX_BATCH"]
+           "make_optimizer", "select_loss", "build_criterion", "TrainStep", "build_step", "TRIAL_MAX_BATCH",
+           "speed_label"]
 
 
 # CPU flags of native bf16 matrix instructions (oneDNN runs bf16 convolutions on them; elsewhere bf16 is emulated)
@@ -274,7 +275,8 @@ class TrainStep:
             self.opt.load_state_dict(opt_state)
 
 
-def _label(amp: bool, channels_last: bool) -> str:
+def speed_label(amp: bool, channels_last: bool) -> str:
+    """The trial's name of a candidate: fp32, bf16, channels-last or bf16+channels-last."""
     return {(False, False): "fp32", (True, False): "bf16", (False, True): "channels-last",
             (True, True): "bf16+channels-last"}[(amp, channels_last)]
 
@@ -319,10 +321,10 @@ def choose_by_trial(step: TrainStep, batch: Tensor, lr: float, rounds: int = 3, 
     chosen = fastest if best[fastest] <= TRIAL_MARGIN * best[base] else base
     step.set_speed(*chosen)
     speed.timed = ()
-    speed.trial_ms = {_label(*c): round(1000 * t, 1) for c, t in best.items()}
+    speed.trial_ms = {speed_label(*c): round(1000 * t, 1) for c, t in best.items()}
     speed.trial_batch = int(batch.shape[0])
     times = ", ".join(f"{k} {v:.0f}" for k, v in speed.trial_ms.items())
-    speed.note = (f"{speed.note}: ms/step at batch {speed.trial_batch} {times} -> {_label(*chosen)} "
+    speed.note = (f"{speed.note}: ms/step at batch {speed.trial_batch} {times} -> {speed_label(*chosen)} "
                   f"({timed_rounds} timed round(s), {time.perf_counter() - t_start:.1f} s, not counted in images/s)")
     if log is not None:
         side = step.augmenter.out_size
