@@ -156,25 +156,35 @@ def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 SWAP_ATTEMPTS = 20
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, ctime) of ``path`` itself (links not followed), None if nothing is there.
+
+    A folder swapped in by another writer is a different inode; one whose files change in place gets a new ctime.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
 def _swap_in(tmp: Path, target: Path, may_replace: Callable[[Path], bool]) -> Path | None:
     """Put folder ``tmp`` at ``target``; returns the path now holding the replaced folder (to delete), or None.
 
     An existing ``target`` is exchanged with ``tmp`` in one step where the system can (a reader
-    never finds ``target`` missing), else moved aside and replaced (two renames).
+    never finds ``target`` missing), else moved aside and replaced (two renames).  ``may_replace``
+    refusing counts only if ``target`` stayed the same folder while it was checked: one that
+    another writer swapped meanwhile can look incomplete, and is looked at again.
     """
-    refused = 0
     for attempt in range(SWAP_ATTEMPTS):  # target may appear or go away between the check and the rename
         if attempt:  # another writer is between its two renames: let it finish
             time.sleep(min(0.05, 0.001 * 2**attempt))
-        if target.exists() or target.is_symlink():
+        seen = _identity(target)
+        if seen is not None:
             if not may_replace(target):
-                # a folder another writer swaps while it is being looked at can seem incomplete: refuse only
-                # what is refused twice in a row
-                refused += 1
-                if refused >= 2:
-                    raise FileExistsError(str(target))
-                continue
-            refused = 0
+                if _identity(target) != seen:  # another writer swapped it while it was checked: look again
+                    continue
+                raise FileExistsError(str(target))
             try:
                 swapped = exchange_paths(tmp, target)
             except FileNotFoundError:  # target went away after the check: start over
