@@ -201,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--embedding-dim", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--decode-threads", type=int, default=None, help="default: the cores available")
-    ap.add_argument("--repeats", type=int, default=2, help="isfe-index runs per policy; the fastest counts")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds, each measuring every policy in turn; per policy the fastest round counts (default 3)")
     ap.add_argument("--rss-counts", default="200,2000", help="file counts for the peak-RSS runs (default 200,2000)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 photos of 1200x900, RSS 40 vs 120 files")
     ap.add_argument("--shared-cores", action="store_true", help="say in the result that other work shared the cores")
@@ -210,23 +211,40 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _measure_policy(policy: str, model: Path, spec: Any, photos: list[Path], one: Path, work: Path, threads: int,
-                    args: argparse.Namespace) -> dict[str, Any]:
-    """One decode policy: preprocessing images/s, isfe-index end to end (best of --repeats) and its startup."""
-    startup = min(run_index(model, one, work / f"gal-one-{policy}", threads, args.batch_size)["wall_s"]
-                  for _ in range(args.repeats))
-    rates = [preprocess_rate(photos, spec, threads) for _ in range(args.repeats)]
-    index = [run_index(model, work / "photos", work / f"gal-{policy}", threads, args.batch_size)
-             for _ in range(args.repeats)]
-    best = min(index, key=lambda r: r["wall_s"])
-    print(f"{policy:5s}: preprocess {max(rates):7.2f} img/s   isfe-index {len(photos) / best['wall_s']:7.2f} "
-          f"img/s ({best['wall_s']:.1f} s, peak RSS {best['max_rss_mib']:.0f} MiB)", flush=True)
-    return {"preprocess_images_per_s": round(max(rates), 2),
-            "index_images_per_s": round(len(photos) / best["wall_s"], 2),
-            "index_wall_s": best["wall_s"], "index_max_rss_mib": best["max_rss_mib"],
-            "index_one_photo_wall_s": startup,
-            "index_images_per_s_after_startup": round((len(photos) - 1) / max(best["wall_s"] - startup, 1e-9), 2),
-            "index_runs": index}
+def _measure_policies(models: dict[str, Path], spec: dict[str, Any], photos: list[Path], one: Path, work: Path,
+                      threads: int, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Every decode policy: preprocessing images/s, isfe-index end to end and its startup (one photo).
+
+    The policies alternate within each of --repeats rounds (full, draft, full, draft, ...), so that a
+    host whose speed drifts slows both alike; per policy the best round counts, and the per-round
+    draft/full ratios are returned too.
+    """
+    startup: dict[str, list[float]] = {p: [] for p in models}
+    rates: dict[str, list[float]] = {p: [] for p in models}
+    index: dict[str, list[dict[str, float]]] = {p: [] for p in models}
+    for _ in range(args.repeats):
+        for p in models:
+            startup[p].append(run_index(models[p], one, work / f"gal-one-{p}", threads, args.batch_size)["wall_s"])
+        for p in models:
+            rates[p].append(preprocess_rate(photos, spec[p], threads))
+        for p in models:
+            index[p].append(run_index(models[p], work / "photos", work / f"gal-{p}", threads, args.batch_size))
+    runs = {}
+    for p in models:
+        best = min(index[p], key=lambda r: r["wall_s"])
+        print(f"{p:5s}: preprocess {max(rates[p]):7.2f} img/s   isfe-index {len(photos) / best['wall_s']:7.2f} "
+              f"img/s ({best['wall_s']:.1f} s, peak RSS {best['max_rss_mib']:.0f} MiB)", flush=True)
+        runs[p] = {"preprocess_images_per_s": round(max(rates[p]), 2),
+                   "preprocess_rounds": [round(r, 2) for r in rates[p]],
+                   "index_images_per_s": round(len(photos) / best["wall_s"], 2),
+                   "index_wall_s": best["wall_s"], "index_max_rss_mib": best["max_rss_mib"],
+                   "index_one_photo_wall_s": min(startup[p]),
+                   "index_images_per_s_after_startup": round((len(photos) - 1) / max(best["wall_s"] - min(startup[p]),
+                                                                                     1e-9), 2),
+                   "index_runs": index[p]}
+    per_round = {"isfe_index": [round(f["wall_s"] / d["wall_s"], 2) for f, d in zip(index["full"], index["draft"])],
+                 "preprocess": [round(d / f, 2) for f, d in zip(rates["full"], rates["draft"])]}
+    return runs, per_round
 
 
 def _measure_rss(model: Path, photos: list[Path], counts: list[int], work: Path, threads: int,
@@ -267,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = {k: PreprocessSpec(args.input_size, args.resize_size, decode=k) for k in models}
         one = linked_folder(work / "one", photos, 1)
-        runs = {policy: _measure_policy(policy, models[policy], spec[policy], photos, one, work, threads, args)
-                for policy in ("full", "draft")}
+        runs, per_round = _measure_policies(models, spec, photos, one, work, threads, args)
         rss = _measure_rss(models["draft"], photos, counts, work, threads, args)
         agree = agreement(models["full"], models["draft"], photos)
         print(f"draft vs full: cosine mean {agree['cosine_mean']:.6f} min {agree['cosine_min']:.6f}; uint8 mean abs "
@@ -293,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 "isfe_index_after_startup": round(runs["draft"]["index_images_per_s_after_startup"]
                                                   / runs["full"]["index_images_per_s_after_startup"], 2),
                 "preprocess": round(runs["draft"]["preprocess_images_per_s"]
-                                    / runs["full"]["preprocess_images_per_s"], 2)},
+                                    / runs["full"]["preprocess_images_per_s"], 2),
+                "per_round": per_round},
             "peak_rss_by_file_count": rss,
             "peak_rss_growth_mib": round(rss[hi]["max_rss_mib"] - rss[lo]["max_rss_mib"], 1),
             "agreement_draft_vs_full": agree,

@@ -210,6 +210,11 @@ class Encoder:
         providers: ONNX Runtime execution providers; None picks TensorRT ->
             CUDA -> CPU among those installed (see :func:`resolve_providers`).
         threads: intra-op threads of ONNX Runtime (None: its default, all cores).
+        spinning: whether ONNX Runtime's idle intra-op threads busy-wait for the next
+            operator (True: its default, fastest when inference has the cores to
+            itself).  False lets them sleep, so that decoding threads running at the
+            same time (:meth:`embed_iter` over files) get the cores; the command line
+            tools use False.
         max_pixels: refuse images with more decoded pixels (decompression
             bombs); None disables the check.
         decode_threads: threads that decode and preprocess images, separate from ONNX Runtime's
@@ -240,7 +245,7 @@ class Encoder:
 
     def __init__(self, model_path: str | os.PathLike, providers: str | Sequence[ProviderSpec] | None = None,
                  threads: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                 precision: str = "auto", decode_threads: int | None = None):
+                 precision: str = "auto", decode_threads: int | None = None, spinning: bool = True):
         located = locate(model_path)
         self.package: ModelPackage | None = located if isinstance(located, ModelPackage) else None
         if threads is not None and int(threads) < 1:
@@ -284,6 +289,10 @@ class Encoder:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         self.threads = threads
+        self.spinning = bool(spinning)
+        if not self.spinning:  # documented keys of onnxruntime_session_options_config_keys.h
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         # TensorRT's optimisation profile needs the input size from the metadata: read it
         # with a plain CPU session first, then build the TensorRT one.
         use_trt = any(_provider_name(p) == "TensorrtExecutionProvider" for p in requested)
@@ -438,6 +447,8 @@ class Encoder:
             "max_pixels": self.max_pixels,
             "decode": self.spec.decode,
             "decode_threads": self.decode_threads,
+            "threads": self.threads,
+            "spinning": self.spinning,
             **runtime_info(),
         }
 

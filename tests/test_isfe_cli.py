@@ -40,6 +40,19 @@ def test_embed_writes_npy_in_input_order(model, enc, photos, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
 
 
+def test_cli_encoder_lets_onnxruntime_threads_sleep(model):
+    """The tools decode while ONNX Runtime runs: their encoder has spinning off (see Encoder's ``spinning``)."""
+    import argparse
+
+    from isfe_model.cli import _open_encoder
+
+    args = argparse.Namespace(model=str(model.onnx_path), providers=None, threads=None, max_pixels=50_000_000,
+                              decode_threads=None, quiet=True)
+    enc = _open_encoder(args, "isfe-index")
+    assert enc.spinning is False
+    assert enc._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_unusual_images_are_embedded_by_the_cli(model, tmp_path, capsys):
     files = _unusual_files(tmp_path / "unusual")
     out = tmp_path / "u.npy"

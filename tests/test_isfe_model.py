@@ -72,6 +72,20 @@ def test_batching_and_threads_do_not_change_results(model, enc, images):
         enc.embed(images, batch_size=0)
 
 
+def test_spinning_off_reaches_onnxruntime_and_keeps_results(model, enc, images):
+    """spinning=False sets ONNX Runtime's documented allow_spinning keys to "0" and changes no output."""
+    key = "session.intra_op.allow_spinning"
+    quiet = Encoder(model.onnx_path, threads=2, spinning=False)
+    busy = Encoder(model.onnx_path, threads=2)
+    assert quiet._session.get_session_options().get_session_config_entry(key) == "0"
+    assert quiet._session.get_session_options().get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ONNX Runtime's default
+        busy._session.get_session_options().get_session_config_entry(key)
+    assert (quiet.info()["spinning"], busy.info()["spinning"], quiet.info()["threads"]) == (False, True, 2)
+    assert np.allclose(quiet.embed(images), busy.embed(images), atol=1e-6)
+    assert np.allclose(quiet.embed(images), enc.embed(images), atol=1e-5)
+
+
 def test_embed_arrays_validates_input(enc):
     s = INPUT_SIZE
     x = np.random.default_rng(0).random((5, 3, s, s), dtype=np.float32)
