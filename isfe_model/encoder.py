@@ -240,7 +240,7 @@ class Encoder:
         ModelError: missing, empty or corrupt file, not an ONNX model, or
             inputs/outputs that do not match the metadata.
         MetadataError: an ONNX model without ISFE metadata.
-        ValueError: an unknown or unavailable provider, threads < 1.
+        ValueError: an unknown or unavailable provider, threads < 1, spinning not a bool.
     """
 
     def __init__(self, model_path: str | os.PathLike, providers: str | Sequence[ProviderSpec] | None = None,
@@ -252,6 +252,8 @@ class Encoder:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if max_pixels is not None and int(max_pixels) < 1:
             raise ValueError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+        if not isinstance(spinning, (bool, np.bool_)):  # "off" or 0 would silently mean something else
+            raise ValueError(f"spinning must be True or False, got {short_repr(spinning)}")
         if precision not in PRECISION_CHOICES:
             raise ModelError(f"precision {short_repr(precision)} is not known; choose one of "
                              f"{', '.join(PRECISION_CHOICES)}")

@@ -84,6 +84,9 @@ def test_spinning_off_reaches_onnxruntime_and_keeps_results(model, enc, images):
     assert (quiet.info()["spinning"], busy.info()["spinning"], quiet.info()["threads"]) == (False, True, 2)
     assert np.allclose(quiet.embed(images), busy.embed(images), atol=1e-6)
     assert np.allclose(quiet.embed(images), enc.embed(images), atol=1e-5)
+    for bad in ("off", 0, None):
+        with pytest.raises(ValueError, match="spinning must be True or False"):
+            Encoder(model.onnx_path, spinning=bad)
 
 
 def test_embed_arrays_validates_input(enc):
