@@ -144,14 +144,21 @@ _INDEX_WITH_PEAK = ("import atexit, sys\n"
                     "        if line.startswith('VmHWM:'):\n"
                     "            sys.stderr.write('PEAK_RSS_KB ' + line.split()[1] + '\\n')\n"
                     "atexit.register(_peak)\n"
-                    "from isfe_model.cli import index_main\n"
-                    "sys.exit(index_main(sys.argv[1:]))\n")
+                    "import isfe_model.cli as cli\n"
+                    "if sys.argv.pop(1) == 'on':  # --spinning-ab: the CLI's encoder with ONNX Runtime's spinning\n"
+                    "    _E = cli.Encoder\n"
+                    "    cli.Encoder = lambda *a, **k: _E(*a, **{**k, 'spinning': True})\n"
+                    "sys.exit(cli.index_main(sys.argv[1:]))\n")
 
 
-def run_index(model: Path, folder: Path, out: Path, decode_threads: int, batch_size: int) -> dict[str, float]:
-    """isfe-index (``isfe_model.cli.index_main``) in a fresh process -> {"wall_s", "max_rss_mib"}; a failure raises."""
+def run_index(model: Path, folder: Path, out: Path, decode_threads: int, batch_size: int,
+              spinning: bool = False) -> dict[str, float]:
+    """isfe-index (``isfe_model.cli.index_main``) in a fresh process -> {"wall_s", "max_rss_mib"}; a failure raises.
+
+    ``spinning=True`` overrides the CLI's ``spinning=False`` (for the --spinning-ab comparison)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-c", _INDEX_WITH_PEAK, str(model), str(folder), "-o", str(out), "--overwrite", "-q",
+    cmd = [sys.executable, "-c", _INDEX_WITH_PEAK, "on" if spinning else "off",
+           str(model), str(folder), "-o", str(out), "--overwrite", "-q",
            "--no-progress", "--decode-threads", str(decode_threads), "--batch-size", str(batch_size)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -205,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="rounds, each measuring every policy in turn; per policy the fastest round counts (default 3)")
     ap.add_argument("--rss-counts", default="200,2000", help="file counts for the peak-RSS runs (default 200,2000)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 photos of 1200x900, RSS 40 vs 120 files")
+    ap.add_argument("--spinning-ab", action="store_true",
+                    help="also time isfe-index with ONNX Runtime's spinning on vs off (the CLI's), --repeats rounds")
     ap.add_argument("--shared-cores", action="store_true", help="say in the result that other work shared the cores")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/photo_bench-<cpuN>.json)")
     ap.add_argument("--workdir", default=None, help="where the photos go (default: a temporary folder, removed)")
@@ -247,6 +256,24 @@ def _measure_policies(models: dict[str, Path], spec: dict[str, Any], photos: lis
     return runs, per_round
 
 
+def _measure_spinning(models: dict[str, Path], photos: list[Path], work: Path, threads: int,
+                      args: argparse.Namespace) -> dict[str, Any]:
+    """isfe-index with ONNX Runtime's spinning on (its default) vs off (the CLI's), alternating in each round."""
+    walls: dict[str, dict[str, list[float]]] = {p: {"on": [], "off": []} for p in models}
+    for _ in range(args.repeats):
+        for p in models:
+            for mode in ("on", "off"):
+                r = run_index(models[p], work / "photos", work / f"gal-spin-{p}", threads, args.batch_size,
+                              spinning=mode == "on")
+                walls[p][mode].append(r["wall_s"])
+    out = {p: {"wall_s_on": w["on"], "wall_s_off": w["off"],
+               "off_speedup_per_round": [round(a / b, 3) for a, b in zip(w["on"], w["off"])]} for p, w in walls.items()}
+    for p, o in out.items():
+        print(f"spinning {p:5s}: on {min(o['wall_s_on']):.2f} s, off {min(o['wall_s_off']):.2f} s "
+              f"(off speedup per round {o['off_speedup_per_round']})", flush=True)
+    return out
+
+
 def _measure_rss(model: Path, photos: list[Path], counts: list[int], work: Path, threads: int,
                  args: argparse.Namespace) -> dict[str, Any]:
     """Peak RSS of isfe-index over folders of ``counts`` files (hard links to the photos, cycled)."""
@@ -286,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {k: PreprocessSpec(args.input_size, args.resize_size, decode=k) for k in models}
         one = linked_folder(work / "one", photos, 1)
         runs, per_round = _measure_policies(models, spec, photos, one, work, threads, args)
+        spinning = _measure_spinning(models, photos, work, threads, args) if args.spinning_ab else None
         rss = _measure_rss(models["draft"], photos, counts, work, threads, args)
         agree = agreement(models["full"], models["draft"], photos)
         print(f"draft vs full: cosine mean {agree['cosine_mean']:.6f} min {agree['cosine_min']:.6f}; uint8 mean abs "
@@ -312,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 "preprocess": round(runs["draft"]["preprocess_images_per_s"]
                                     / runs["full"]["preprocess_images_per_s"], 2),
                 "per_round": per_round},
+            "spinning_ab": spinning,
             "peak_rss_by_file_count": rss,
             "peak_rss_growth_mib": round(rss[hi]["max_rss_mib"] - rss[lo]["max_rss_mib"], 1),
             "agreement_draft_vs_full": agree,

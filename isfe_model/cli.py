@@ -145,8 +145,8 @@ def _open_encoder(args: argparse.Namespace, prog: str) -> Encoder:
     lift_pillow_pixel_limit(args.max_pixels)  # ours is the limit that counts (_run restores Pillow's)
     try:
         # spinning=False: ONNX Runtime's idle threads sleep instead of taking the cores from the decode threads
-        # (isfe-index, 200 x 12 MP photos on 2 cores: 2-6% faster with draft decoding, 0-2% with full; README,
-        # "ONNX Runtime's idle threads")
+        # (photo_bench --spinning-ab, 200 x 12 MP photos on 2 cores: 1-9% faster per round with draft decoding, full
+        # decoding within the host's noise; README, "ONNX Runtime's idle threads")
         enc = Encoder(args.model, providers=args.providers, threads=args.threads, max_pixels=args.max_pixels,
                       decode_threads=args.decode_threads, spinning=False)
     except ValueError as e:  # ModelError, MetadataError, bad --providers
