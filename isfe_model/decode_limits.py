@@ -97,6 +97,8 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: restart marker (RST0-7) or a fill byte.
 _JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: Sequential Huffman frames (baseline, extended): one scan with every component is the whole image.
+_JPEG_ONE_SCAN_SOF = frozenset({0xC0, 0xC1})
 
 
 def check_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "input") -> None:
@@ -140,8 +142,14 @@ def _too_complex(name: str, what: str, fix: str) -> ImageError:
 
 
 def _check_jpeg(data: bytes, max_pixels: int | None, name: str) -> None:
-    """Walk the marker segments of the first image (up to EOI); count segments and scans."""
-    n, i, segments, scans, allowed = len(data), 2, 0, 0, MAX_JPEG_SCANS
+    """Walk the marker segments of the first image (up to EOI); count segments and scans.
+
+    The walk stops at the first scan of a sequential Huffman JPEG (SOF0/SOF1, nearly every camera
+    photo) that holds all the frame's components: libjpeg then knows the file has one scan and stops
+    with an error at any further SOS ("broken data stream"), so what follows costs no decoding and
+    the scan's entropy-coded data (most of the file) is not searched.
+    """
+    n, i, segments, scans, allowed, sof, components = len(data), 2, 0, 0, MAX_JPEG_SCANS, 0, 0
     while i + 4 <= n and data[i] == 0xFF:
         m = data[i + 1]
         if m == 0xFF:  # fill byte
@@ -156,9 +164,13 @@ def _check_jpeg(data: bytes, max_pixels: int | None, name: str) -> None:
         if segments > MAX_JPEG_SEGMENTS:
             raise _too_complex(name, f"JPEG of more than {MAX_JPEG_SEGMENTS:,} marker segments (a photo has fewer "
                                      f"than 50)", "re-save the image")
-        if m in _JPEG_SOF and i + 9 <= n and max_pixels is not None:
-            pixels = int.from_bytes(data[i + 5 : i + 7], "big") * int.from_bytes(data[i + 7 : i + 9], "big")
-            allowed = min(MAX_JPEG_SCANS, JPEG_SCAN_PASSES * max_pixels // max(pixels, 1))
+        if m in _JPEG_SOF:
+            sof, components = m, data[i + 9] if i + 10 <= n else -1
+            if i + 9 <= n and max_pixels is not None:
+                pixels = int.from_bytes(data[i + 5 : i + 7], "big") * int.from_bytes(data[i + 7 : i + 9], "big")
+                allowed = min(MAX_JPEG_SCANS, JPEG_SCAN_PASSES * max_pixels // max(pixels, 1))
+        if m == 0xDA and scans == 0 and sof in _JPEG_ONE_SCAN_SOF and i + 4 < n and data[i + 4] == components:
+            return  # libjpeg's has_multiple_scans is false: a second SOS is a fatal error, not a second pass
         i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
         if m == 0xDA:
             scans += 1

@@ -90,6 +90,46 @@ def test_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding():
     _refused(over, "too_complex", r"more than 1,000 scans", max_pixels=None)  # the absolute cap, without a pixel limit
 
 
+def _one_scan_repeated(im: Image.Image, extra: int, components_in_scan: int | None = None) -> bytes:
+    """A baseline JPEG whose single scan is repeated ``extra`` times; with ``components_in_scan`` the
+    scan header is rewritten to code only that many of the frame's components (a non-interleaved scan)."""
+    data = _encode(im, "JPEG", quality=90)
+    scans = [s for s in _jpeg_segments(data) if s[0] == 0xDA]
+    assert len(scans) == 1
+    _, start, end = scans[0]
+    scan = data[start:end]
+    if components_in_scan is not None:
+        head_len = struct.unpack(">H", scan[2:4])[0]
+        k = components_in_scan
+        selectors, spectral = scan[5 : 5 + 2 * k], scan[5 + 2 * scan[4] : 2 + head_len]
+        head = b"\xff\xda" + struct.pack(">HB", 6 + 2 * k, k) + selectors + spectral
+        scan = head + scan[2 + head_len :]
+    return data[:start] + scan * (1 + extra) + data[end:]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_a_baseline_jpeg_with_its_one_scan_repeated_fails_after_one_pass(mode):
+    """SOF0 and a first scan of every component: libjpeg knows the image has one scan and stops with an
+    error at the next SOS, so the walk need not search the scan's data (most of a photo's bytes)."""
+    im = Image.fromarray(photo(64, 64, seed=2)).convert(mode)
+    many = _one_scan_repeated(im, 5000)  # ~10 MB of scans
+    check_image_bytes(many)  # nothing to refuse: the extra scans are never decoded
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError, match="broken data stream") as ei:
+        load_image(many, name="hostile")
+    assert ei.value.kind == "corrupt"
+    assert time.perf_counter() - t0 < 0.5, "failed, but only after decoding the extra scans"
+
+
+def test_a_sequential_jpeg_whose_first_scan_lacks_components_still_has_its_scans_counted():
+    """Ns < Nf: libjpeg expects more scans and decodes every one, so they are counted as in a progressive file."""
+    im = Image.fromarray(photo(64, 64, seed=2))
+    over = _one_scan_repeated(im, pp.MAX_JPEG_SCANS, components_in_scan=1)
+    _refused(over, "too_complex", r"JPEG of more than 1,000 scans")
+    fine = _one_scan_repeated(im, 2, components_in_scan=1)
+    check_image_bytes(fine)
+
+
 def test_normal_progressive_and_baseline_jpegs_decode():
     rgb = photo(300, 200, seed=1)
     for kw in ({"progressive": True}, {}, {"progressive": True, "subsampling": 0}):
