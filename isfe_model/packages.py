@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -38,7 +37,10 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 from .metadata import ModelError, ModelMetadata, short_repr
 
@@ -233,12 +235,14 @@ class ModelPackage:
 # --------------------------------------------------------------------------- installed packages and the Hub
 
 
-def installed_models() -> dict[str, importlib.metadata.EntryPoint]:
+def installed_models() -> dict[str, EntryPoint]:
     """Entry points of the group ``isfe_model.models``, by package name."""
+    import importlib.metadata  # here, not at the top: it costs every start ~35 ms (email, zipfile, ...)
+
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def _installed_folder(ep: importlib.metadata.EntryPoint) -> Path:
+def _installed_folder(ep: EntryPoint) -> Path:
     try:
         target = ep.load()
         folder = Path(target() if callable(target) else target)

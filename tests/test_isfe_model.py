@@ -217,6 +217,23 @@ def test_onnxruntime_packages_finds_every_provider_of_the_module(tmp_path, monke
     assert not any("extensions" in f for f in found)
 
 
+def test_dist_label_reads_what_importlib_metadata_reads(tmp_path):
+    """The slow twin of the direct METADATA read: importlib.metadata, on the installed onnxruntime and on odd files."""
+    import importlib.metadata
+
+    body = tmp_path / "onnxruntime_x-2.0.dist-info"  # a description whose text has header-like lines
+    body.mkdir()
+    (body / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-x\nVersion: 2.0\nSummary: s\n\n"
+                                   "Name: not-this\nVersion: 9\n")
+    infos = [body] + [importlib.metadata.distribution("onnxruntime")._path]  # type: ignore[attr-defined]
+    for info in infos:
+        d = importlib.metadata.PathDistribution(info)
+        assert encoder_mod._dist_label(info) == f"{d.metadata['Name']} {d.version}"
+    bare = tmp_path / "onnxruntime_gpu-1.5.0.dist-info"  # no METADATA: the folder's name
+    bare.mkdir()
+    assert encoder_mod._dist_label(bare) == "onnxruntime_gpu 1.5.0"
+
+
 def test_fixed_batch_model_is_fed_padded_batches(model, enc, tmp_path, images):
     """A model exported with a fixed batch (here 2) gets padded / split batches."""
     onnx = pytest.importorskip("onnx")
