@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   / runs["full"]["index_images_per_s_after_startup"], 2),
                 "preprocess": round(runs["draft"]["preprocess_images_per_s"]
                                     / runs["full"]["preprocess_images_per_s"], 2),
-                "per_round": per_round},
+                "per_round": per_round,
+                "median_of_rounds": {k: round(float(np.median(v)), 2) for k, v in per_round.items()}},
             "spinning_ab": spinning,
             "peak_rss_by_file_count": rss,
             "peak_rss_growth_mib": round(rss[hi]["max_rss_mib"] - rss[lo]["max_rss_mib"], 1),
