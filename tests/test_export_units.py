@@ -128,8 +128,8 @@ def test_run_parity_writes_report(tmp_path):
     x = np.random.default_rng(0).random((12, 3, 4, 4), dtype=np.float32)
     w = np.random.default_rng(1).normal(size=(48, 8)).astype(np.float32)
 
-    def embed(b):
-        z = b.reshape(len(b), -1) @ w
+    def embed(b):  # one row at a time: a batched matmul may sum in another order per batch size (BLAS kernels)
+        z = np.stack([row.reshape(-1) @ w for row in b])
         return z / np.linalg.norm(z, axis=1, keepdims=True)
 
     imgs = ParityImages(x, None, "test")
