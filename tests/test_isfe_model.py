@@ -225,7 +225,8 @@ def test_dist_label_reads_what_importlib_metadata_reads(tmp_path):
     body.mkdir()
     (body / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-x\nVersion: 2.0\nSummary: s\n\n"
                                    "Name: not-this\nVersion: 9\n")
-    infos = [body] + [importlib.metadata.distribution("onnxruntime")._path]  # type: ignore[attr-defined]
+    installed = next(f for f in importlib.metadata.distribution("onnxruntime").files or [] if f.name == "METADATA")
+    infos = [body, Path(installed.locate()).parent]
     for info in infos:
         d = importlib.metadata.PathDistribution(info)
         assert encoder_mod._dist_label(info) == f"{d.metadata['Name']} {d.version}"
