@@ -63,6 +63,7 @@ def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bo
     files are on ``blocked_paths``.
     """
     from isfe_model import Encoder, Gallery
+    from isfe_model.preprocess import reuse_image_memory
 
     from .app import DemoState, build_ui, check_gallery, launch, pick_examples, resolve_image_root
     from .paths import bind_warning, check_folder
@@ -72,6 +73,7 @@ def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bo
         index_root = check_folder(
             args.allow_indexing, "--allow-indexing", "give the folder that holds the image folders"
         )
+    reuse_image_memory()  # full-size decodes of uploaded photos reuse Pillow's freed blocks
     encoder = Encoder(args.model, threads=args.threads)
     gallery = Gallery.load(args.gallery, encoder=encoder)
     root = resolve_image_root(gallery, args.images_root, args.gallery)

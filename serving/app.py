@@ -43,6 +43,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from isfe_model.preprocess import reuse_image_memory
+
 from .errors import ApiError
 from .guard import GuardedApp
 from .inputs import lift_pillow_pixel_limit
@@ -149,6 +151,7 @@ def create_app(encoder: Any, gallery: Any, cfg: ServeConfig) -> GuardedApp:
     """The ASGI application for an already-loaded encoder and gallery."""
     # --max-pixels above Pillow's own limit (~89.5 M pixels): ours is the one that counts.
     lift_pillow_pixel_limit(cfg.max_pixels)
+    reuse_image_memory()  # full-size decodes of large uploads reuse Pillow's freed blocks
     state = ServerState(encoder, gallery, cfg)
     app = FastAPI(
         title="ISFE embedding service",

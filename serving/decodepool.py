@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from isfe_model.preprocess import PreprocessSpec, lift_pillow_pixel_limit
+from isfe_model.preprocess import PreprocessSpec, lift_pillow_pixel_limit, reuse_image_memory
 
 from .decoding import (
     INLINE_MAX_BYTES,
@@ -108,6 +108,7 @@ def _worker_main(conn: Any, spec: PreprocessSpec, max_pixels: int, memory_bytes:
     """Child process: answer ``(kind, name, payload, args)`` jobs until the pipe closes or ``None`` arrives."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops the pool
     lift_pillow_pixel_limit(max_pixels)
+    reuse_image_memory()
     _warm_up(spec, max_pixels)
     if memory_bytes > 0:
         _limit_address_space(memory_bytes)

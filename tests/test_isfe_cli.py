@@ -273,3 +273,18 @@ def test_python_m_isfe_model_in_a_real_process(model, photos, tmp_path):
     r = run("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
     assert main(["--version"]) == 0
+
+
+def test_the_cli_lets_pillow_reuse_image_blocks_during_a_run(model, photos, tmp_path, monkeypatch):
+    """isfe-embed/-index/-search keep freed image blocks for the next decode, and put Pillow's setting back."""
+    from PIL import Image
+
+    import isfe_model.cli as cli
+
+    real, seen = cli.reuse_image_memory, []
+    monkeypatch.setattr(cli, "reuse_image_memory", lambda: seen.append(real()) or seen[-1])
+    monkeypatch.delenv("PILLOW_BLOCKS_MAX", raising=False)
+    before = Image.core.get_blocks_max()
+    img = str(sorted(photos.rglob("*.png"))[0])
+    assert embed_main([str(model.onnx_path), img, "-o", str(tmp_path / "o.npy"), "-q"]) == 0
+    assert seen == [8] and Image.core.get_blocks_max() == before

@@ -351,3 +351,60 @@ def test_preprocess_equals_training_evaluation_pipeline(tmp_path, monkeypatch):
     # and the same through the cache on a second load
     ds2 = data.load_split(str(tmp_path / "data"), "test", resize_size=24)
     assert np.array_equal(np.asarray(ds2.images), np.asarray(ds.images))
+
+
+# --------------------------------------------------------------------------- Pillow's block reuse
+
+
+@pytest.fixture
+def pillow_blocks():
+    """Pillow's arena settings, restored after the test (1 MiB blocks here: small images span several)."""
+    size, blocks = Image.core.get_block_size(), Image.core.get_blocks_max()
+    Image.core.set_blocks_max(0)
+    Image.core.set_block_size(1 << 20)
+    yield
+    Image.core.set_blocks_max(0)  # frees what the test left cached
+    Image.core.set_block_size(size)
+    Image.core.set_blocks_max(blocks)
+
+
+def test_reused_image_blocks_decode_the_same_arrays(pillow_blocks, tmp_path):
+    """The slow twin of reuse_image_memory: every array equals the one decoded with reuse off (Pillow's
+    reused blocks are not zeroed: a decode that left pixels unwritten would show the previous image)."""
+    files = []
+    for k, (w, h) in enumerate([(900, 700), (700, 900), (640, 640), (1200, 300)]):
+        rgb = photo(w, h, seed=k)
+        files.append(write_image(tmp_path / f"p{k}.jpg", rgb, quality=90))
+        rgba = np.dstack([rgb, (np.arange(w)[None, :].repeat(h, 0) % 256).astype(np.uint8)])
+        files.append(write_image(tmp_path / f"p{k}.png", rgba))
+    spec = PreprocessSpec(64, 72)
+    truncated = (tmp_path / "p0.jpg").read_bytes()[:-5000]
+
+    def run():
+        out = [preprocess(f, spec) for f in files]
+        with pytest.raises(ImageError, match="truncated|corrupt"):
+            load_image(truncated)
+        return out + [preprocess(f, spec) for f in reversed(files)]
+
+    off = run()
+    assert pp.reuse_image_memory(8) == 8 and Image.core.get_blocks_max() == 8
+    before = Image.core.get_stats()["reused_blocks"]
+    on = run()
+    assert Image.core.get_stats()["reused_blocks"] > before  # the blocks were really reused
+    for a, b in zip(off, on):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_reuse_image_memory_leaves_pillows_environment_variable_in_charge():
+    import subprocess
+    import sys
+
+    code = "from isfe_model.preprocess import reuse_image_memory as r; print(r(), r(5))"
+    env = {k: v for k, v in os.environ.items() if k != "PILLOW_BLOCKS_MAX"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.split() == ["8", "5"]
+    pinned = subprocess.run([sys.executable, "-c", code], env={**env, "PILLOW_BLOCKS_MAX": "3"},
+                            capture_output=True, text=True, check=True)
+    assert pinned.stdout.split() == ["3", "3"]
+    with pytest.raises(ValueError, match="blocks must be >= 0"):
+        pp.reuse_image_memory(-1)

@@ -794,6 +794,23 @@ def test_concurrent_requests_equal_single_requests(server, artifacts):
     assert m1[("isfe_batch_size_bucket", frozenset({("le", "8")}))] == m1[("isfe_batch_size_count", frozenset())]
 
 
+def test_the_server_lets_pillow_reuse_image_blocks(artifacts, monkeypatch):
+    """create_app (every server process) keeps freed image blocks for the next full-size decode."""
+    from PIL import Image
+
+    from serving.app import ServeConfig, create_app
+
+    monkeypatch.delenv("PILLOW_BLOCKS_MAX", raising=False)
+    before = Image.core.get_blocks_max()
+    Image.core.set_blocks_max(0)
+    try:
+        create_app(artifacts["encoder"], artifacts["gallery_obj"],
+                   ServeConfig(model=artifacts["model"], gallery=artifacts["gallery"]))
+        assert Image.core.get_blocks_max() == 8
+    finally:
+        Image.core.set_blocks_max(before)
+
+
 def test_not_ready_before_startup(artifacts):
     """Without the lifespan startup (no inference worker) /readyz says 503 and work is refused with 503."""
     from serving.app import ServeConfig, create_app
