@@ -12,9 +12,12 @@ Measured in one run, same photos, same model (a seeded ResNet18 exported by the 
 code, ``tests.helpers_models.make_model``; ``--input-size``/``--resize-size``, default 32/32):
 
 * ``isfe-index`` end to end (a subprocess: start, model load, walk, decode, ONNX Runtime, save),
-  images/s, for a model with ``decode: full`` and the same model with ``decode: draft``;
+  images/s, for a model with ``decode: full`` and the same model with ``decode: draft``, and a
+  third arm, ``full_without_block_reuse``: the full model with Pillow's block reuse off
+  (``PILLOW_BLOCKS_MAX=0``), i.e. full decoding as it ran before the CLI turned it on
+  (``isfe_model.preprocess.reuse_image_memory``);
 * preprocessing alone (``isfe_model.preprocess.preprocess`` over the files, ``--decode-threads``
-  threads), images/s, full vs draft;
+  threads), images/s, for the same three arms;
 * peak RSS of ``isfe-index`` (draft) over folders of two file counts (hard links to the photos,
   cycled), which must not grow with the count beyond the output array (N x D x 4 bytes);
 * cosine between the draft-decoded and full-decoded embeddings of every photo (mean, min), and
@@ -158,13 +161,17 @@ BYTECODE = ("cached, as in an installed package: every isfe-index process reads 
 
 
 def run_index(model: Path, folder: Path, out: Path, decode_threads: int, batch_size: int,
-              spinning: bool = False) -> dict[str, float]:
+              spinning: bool = False, block_reuse: bool = True) -> dict[str, float]:
     """isfe-index (``isfe_model.cli.index_main``) in a fresh process -> {"wall_s", "max_rss_mib"}; a failure raises.
 
     ``spinning=True`` overrides the CLI's ``spinning=False`` (for the --spinning-ab comparison).
-    Compiled modules are cached in ``out``'s folder (see :data:`BYTECODE`)."""
+    Compiled modules are cached in ``out``'s folder (see :data:`BYTECODE`).  ``block_reuse=False`` runs it as
+    before Pillow's block reuse (``PILLOW_BLOCKS_MAX=0``, which the CLI leaves in charge)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(out.parent / "pycache")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("PILLOW_BLOCKS_MAX", None)
+    if not block_reuse:
+        env["PILLOW_BLOCKS_MAX"] = "0"
     cmd = [sys.executable, "-c", _INDEX_WITH_PEAK, "on" if spinning else "off",
            str(model), str(folder), "-o", str(out), "--overwrite", "-q",
            "--no-progress", "--decode-threads", str(decode_threads), "--batch-size", str(batch_size)]
@@ -177,17 +184,24 @@ def run_index(model: Path, folder: Path, out: Path, decode_threads: int, batch_s
     return {"wall_s": round(wall, 3), "max_rss_mib": round(peak[-1] / 1024, 1)}
 
 
-def preprocess_rate(files: list[Path], spec: Any, threads: int) -> float:
-    """Images/s of isfe_model.preprocess.preprocess over ``files`` with ``threads`` threads."""
+def preprocess_rate(files: list[Path], spec: Any, threads: int, block_reuse: bool = True) -> float:
+    """Images/s of isfe_model.preprocess.preprocess over ``files`` with ``threads`` threads, with Pillow's block
+    reuse as the CLI sets it (or off)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from isfe_model.preprocess import preprocess
+    from PIL import Image
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(lambda f: preprocess(f, spec), files):
-            pass
-    return len(files) / (time.perf_counter() - t0)
+    from isfe_model.preprocess import REUSED_IMAGE_BLOCKS, preprocess
+
+    Image.core.set_blocks_max(REUSED_IMAGE_BLOCKS if block_reuse else 0)
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(lambda f: preprocess(f, spec), files):
+                pass
+        return len(files) / (time.perf_counter() - t0)
+    finally:
+        Image.core.set_blocks_max(0)
 
 
 def agreement(full_model: Path, draft_model: Path, files: list[Path]) -> dict[str, Any]:
@@ -228,6 +242,10 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: The third arm: full decoding as it ran before the CLI let Pillow reuse freed image blocks.
+NO_REUSE = "full_without_block_reuse"
+
+
 def _measure_policies(models: dict[str, Path], spec: dict[str, Any], photos: list[Path], one: Path, work: Path,
                       threads: int, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Every decode policy: preprocessing images/s, isfe-index end to end and its startup (one photo).
@@ -239,13 +257,16 @@ def _measure_policies(models: dict[str, Path], spec: dict[str, Any], photos: lis
     startup: dict[str, list[float]] = {p: [] for p in models}
     rates: dict[str, list[float]] = {p: [] for p in models}
     index: dict[str, list[dict[str, float]]] = {p: [] for p in models}
+    reuse = {p: p != NO_REUSE for p in models}
     for _ in range(args.repeats):
         for p in models:
-            startup[p].append(run_index(models[p], one, work / f"gal-one-{p}", threads, args.batch_size)["wall_s"])
+            startup[p].append(run_index(models[p], one, work / f"gal-one-{p}", threads, args.batch_size,
+                                        block_reuse=reuse[p])["wall_s"])
         for p in models:
-            rates[p].append(preprocess_rate(photos, spec[p], threads))
+            rates[p].append(preprocess_rate(photos, spec[p], threads, block_reuse=reuse[p]))
         for p in models:
-            index[p].append(run_index(models[p], work / "photos", work / f"gal-{p}", threads, args.batch_size))
+            index[p].append(run_index(models[p], work / "photos", work / f"gal-{p}", threads, args.batch_size,
+                                      block_reuse=reuse[p]))
     runs = {}
     for p in models:
         best = min(index[p], key=lambda r: r["wall_s"])
@@ -261,6 +282,11 @@ def _measure_policies(models: dict[str, Path], spec: dict[str, Any], photos: lis
                    "index_runs": index[p]}
     per_round = {"isfe_index": [round(f["wall_s"] / d["wall_s"], 2) for f, d in zip(index["full"], index["draft"])],
                  "preprocess": [round(d / f, 2) for f, d in zip(rates["full"], rates["draft"])]}
+    if NO_REUSE in index:
+        per_round["isfe_index_vs_full_without_block_reuse"] = [
+            round(f["wall_s"] / d["wall_s"], 2) for f, d in zip(index[NO_REUSE], index["draft"])]
+        per_round["full_block_reuse_speedup"] = [
+            round(f0["wall_s"] / f["wall_s"], 2) for f0, f in zip(index[NO_REUSE], index["full"])]
     return runs, per_round
 
 
@@ -315,13 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         files = make_model(work / "model", input_size=args.input_size, resize_size=args.resize_size,
                            embedding_dim=args.embedding_dim, name="full")
         models = {"full": files.onnx_path, "draft": with_props(files.onnx_path, work / "model" / "draft.onnx",
-                                                                decode="draft")}
+                                                                decode="draft"), NO_REUSE: files.onnx_path}
         from isfe_model.preprocess import PreprocessSpec
 
-        spec = {k: PreprocessSpec(args.input_size, args.resize_size, decode=k) for k in models}
+        spec = {k: PreprocessSpec(args.input_size, args.resize_size, decode="draft" if k == "draft" else "full")
+                for k in models}
         one = linked_folder(work / "one", photos, 1)
         runs, per_round = _measure_policies(models, spec, photos, one, work, threads, args)
-        spinning = _measure_spinning(models, photos, work, threads, args) if args.spinning_ab else None
+        policies = {k: models[k] for k in ("full", "draft")}
+        spinning = _measure_spinning(policies, photos, work, threads, args) if args.spinning_ab else None
         rss = _measure_rss(models["draft"], photos, counts, work, threads, args)
         agree = agreement(models["full"], models["draft"], photos)
         print(f"draft vs full: cosine mean {agree['cosine_mean']:.6f} min {agree['cosine_min']:.6f}; uint8 mean abs "
@@ -348,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                                                   / runs["full"]["index_images_per_s_after_startup"], 2),
                 "preprocess": round(runs["draft"]["preprocess_images_per_s"]
                                     / runs["full"]["preprocess_images_per_s"], 2),
+                "isfe_index_vs_full_without_block_reuse": round(runs["draft"]["index_images_per_s"]
+                                                                / runs[NO_REUSE]["index_images_per_s"], 2),
+                "full_block_reuse_speedup": round(runs["full"]["index_images_per_s"]
+                                                  / runs[NO_REUSE]["index_images_per_s"], 2),
                 "per_round": per_round,
                 "median_of_rounds": {k: round(float(np.median(v)), 2) for k, v in per_round.items()}},
             "spinning_ab": spinning,
