@@ -193,6 +193,7 @@ def preprocess_rate(files: list[Path], spec: Any, threads: int, block_reuse: boo
 
     from isfe_model.preprocess import REUSED_IMAGE_BLOCKS, preprocess
 
+    before = Image.core.get_blocks_max()
     Image.core.set_blocks_max(REUSED_IMAGE_BLOCKS if block_reuse else 0)
     try:
         t0 = time.perf_counter()
@@ -201,7 +202,7 @@ def preprocess_rate(files: list[Path], spec: Any, threads: int, block_reuse: boo
                 pass
         return len(files) / (time.perf_counter() - t0)
     finally:
-        Image.core.set_blocks_max(0)
+        Image.core.set_blocks_max(before)
 
 
 def agreement(full_model: Path, draft_model: Path, files: list[Path]) -> dict[str, Any]:
@@ -280,13 +281,13 @@ def _measure_policies(models: dict[str, Path], spec: dict[str, Any], photos: lis
                    "index_images_per_s_after_startup": round((len(photos) - 1) / max(best["wall_s"] - min(startup[p]),
                                                                                      1e-9), 2),
                    "index_runs": index[p]}
-    per_round = {"isfe_index": [round(f["wall_s"] / d["wall_s"], 2) for f, d in zip(index["full"], index["draft"])],
-                 "preprocess": [round(d / f, 2) for f, d in zip(rates["full"], rates["draft"])]}
-    if NO_REUSE in index:
-        per_round["isfe_index_vs_full_without_block_reuse"] = [
-            round(f["wall_s"] / d["wall_s"], 2) for f, d in zip(index[NO_REUSE], index["draft"])]
-        per_round["full_block_reuse_speedup"] = [
-            round(f0["wall_s"] / f["wall_s"], 2) for f0, f in zip(index[NO_REUSE], index["full"])]
+    def speedups(slow: str, fast: str) -> list[float]:  # per round: isfe-index wall of ``slow`` / of ``fast``
+        return [round(a["wall_s"] / b["wall_s"], 2) for a, b in zip(index[slow], index[fast])]
+
+    per_round = {"isfe_index": speedups("full", "draft"),
+                 "preprocess": [round(d / f, 2) for f, d in zip(rates["full"], rates["draft"])],
+                 "isfe_index_vs_full_without_block_reuse": speedups(NO_REUSE, "draft"),
+                 "full_block_reuse_speedup": speedups(NO_REUSE, "full")}
     return runs, per_round
 
 

@@ -317,7 +317,7 @@ def reuse_image_memory(blocks: int = REUSED_IMAGE_BLOCKS) -> int:
 
     Pillow's default (0) returns every block to the system, so each full-size decode of a camera photo maps,
     zeroes and unmaps ~48 MB again (on 2 cores, 200 x 12 MP photos through ``isfe-index`` with full decoding:
-    system time 3.0 -> 0.9-1.2 s, wall 10 s -> 8.2 s; ``benchmarks/photo_bench.py``).  Process-wide
+    1.17x the images/s, ``benchmarks/results/photo_bench-cpu2-epyc-block-reuse.json``).  Process-wide
     (``PIL.Image.core.set_blocks_max``), so importing this package never changes it: the command-line tools
     and the server call it for their own processes.  The retained memory is at most ``blocks`` x Pillow's
     block size (128 MiB by default; isfe-index's peak RSS with full decoding went 368 -> 422 MiB).  Pillow's
