@@ -601,3 +601,135 @@ def test_a_jpeg_of_many_sequential_scans_is_not_decoded_inline():
     for data, want in ((jpeg, True), (many, False)):
         up = Upload("x.jpg", data)
         assert decodes_inline(up, read_header(up, 50_000_000)) is want
+
+
+class _RecordingTransport:
+    """An asyncio transport that records every write (for driving an HTTP protocol without sockets)."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.events: list[str] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def write_eof(self) -> None:
+        self.events.append("eof")
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.events.append("close")
+        self.closing = True
+
+    def abort(self) -> None:
+        self.events.append("abort")
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default=None):
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def set_write_buffer_limits(self, *args, **kwargs) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _asgi_app(scope, receive, send):
+    """Answers /stream in three body pieces, /fail by failing after the head, anything else with one body."""
+    if scope["type"] != "http":
+        return
+    await receive()
+    length = [] if scope["path"] == "/stream" else [(b"content-length", b"1000")]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain"), *length]})
+    if scope["path"] == "/fail":
+        raise RuntimeError("the app failed after sending its head")
+    if scope["path"] == "/stream":
+        for piece in (b"one,", b"two,", b"three"):
+            await send({"type": "http.response.body", "body": piece, "more_body": piece != b"three"})
+        return
+    await send({"type": "http.response.body", "body": b"x" * 1000})
+
+
+def _drive(protocol_cls, request: bytes, **kwargs) -> _RecordingTransport:
+    """Feed ``request`` to a fresh connection of ``protocol_cls`` and run the loop until it has answered."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    async def go() -> _RecordingTransport:
+        config = uvicorn.Config(_asgi_app, lifespan="off", log_level="critical", date_header=False,
+                                server_header=False)
+        config.load()
+        proto = protocol_cls(config=config, server_state=ServerState(), app_state={}, **kwargs)
+        transport = _RecordingTransport()
+        proto.connection_made(transport)
+        proto.data_received(request)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        proto.connection_lost(None)
+        return transport
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("path,method", [("/one", "GET"), ("/one", "HEAD"), ("/stream", "GET"),
+                                         ("/one?close", "GET"), ("/fail", "GET")])
+def test_a_response_head_goes_out_with_its_body_and_the_bytes_are_unchanged(path, method):
+    """GuardedH11Protocol sends a response's head and first body piece in one write; the bytes on the wire
+    equal stock uvicorn's (its separate writes joined), for one body, HEAD, a streamed body, Connection: close
+    and an app that fails after its head."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from serving.protocol import GuardedH11Protocol
+
+    close = "Connection: close\r\n" if "close" in path else ""
+    request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{close}\r\n".encode()
+    stock = _drive(H11Protocol, request)
+    ours = _drive(GuardedH11Protocol, request, timeout_headers=10.0)
+    assert b"".join(ours.writes) == b"".join(stock.writes) and stock.writes[0].startswith(b"HTTP/1.1 ")
+    if path == "/fail":  # uvicorn answers 500 (its own head and body) after the app's head was held
+        assert b"".join(ours.writes).startswith(b"HTTP/1.1 ")
+        return
+    assert len(stock.writes) >= 2  # head, then body: the writes that are joined here
+    first = ours.writes[0]
+    assert first.startswith(b"HTTP/1.1 200 ") and b"\r\n\r\n" in first
+    if method == "GET":
+        assert first.endswith(b"x" * 1000 if path != "/stream" else b"one,\r\n")  # chunked: the first chunk
+    if path == "/stream":
+        assert len(ours.writes) == len(stock.writes) - 1  # only the head was held; later pieces go out as sent
+    if close:
+        assert ours.events[-1] == "close" and "close" in stock.events
+
+
+def test_a_held_response_head_is_flushed_before_close_and_eof_and_dropped_on_abort():
+    """The transport proxy never loses or reorders a held head: close() and write_eof() send it first."""
+    from types import SimpleNamespace
+
+    from serving.protocol import _LingeringTransport
+
+    for action, expected in (("close", ["write:HEAD", "close"]), ("write_eof", ["write:HEAD", "eof"]),
+                             ("abort", ["abort"])):
+        log: list[str] = []
+        raw = _RecordingTransport()
+        raw.write = lambda data, log=log: log.append("write:" + data.decode())  # type: ignore[method-assign]
+        raw.write_eof = lambda log=log: log.append("eof")  # type: ignore[method-assign]
+        raw.abort = lambda log=log: log.append("abort")  # type: ignore[method-assign]
+        cycle = SimpleNamespace(response_started=True, response_complete=False)
+        proto = SimpleNamespace(cycle=cycle, close_lingering=lambda log=log: log.append("close"))
+        proxy = _LingeringTransport(raw, proto)  # type: ignore[arg-type]
+        proxy.write(b"HEAD")
+        assert log == []  # held
+        getattr(proxy, action)()
+        assert log == expected, action
