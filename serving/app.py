@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -102,18 +103,39 @@ def _on_sighup(state: ServerState) -> None:
     asyncio.get_running_loop().create_task(go())
 
 
+def freeze_long_lived() -> None:
+    """Move every object alive now out of the garbage collector's view (``gc.freeze``).
+
+    Called once the server has started (modules, model, gallery, routes loaded) and
+    again after a gallery reload: Python's full collections then scan only what
+    requests allocate, instead of pausing the event loop for every long-lived
+    object (measured on a 2-core EPYC: a full collection of a started server
+    took 43 ms with a 96-item gallery, 75-80 ms with 100,000 items, and under
+    load one came every 1,000-2,000 requests; after the freeze, under 0.1 ms).  Garbage is collected first, so
+    none is frozen; :func:`gc.unfreeze` first lets the collector see what an
+    earlier freeze kept.  (Frozen objects are still freed by reference counting:
+    the old gallery goes when the last request using it is done; only reference
+    cycles among frozen objects wait for the next reload.)
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def _lifespan(state: ServerState) -> Any:
     cfg = state.cfg
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.start()
+        state.reloader.on_swap = freeze_long_lived
         state.reloader.start_watching()
         loop = asyncio.get_running_loop()
         hup = False
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread, not Unix
             loop.add_signal_handler(signal.SIGHUP, _on_sighup, state)
             hup = True
+        freeze_long_lived()
         log.info("ready: model %s (%s), gallery %s (%d items), providers %s, max batch %d, max wait %.1f ms, %s",
                  cfg.model, state.encoder.fingerprint[:12], state.reloader.current.path, len(state.gallery),
                  ",".join(state.encoder.providers), cfg.max_batch_size, cfg.max_wait_ms,
@@ -125,6 +147,8 @@ def _lifespan(state: ServerState) -> Any:
                 loop.remove_signal_handler(signal.SIGHUP)
             await state.reloader.stop_watching()
             state.stop()
+            state.reloader.on_swap = None
+            gc.unfreeze()
             mark_worker_dead()
 
     return lifespan

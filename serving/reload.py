@@ -33,7 +33,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from isfe_model.jsonsafe import write_json
 
@@ -118,6 +118,8 @@ class GalleryReloader:
         self.metrics.gallery_items.set(len(gallery))
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+        #: Called (no arguments) after each successful swap, e.g. :func:`serving.app.freeze_long_lived`.
+        self.on_swap: Callable[[], None] | None = None
 
     @property
     def gallery(self) -> Any:
@@ -159,6 +161,8 @@ class GalleryReloader:
             self.metrics.gallery_items.set(len(g))
             log.info("gallery reloaded from %s: %d items (was %d), content %s, %.0f ms", target, len(g),
                      len(old.gallery), sha[:12], (time.perf_counter() - t0) * 1000)
+            if self.on_swap is not None:
+                self.on_swap()
             return self.info()
 
     def info(self) -> dict[str, Any]:
