@@ -20,11 +20,14 @@ milliseconds per request of the server's event-loop thread, its other threads
 ONNX Runtime alone is timed in-process at batch 1 and at the max batch size,
 with its default threads and, when they differ, with the servers' ``--threads``
 and ``--inference-workers`` (that many threads calling one session side by
-side); the better of the two is the round's ceiling.  Batch-size ratio: the
+side); the better of the two is the round's ceiling.  Each configuration is
+also timed with as many images in flight as the server can have at C clients
+(one per client: with N workers, batch C/N per call), the like-for-like
+comparison reported next to it.  Batch-size ratio: the
 ceiling of what batching can gain for this model on this machine, and the
 summary says which share of it the server captures; the batched server's
 images/s over the in-process batched images/s at C clients is the server's
-efficiency (goal >= 0.9).  The servers run as in production: an
+efficiency (goal >= 0.9), reported against both ceilings.  The servers run as in production: an
 API key (every request carries ``Authorization: Bearer``), a client
 ``X-Request-ID`` on every request, metrics on.  The ratios
 batched/batch-1 throughput at C clients and p99/p50 at moderate load are
@@ -302,7 +305,8 @@ class InProcess:
     and the server's (``--threads``, ``--inference-workers``) when they differ.
     """
 
-    def __init__(self, model: str, batch: int, threads: int | None, workers: int = 1, seconds: float = 2.0):
+    def __init__(self, model: str, batch: int, threads: int | None, workers: int = 1, seconds: float = 2.0,
+                 clients: int | None = None):
         from isfe_model import Encoder
 
         configs = [(None, 1)] + ([(threads, workers)] if (threads, workers) != (None, 1) else [])
@@ -312,8 +316,13 @@ class InProcess:
         self.x = np.random.default_rng(0).random((batch, 3, s, s), dtype=np.float32)
         self.sizes = (1, batch)
         self.by_config: dict[str, dict[int, list[float]]] = {self.label(c): {1: [], batch: []} for c in configs}
-        for enc in self.encoders.values():
-            for b in self.sizes:
+        # At most ``clients`` images can be in flight in the server: with W callers that is clients / W per call
+        # (2 workers x batch 32 would keep 64 in flight).  Each configuration is also timed at that batch.
+        self.clients = int(clients or batch)
+        self.in_flight_batch = {c: min(batch, -(-self.clients // c[1])) for c in configs}
+        self.by_config_in_flight: dict[str, list[float]] = {self.label(c): [] for c in configs}
+        for c, enc in self.encoders.items():
+            for b in {*self.sizes, self.in_flight_batch[c]}:
                 enc.embed_arrays(self.x[:b])  # warm-up
 
     @staticmethod
@@ -346,7 +355,15 @@ class InProcess:
             for c, r in rates.items():
                 self.by_config[self.label(c)][b].append(r)
             out[b] = max(rates.values())
+        for c in self.encoders:  # the same images in flight as the server at --clients
+            b = self.in_flight_batch[c]
+            rate = self.by_config[self.label(c)][b][-1] if b in self.sizes else self._rate(c, b)
+            self.by_config_in_flight[self.label(c)].append(rate)
         return out
+
+    def best_in_flight(self) -> list[float]:
+        """Round by round, the best configuration's images/s with ``clients`` images in flight."""
+        return [max(vs) for vs in zip(*self.by_config_in_flight.values())]
 
     def best(self, b: int) -> list[float]:
         """Round by round, the best configuration's images/s at batch ``b``."""
@@ -359,7 +376,12 @@ class InProcess:
                 "rounds": {str(b): [round(v, 1) for v in self.best(b)] for b in self.sizes},
                 "configurations": {k: {str(b): [round(v, 1) for v in vs] for b, vs in d.items()}
                                    for k, d in self.by_config.items()},
-                "ceiling": "per round, the best configuration"}
+                "ceiling": "per round, the best configuration",
+                "in_flight": {"clients": self.clients,
+                              "batch_per_call": {self.label(c): b for c, b in self.in_flight_batch.items()},
+                              "rounds": [round(v, 1) for v in self.best_in_flight()],
+                              "configurations": {k: [round(v, 1) for v in vs]
+                                                 for k, vs in self.by_config_in_flight.items()}}}
 
 
 def device_name(info: dict[str, Any]) -> str:
@@ -437,7 +459,8 @@ def measure_servers(args: argparse.Namespace, model: str, gallery: str, payloads
         for rnd in range(args.rounds):
             ort = in_process.measure()
             print(f"round {rnd + 1}/{args.rounds} onnxruntime alone: batch 1 {ort[1]:.1f} images/s, "
-                  f"batch {in_process.batch} {ort[in_process.batch]:.1f} images/s", flush=True)
+                  f"batch {in_process.batch} {ort[in_process.batch]:.1f} images/s, "
+                  f"{in_process.clients} in flight {in_process.best_in_flight()[-1]:.1f} images/s", flush=True)
             for clients in (args.clients, args.moderate):
                 for mode, (proc, port) in servers.items():
                     s0, c0 = batch_stats(asyncio.run(http_get(port, "/metrics"))[1].decode())
@@ -502,6 +525,10 @@ def summary_of(args: argparse.Namespace, runs: dict[str, Any], ceiling: dict[str
     per_round = [r["requests_per_s"] / v for r, v in zip(b[c]["rounds"], ceiling["rounds"][str(ceiling["batch"])])]
     summary[f"server_vs_in_process_batched_at_{c}_clients"] = round(float(np.median(per_round)), 3)
     summary[f"server_vs_in_process_batched_at_{c}_clients_per_round"] = [round(x, 3) for x in per_round]
+    # the same, against ONNX Runtime alone with as many images in flight as the server can have (one per client)
+    fair = [r["requests_per_s"] / v for r, v in zip(b[c]["rounds"], ceiling["in_flight"]["rounds"])]
+    summary[f"server_vs_in_process_same_images_in_flight_at_{c}_clients"] = round(float(np.median(fair)), 3)
+    summary[f"server_vs_in_process_same_images_in_flight_at_{c}_clients_per_round"] = [round(x, 3) for x in fair]
     # where a request's CPU goes (the event loop's share is what the HTTP layer costs)
     summary[f"cpu_ms_per_request_batched_at_{c}_clients"] = b[c]["cpu_ms_per_request"]
     return summary
@@ -524,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             from tests.helpers_models import make_images
             queries = make_images(tmpdir / "queries", per_class=8, size=48, seed=1)
         payloads = [(q.name, q.read_bytes()) for q in queries[:64]]
-        in_process = InProcess(model, args.max_batch_size, args.threads, args.inference_workers)
+        in_process = InProcess(model, args.max_batch_size, args.threads, args.inference_workers,
+                               clients=args.clients)
         modes = [("batched", args.max_batch_size), ("batch1", 1)]
         samples, info = measure_servers(args, model, gallery, payloads, tmpdir, modes, in_process)
         ceiling = in_process.summary()
