@@ -106,16 +106,17 @@ def _on_sighup(state: ServerState) -> None:
 def freeze_long_lived() -> None:
     """Move every object alive now out of the garbage collector's view (``gc.freeze``).
 
-    Called once the server has started (modules, model, gallery, routes loaded) and
-    again after a gallery reload: Python's full collections then scan only what
-    requests allocate, instead of pausing the event loop for every long-lived
-    object (measured on a 2-core EPYC: a full collection of a started server
-    took 43 ms with a 96-item gallery, 75-80 ms with 100,000 items, and under
-    load one came every 1,000-2,000 requests; after the freeze, under 0.1 ms).  Garbage is collected first, so
-    none is frozen; :func:`gc.unfreeze` first lets the collector see what an
-    earlier freeze kept.  (Frozen objects are still freed by reference counting:
-    the old gallery goes when the last request using it is done; only reference
-    cycles among frozen objects wait for the next reload.)
+    Called once the server has started (modules, model, gallery, routes loaded)
+    and again after a gallery reload: Python's full collections then scan only
+    what requests allocate, instead of pausing the event loop for every
+    long-lived object (measured on a 2-core EPYC: a full collection of a started
+    server took 43 ms with a 96-item gallery, 75-80 ms with 100,000 items, and
+    under load one came every 1,000-2,000 requests; after the freeze, under
+    0.1 ms).  Garbage is collected first, so none is frozen; :func:`gc.unfreeze`
+    first lets the collector see what an earlier freeze kept.  (Frozen objects
+    are still freed by reference counting: the old gallery goes when the last
+    request using it is done; only reference cycles among frozen objects wait
+    for the next reload.)
     """
     gc.unfreeze()
     gc.collect()

@@ -161,6 +161,7 @@ class GalleryReloader:
             self.metrics.gallery_items.set(len(g))
             log.info("gallery reloaded from %s: %d items (was %d), content %s, %.0f ms", target, len(g),
                      len(old.gallery), sha[:12], (time.perf_counter() - t0) * 1000)
+            del old  # only requests still in flight keep the old gallery now
             if self.on_swap is not None:
                 self.on_swap()
             return self.info()
