@@ -57,6 +57,8 @@ def wheel(tmp_path_factory) -> Path:
     r = _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check",
               "--outdir", str(out), str(src)], cwd=work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # setuptools warns (and will stop building) on deprecated project fields, e.g. a TOML-table licence
+    assert "deprecat" not in (r.stdout + r.stderr).lower(), (r.stdout + r.stderr)[-3000:]
     wheels = list(out.glob("isfe_model-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
@@ -76,6 +78,7 @@ def test_wheel_contains_only_isfe_model_and_declares_three_dependencies(wheel):
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     core = sorted(re.split(r"[<>=!~ ;\[]", r, maxsplit=1)[0].lower() for r in requires if "extra ==" not in r)
     assert core == ["numpy", "onnxruntime", "pillow"], requires
+    assert "License-Expression: MIT" in metadata.splitlines(), metadata[:600]
     assert any(r.startswith("faiss-cpu") and "extra == \"faiss\"" in r for r in requires)
     for script, target in (("isfe-embed", "embed_main"), ("isfe-index", "index_main"), ("isfe-search", "search_main")):
         assert re.search(rf"^{script}\s*=\s*isfe_model\.cli:{target}$", entry_points, re.M), entry_points
