@@ -26,6 +26,7 @@ __all__ = [
     "PNG_BYTES_PER_CHUNK",
     "ImageError",
     "check_image_bytes",
+    "pillow_bomb_pixels",
 ]
 
 #: Default limit on decoded pixels (width x height) of one image: 50 megapixels.
@@ -90,6 +91,20 @@ def _check_dims(w: int, h: int, max_pixels: int | None, name: str, what: str = "
             f"(a decompression bomb, or raise max_pixels if the image is genuine)",
             "too_large",
         )
+
+
+#: Pillow's DecompressionBombError text: "Image size (N pixels) exceeds limit of M pixels, could be ...".
+_PILLOW_BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
+
+
+def pillow_bomb_pixels(error: BaseException) -> int | None:
+    """The pixel count that Pillow's ``DecompressionBombError`` names (width x height from the header), or None.
+
+    Pillow refuses an image over 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` while it opens the file,
+    before :func:`check_dims` could run; this lets the error say how large it is in our terms.
+    """
+    m = _PILLOW_BOMB_SIZE.search(str(error))
+    return int(m.group(1)) if m else None
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -54,6 +54,7 @@ from .decode_limits import (  # noqa: F401  (re-exported: these were defined her
     ImageError,
     _check_dims,
     check_image_bytes,
+    pillow_bomb_pixels,
 )
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "DECODE_POLICIES",
     "center_crop_array",
     "check_image_bytes",
+    "pillow_bomb_pixels",
     "decode_bytes",
     "decode_square",
     "draft_scale",
@@ -382,14 +384,22 @@ def _open_encoded(data: bytes, max_pixels: int | None, name: str) -> Image.Image
         raise ImageError(name, f"{_sniff(data)} (supported: JPEG, PNG, GIF, BMP, TIFF, WebP, PPM, ICO)",
                          "not_an_image") from None
     except Image.DecompressionBombError as e:
-        raise _pillow_bomb(name, e) from None
+        raise _pillow_bomb(name, e, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as e:
         raise ImageError(name, f"truncated or corrupt image header ({e})") from None
 
 
-def _pillow_bomb(name: str, e: Exception) -> ImageError:
-    return ImageError(name, f"image too large, refused before decoding ({e}; Pillow's limit "
-                            f"PIL.Image.MAX_IMAGE_PIXELS)", "too_large")
+def _pillow_bomb(name: str, e: Exception, max_pixels: int | None) -> ImageError:
+    """Pillow's own refusal (over 2 x ``Image.MAX_IMAGE_PIXELS``, while opening) in the words of our pixel limit."""
+    n = pillow_bomb_pixels(e)
+    size = f"{n:,} pixels" if n is not None else "more pixels than Pillow allows"
+    if max_pixels is not None and (n is None or n > max_pixels):
+        return ImageError(name, f"image is {size}, over the limit of {max_pixels:,}; refused before decoding "
+                                f"(a decompression bomb, or raise max_pixels if the image is genuine)", "too_large")
+    hard = f" of {2 * Image.MAX_IMAGE_PIXELS:,}" if Image.MAX_IMAGE_PIXELS else ""
+    return ImageError(name, f"image is {size}, over Pillow's own limit{hard} (2 x PIL.Image.MAX_IMAGE_PIXELS); "
+                            f"refused before decoding (a decompression bomb, or, if the image is genuine, call "
+                            f"isfe_model.preprocess.lift_pillow_pixel_limit(max_pixels) first)", "too_large")
 
 
 def _oriented(im: Image.Image) -> Image.Image:
@@ -472,7 +482,7 @@ def _load(src: ImageInput, max_pixels: int | None, name: str | None,
                 src.seek(frame)
             im.load()  # a freshly opened file is at its first frame
     except Image.DecompressionBombError as e:
-        raise _pillow_bomb(name, e) from None
+        raise _pillow_bomb(name, e, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct_error, IndexError) as e:
         raise ImageError(name, f"corrupt or truncated image data ({e})") from None
     stored = im.size

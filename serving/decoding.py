@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from isfe_model.preprocess import SUPPORTED_FORMATS, ImageError, PreprocessSpec, check_image_bytes, preprocess
+from isfe_model.preprocess import (
+    SUPPORTED_FORMATS,
+    ImageError,
+    PreprocessSpec,
+    check_image_bytes,
+    pillow_bomb_pixels,
+    preprocess,
+)
 
 from .errors import ApiError
 
@@ -283,7 +290,10 @@ def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
         raise ApiError(415, "not_an_image",
                        f"{name}: not a recognised image format (supported: {_FORMAT_NAMES})") from None
     except Image.DecompressionBombError as e:
-        raise ApiError(413, "image_too_large", f"{name}: image too large ({e})") from None
+        n = pillow_bomb_pixels(e)  # Pillow refuses over 2 x its own limit while opening, before our check below
+        raise ApiError(413, "image_too_large",
+                       f"{name}: image is {f'{n:,}' if n is not None else 'too many'} pixels, over the server limit "
+                       f"of {max_pixels:,}; downscale it") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is the upload's fault
         raise ApiError(422, "corrupt_image", f"{name}: cannot read image header ({type(e).__name__}: {e})") from None
     if w * h > max_pixels:

@@ -243,10 +243,15 @@ def test_hostile_files_raise_image_error_naming_file_and_reason(tmp_path):
 
 def test_decompression_bomb_is_refused_before_decoding():
     data = _png_header_only(100_000, 100_000)  # 10^10 pixels announced, ~100 bytes of data
-    with pytest.raises(ImageError, match="too large, refused before decoding"):
-        load_image(data)  # Pillow's hard limit (2 x MAX_IMAGE_PIXELS) fires first
-    with pytest.raises(ImageError, match="too large"):
+    # Pillow's hard limit (2 x MAX_IMAGE_PIXELS) fires while opening, before our check: the message is still ours
+    with pytest.raises(ImageError, match=r"image is 10,000,000,000 pixels, over the limit of 50,000,000; refused "
+                                         r"before decoding \(a decompression bomb, or raise max_pixels") as ei:
+        load_image(data)
+    assert ei.value.kind == "too_large" and "exceeds limit" not in str(ei.value)
+    with pytest.raises(ImageError, match=r"10,000,000,000 pixels, over Pillow's own limit of [\d,]+ \(2 x PIL.Image."
+                                         r"MAX_IMAGE_PIXELS\).*lift_pillow_pixel_limit") as ei:
         load_image(data, max_pixels=None)  # no limit of our own: still refused, never a 30 GB allocation
+    assert ei.value.kind == "too_large"
     data = _png_header_only(10_000, 6_000)  # 6e7 pixels: over our default limit, under Pillow's
     with pytest.raises(ImageError, match="60,000,000 pixels, over the limit of 50,000,000"):
         load_image(data)

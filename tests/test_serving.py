@@ -744,6 +744,10 @@ def test_max_pixels_above_pillow_limit_is_honoured(artifacts):
             # over ours: 413 naming our limit
             r = c.post("/v1/embed", files=[("file", ("huge.png", _png_header_only(15000, 15000), "image/png"))])
             assert r.status_code == 413 and "over the server limit of 200,000,000" in r.json()["detail"], r.text
+            # over 2 x the raised limit: Pillow refuses while opening; the 413 still counts in the server's terms
+            r = c.post("/v1/embed", files=[("file", ("bomb.png", _png_header_only(100_000, 100_000), "image/png"))])
+            assert r.status_code == 413 and r.json()["detail"] == (
+                "bomb.png: image is 10,000,000,000 pixels, over the server limit of 200,000,000; downscale it"), r.text
             assert c.get("/v1/info").json()["limits"]["max_pixels"] == 200_000_000
     finally:
         stop_server(srv)
