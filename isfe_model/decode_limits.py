@@ -27,6 +27,7 @@ __all__ = [
     "ImageError",
     "check_image_bytes",
     "pillow_bomb_pixels",
+    "signature_format",
 ]
 
 #: Default limit on decoded pixels (width x height) of one image: 50 megapixels.
@@ -91,6 +92,27 @@ def _check_dims(w: int, h: int, max_pixels: int | None, name: str, what: str = "
             f"(a decompression bomb, or raise max_pixels if the image is genuine)",
             "too_large",
         )
+
+
+def signature_format(data: bytes) -> str | None:
+    """The supported format whose signature ``data`` starts with (JPEG, PNG, GIF, WebP, TIFF), else None.
+
+    Only unambiguous signatures count (not BMP's "BM", ICO's or PNM's short ones), so that bytes
+    Pillow cannot open but which start like one of these can be called truncated or corrupt
+    rather than "not an image".
+    """
+    head = bytes(data[:12])
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:8] == _PNG_MAGIC:
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    return None
 
 
 #: Pillow's DecompressionBombError text: "Image size (N pixels) exceeds limit of M pixels, could be ...".

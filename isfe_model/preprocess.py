@@ -55,6 +55,7 @@ from .decode_limits import (  # noqa: F401  (re-exported: these were defined her
     _check_dims,
     check_image_bytes,
     pillow_bomb_pixels,
+    signature_format,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "center_crop_array",
     "check_image_bytes",
     "pillow_bomb_pixels",
+    "signature_format",
     "decode_bytes",
     "decode_square",
     "draft_scale",
@@ -381,6 +383,10 @@ def _open_encoded(data: bytes, max_pixels: int | None, name: str) -> Image.Image
             warnings.simplefilter("ignore")
             return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
+        fmt = signature_format(data)
+        if fmt is not None:  # starts like a supported format: damaged, not unsupported
+            raise ImageError(name, f"a {fmt} file whose header is truncated or corrupt ({len(data):,} bytes); "
+                                   f"copy or save it again", "corrupt") from None
         raise ImageError(name, f"{_sniff(data)} (supported: JPEG, PNG, GIF, BMP, TIFF, WebP, PPM, ICO)",
                          "not_an_image") from None
     except Image.DecompressionBombError as e:

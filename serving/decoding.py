@@ -36,6 +36,7 @@ from isfe_model.preprocess import (
     check_image_bytes,
     pillow_bomb_pixels,
     preprocess,
+    signature_format,
 )
 
 from .errors import ApiError
@@ -287,6 +288,10 @@ def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
                 (w, h), fmt = im.size, str(im.format)
                 progressive = bool(im.info.get("progressive") or im.info.get("progression"))
     except UnidentifiedImageError:
+        fmt = signature_format(data)
+        if fmt is not None:  # starts like a supported format: damaged, not unsupported
+            raise ApiError(422, "corrupt_image", f"{name}: a {fmt} file whose header is truncated or corrupt "
+                                                 f"({len(data):,} bytes); send the whole file") from None
         raise ApiError(415, "not_an_image",
                        f"{name}: not a recognised image format (supported: {_FORMAT_NAMES})") from None
     except Image.DecompressionBombError as e:

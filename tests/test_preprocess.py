@@ -219,6 +219,30 @@ def hostile_files(d: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
+TRUNCATED_HEADERS = {  # bytes that start like a supported format, cut inside the header
+    "JPEG": b"\xff\xd8\xff",
+    "PNG": b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIH",
+    "GIF": b"GIF89a\x10\x00",
+    "WebP": b"RIFF\x10\x00\x00\x00WEBP",
+    "TIFF": b"II*\x00\x08\x00\x00\x00",
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(TRUNCATED_HEADERS))
+def test_a_truncated_header_is_called_corrupt_not_unsupported(fmt):
+    """A file cut inside its header is a damaged JPEG/PNG/..., not "not a recognised image format"."""
+    data = TRUNCATED_HEADERS[fmt]
+    with pytest.raises(ImageError) as ei:
+        preprocess(data, SPEC, name="cut")
+    assert ei.value.kind == "corrupt", ei.value
+    assert str(ei.value) == f"cut: a {fmt} file whose header is truncated or corrupt ({len(data)} bytes); " \
+                            f"copy or save it again"
+    for other in (b"hello world", b"BM", b"\x00\x00\x01\x00"):  # no signature, or too weak to count: still unsupported
+        with pytest.raises(ImageError, match="not a recognised image format") as ei:
+            preprocess(other, SPEC, name="x")
+        assert ei.value.kind == "not_an_image"
+
+
 def test_oversized_files_are_refused_before_they_are_read(tmp_path, monkeypatch):
     pp = importlib.import_module("isfe_model.preprocess")  # the package's `preprocess` is the function
     monkeypatch.setattr(pp, "MAX_FILE_BYTES", 1000)

@@ -422,6 +422,18 @@ def test_decode_opens_only_supported_formats(monkeypatch):
     assert calls and all(c["formats"] is not None and set(c["formats"]) <= set(SUPPORTED_FORMATS) for c in calls), calls
 
 
+def test_a_truncated_header_is_422_not_415():
+    """An upload cut inside its header is a damaged image (422), not an unsupported format (415)."""
+    from tests.test_preprocess import TRUNCATED_HEADERS
+
+    for fmt, data in TRUNCATED_HEADERS.items():
+        with pytest.raises(ApiError) as ei:
+            decode_image(Upload("cut", data), SPEC, max_pixels=10**6)
+        assert (ei.value.status, ei.value.code) == (422, "corrupt_image"), (fmt, ei.value.detail)
+        assert ei.value.detail == f"cut: a {fmt} file whose header is truncated or corrupt ({len(data)} bytes); " \
+                                  f"send the whole file"
+
+
 def test_parse_k():
     assert parse_k({}, {}, 10, 100) == 10
     assert parse_k({"k": "5"}, {}, 10, 100) == 5
