@@ -27,6 +27,7 @@ process pool can run :func:`preprocess` with a time limit per image.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import os
 import stat
@@ -63,6 +64,9 @@ __all__ = [
     "ERROR_KINDS",
     "IMAGE_EXTENSIONS",
     "SUPPORTED_FORMATS",
+    "BASE_FORMATS",
+    "FORMAT_NAMES",
+    "available_formats",
     "ImageError",
     "ImageInput",
     "PreprocessSpec",
@@ -85,11 +89,26 @@ __all__ = [
 
 #: Background that transparent pixels are composited on (white).
 BACKGROUND = (255, 255, 255)
-#: Pillow decoders that load_image uses (by Pillow format id).  Others that
-#: Pillow knows (EPS runs Ghostscript, PSD, FITS, ...) are refused: a hostile
-#: file cannot reach them.  MPO (multi-picture JPEG from phones) opens through
-#: the JPEG decoder.
-SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "ICO", "AVIF")
+#: Pillow decoders that load_image uses (by Pillow format id), besides AVIF (see SUPPORTED_FORMATS).
+#: Others that Pillow knows (EPS runs Ghostscript, PSD, FITS, ...) are refused: a hostile file
+#: cannot reach them.  MPO (multi-picture JPEG from phones) opens through the JPEG decoder.
+BASE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "ICO")
+
+
+def available_formats(find_spec: Callable[[str], Any] = importlib.util.find_spec) -> tuple[str, ...]:
+    """:data:`BASE_FORMATS`, plus AVIF where this Pillow has ``PIL.AvifImagePlugin`` (newer releases)."""
+    try:
+        avif = find_spec("PIL.AvifImagePlugin") is not None
+    except (ImportError, ValueError):
+        avif = False
+    return BASE_FORMATS + (("AVIF",) if avif else ())
+
+
+#: What ``Image.open(formats=...)`` is given.  Only formats this Pillow knows: naming an unknown
+#: one raises KeyError for every file that no earlier format accepts (an older Pillow and "AVIF").
+SUPPORTED_FORMATS = available_formats()
+#: The supported formats as error messages name them (DIB is BMP's headerless form).
+FORMAT_NAMES = ", ".join({"WEBP": "WebP"}.get(f, f) for f in SUPPORTED_FORMATS if f != "DIB")
 #: File name suffixes (lower case, with the dot) that folder readers (training data, dataset
 #: preparation, export's parity images) take for images; compare with ``path.suffix.lower()``.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -387,7 +406,7 @@ def _open_encoded(data: bytes, max_pixels: int | None, name: str) -> Image.Image
         if fmt is not None:  # starts like a supported format: damaged, not unsupported
             raise ImageError(name, f"a {fmt} file whose header is truncated or corrupt ({len(data):,} bytes); "
                                    f"copy or save it again", "corrupt") from None
-        raise ImageError(name, f"{_sniff(data)} (supported: JPEG, PNG, GIF, BMP, TIFF, WebP, PPM, ICO)",
+        raise ImageError(name, f"{_sniff(data)} (supported: {FORMAT_NAMES})",
                          "not_an_image") from None
     except Image.DecompressionBombError as e:
         raise _pillow_bomb(name, e, max_pixels) from None

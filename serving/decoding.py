@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from isfe_model.preprocess import (
+    FORMAT_NAMES,
     SUPPORTED_FORMATS,
     ImageError,
     PreprocessSpec,
@@ -49,7 +50,6 @@ MAX_JSON_INT_DIGITS = 100
 #: JSON fields (besides the images) that the endpoints read; others are dropped where they were parsed.
 JSON_FIELDS = ("k",)
 #: How the accepted formats are named in error messages.
-_FORMAT_NAMES = ", ".join(SUPPORTED_FORMATS)
 
 
 @dataclass
@@ -293,7 +293,7 @@ def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
             raise ApiError(422, "corrupt_image", f"{name}: a {fmt} file whose header is truncated or corrupt "
                                                  f"({len(data):,} bytes); send the whole file") from None
         raise ApiError(415, "not_an_image",
-                       f"{name}: not a recognised image format (supported: {_FORMAT_NAMES})") from None
+                       f"{name}: not a recognised image format (supported: {FORMAT_NAMES})") from None
     except Image.DecompressionBombError as e:
         n = pillow_bomb_pixels(e)  # Pillow refuses over 2 x its own limit while opening, before our check below
         raise ApiError(413, "image_too_large",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import io
 import os
 import struct
@@ -241,6 +242,33 @@ def test_a_truncated_header_is_called_corrupt_not_unsupported(fmt):
         with pytest.raises(ImageError, match="not a recognised image format") as ei:
             preprocess(other, SPEC, name="x")
         assert ei.value.kind == "not_an_image"
+
+
+def test_formats_are_only_those_this_pillow_knows(monkeypatch):
+    """A Pillow without the AVIF plugin (older releases, still allowed by pillow>=10) must not be asked for AVIF:
+    Image.open(formats=...) raises KeyError('AVIF') for every file that no earlier format accepts."""
+    pp = importlib.import_module("isfe_model.preprocess")
+    assert pp.available_formats(lambda name: None) == pp.BASE_FORMATS
+    has_avif = importlib.util.find_spec("PIL.AvifImagePlugin") is not None
+    assert ("AVIF" in pp.SUPPORTED_FORMATS) == has_avif
+    assert pp.SUPPORTED_FORMATS[: len(pp.BASE_FORMATS)] == pp.BASE_FORMATS
+    # simulate such a Pillow: AVIF unregistered
+    Image.init()
+    monkeypatch.delitem(Image.OPEN, "AVIF", raising=False)
+    monkeypatch.setattr(Image, "ID", [f for f in Image.ID if f != "AVIF"])
+    with pytest.raises(KeyError):  # the failure this guards against
+        Image.open(io.BytesIO(b"hello world"), formats=pp.BASE_FORMATS + ("AVIF",))
+    monkeypatch.setattr(pp, "SUPPORTED_FORMATS", pp.available_formats(lambda name: None))
+    with pytest.raises(ImageError, match="not a recognised image format") as ei:
+        preprocess(b"hello world", SPEC, name="notes")
+    assert ei.value.kind == "not_an_image"
+    assert preprocess(_encode_png(), SPEC).shape == (3, SPEC.input_size, SPEC.input_size)
+
+
+def _encode_png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(photo(20, 24, seed=3)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_oversized_files_are_refused_before_they_are_read(tmp_path, monkeypatch):
