@@ -67,6 +67,7 @@ __all__ = [
     "BASE_FORMATS",
     "FORMAT_NAMES",
     "available_formats",
+    "non_image_reason",
     "ImageError",
     "ImageInput",
     "PreprocessSpec",
@@ -406,7 +407,7 @@ def _open_encoded(data: bytes, max_pixels: int | None, name: str) -> Image.Image
         if fmt is not None:  # starts like a supported format: damaged, not unsupported
             raise ImageError(name, f"a {fmt} file whose header is truncated or corrupt ({len(data):,} bytes); "
                                    f"copy or save it again", "corrupt") from None
-        raise ImageError(name, f"{_sniff(data)} (supported: {FORMAT_NAMES})",
+        raise ImageError(name, f"{non_image_reason(data)} (supported: {FORMAT_NAMES})",
                          "not_an_image") from None
     except Image.DecompressionBombError as e:
         raise _pillow_bomb(name, e, max_pixels) from None
@@ -568,8 +569,8 @@ def _oriented_box(region: tuple[float, float], size: tuple[int, int], orientatio
             5: (0.0, 0.0, bh, bw), 6: (py, 0.0, dh, bw), 7: (py, px, dh, dw), 8: (0.0, px, bh, dw)}[orientation]
 
 
-def _sniff(data: bytes) -> str:
-    """Why bytes that Pillow (restricted to SUPPORTED_FORMATS) could not open are not an image."""
+def non_image_reason(data: bytes) -> str:
+    """Why bytes that Pillow (restricted to SUPPORTED_FORMATS) could not open are not an image (SVG, HTML, PDF, ...)."""
     head = data[:512].lstrip().lower()
     if data[:6] == b"\x93NUMPY":
         return "a NumPy .npy array file, not an image"

@@ -35,6 +35,7 @@ from isfe_model.preprocess import (
     ImageError,
     PreprocessSpec,
     check_image_bytes,
+    non_image_reason,
     pillow_bomb_pixels,
     preprocess,
     signature_format,
@@ -213,6 +214,9 @@ def parse_openai_body(raw: bytes, max_images: int) -> tuple[list[Upload], dict[s
     inp = doc["input"]
     batch = isinstance(inp, list)
     items = inp if batch else [inp]
+    if not items:  # check_count's hint names /v1/embed's fields; this endpoint has only "input"
+        raise ApiError(400, "missing_image", 'no image in the request: "input" is an empty list; send '
+                                             '{"input": ["<base64 image>", ...]} with at least one image')
     check_count(len(items), max_images)
     uploads = []
     for i, v in enumerate(items):
@@ -293,7 +297,7 @@ def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
             raise ApiError(422, "corrupt_image", f"{name}: a {fmt} file whose header is truncated or corrupt "
                                                  f"({len(data):,} bytes); send the whole file") from None
         raise ApiError(415, "not_an_image",
-                       f"{name}: not a recognised image format (supported: {FORMAT_NAMES})") from None
+                       f"{name}: {non_image_reason(data)} (supported: {FORMAT_NAMES})") from None
     except Image.DecompressionBombError as e:
         n = pillow_bomb_pixels(e)  # Pillow refuses over 2 x its own limit while opening, before our check below
         raise ApiError(413, "image_too_large",

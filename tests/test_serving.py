@@ -432,6 +432,14 @@ def test_a_truncated_header_is_422_not_415():
         assert (ei.value.status, ei.value.code) == (422, "corrupt_image"), (fmt, ei.value.detail)
         assert ei.value.detail == f"cut: a {fmt} file whose header is truncated or corrupt ({len(data)} bytes); " \
                                   f"send the whole file"
+    # bytes without an image signature: 415 with the same reason isfe_model gives (SVG, HTML, ...)
+    for data, reason in ((b'<svg xmlns="http://www.w3.org/2000/svg"/>', "an SVG (vector) file, not a raster image"),
+                         (b"<!DOCTYPE html><html></html>", "an HTML page, not an image"),
+                         (b"hello world", "not a recognised image format")):
+        with pytest.raises(ApiError) as ei:
+            decode_image(Upload("x", data), SPEC, max_pixels=10**6)
+        assert (ei.value.status, ei.value.code) == (415, "not_an_image") and ei.value.detail.startswith(
+            f"x: {reason}"), ei.value.detail
 
 
 def test_parse_k():

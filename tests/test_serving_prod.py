@@ -272,7 +272,7 @@ def test_embeddings_raw_shape_and_refusals(keyed_server, artifacts):  # noqa: F8
                  ({"input": _b64(paths[0]), "encoding_format": "int8"}, 400, "invalid_encoding_format", "int8"),
                  ({"input": _b64(paths[0]), "dimensions": 8}, 400, "invalid_dimensions", "32"),
                  ({"model": "x"}, 400, "missing_input", "input"),
-                 ({"input": []}, 400, "missing_image", "no image"),
+                 ({"input": []}, 400, "missing_image", 'no image in the request: "input" is an empty list'),
                  ({"input": [_b64(paths[0])] * 33}, 413, "too_many_images", "limit")]
         for req, status, code, needle in cases:
             r = c.post("/v1/embeddings", json=req)
