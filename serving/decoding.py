@@ -50,7 +50,6 @@ __all__ = ["MAX_JSON_INT_DIGITS", "BoundedRepr", "Upload", "check_count", "decod
 MAX_JSON_INT_DIGITS = 100
 #: JSON fields (besides the images) that the endpoints read; others are dropped where they were parsed.
 JSON_FIELDS = ("k",)
-#: How the accepted formats are named in error messages.
 
 
 @dataclass
