@@ -199,10 +199,12 @@ class ModelPackage:
                              f"{precision}); {REEXPORT}") from None
         if not stat.S_ISREG(st.st_mode):
             raise ModelError(f"model package {self.path}: {rel} is not a regular file; {REEXPORT}")
-        if st.st_size != entry.get("bytes"):
+        recorded = entry.get("bytes")
+        if st.st_size != recorded:
+            shown = f"{recorded:,}" if isinstance(recorded, int) and not isinstance(recorded, bool) else \
+                short_repr(recorded)
             raise ModelError(f"model package {self.path}: {rel} is {st.st_size:,} bytes but config.json records "
-                             f"{short_repr(entry.get('bytes'))} — the file is damaged, truncated or was "
-                             f"replaced; {REEXPORT}")
+                             f"{shown} — the file is damaged, truncated or was replaced; {REEXPORT}")
         return path
 
     def check_sha256(self, precision: str, path: Path, sha256: str) -> None:
