@@ -88,12 +88,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     temporary file is removed and ``path`` is untouched.  A symlink is written
     through (its target is replaced, the link kept); a device, FIFO or socket is
     refused (``FileExistsError``), never replaced.  A replaced file keeps its
-    permissions; a new one gets the umask's.
+    permissions; a new one gets the umask's.  A failed write is an OSError naming ``path``
+    (``cannot be written (<reason>)``, errno kept), never the temporary file.
     """
     path = output_target(path)
     parent = path.parent if str(path.parent) else Path(".")
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else default_mode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise _unwritable(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -101,11 +105,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno is not None and e.filename in (None, tmp):
+            raise _unwritable(e, path) from e  # the file asked for, not our temporary one
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(parent)
     return path
+
+
+def _unwritable(e: OSError, path: Path) -> OSError:
+    """``e`` (errno kept) as an error about ``path``: ``cannot be written (<reason>)``."""
+    reason = e.strerror or str(e)
+    if not reason.startswith("cannot be written ("):  # a file inside a folder being written: said once
+        reason = f"cannot be written ({reason})"
+    return OSError(e.errno, reason, str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -227,12 +244,16 @@ def replace_directory(
     checks that it is safe to delete); the new folder is exchanged with the old
     one in one step (Linux; elsewhere the old one is moved aside first) and the
     old one deleted.  On any error the temporary folder is removed and
-    ``target`` is left as it was.
+    ``target`` is left as it was; an OSError about the temporary folder or a file
+    in it is raised as one naming ``target`` (as :func:`atomic_write` does).
     """
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise _unwritable(e, target) from None
     try:
         fill(tmp)
         os.chmod(tmp, default_mode(directory=True))
@@ -241,6 +262,11 @@ def replace_directory(
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = _swap_in(tmp, target, may_replace)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno is not None and (e.filename is None or str(e.filename).startswith(str(tmp))):
+            raise _unwritable(e, target) from e  # the folder asked for, not our temporary one
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -219,6 +219,42 @@ def test_outputs_that_are_links_fifos_or_devices(model, photos, tmp_path, capsys
     assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "g").iterdir()} == {0o644}
 
 
+def test_an_output_that_cannot_be_written_is_named_not_its_temporary_file(model, photos, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The write fails (a full disk, a folder that takes no new files): one line naming -o's file, nothing left."""
+    import errno
+    import tempfile
+
+    from isfe_model import atomic
+
+    img = str(next(photos.rglob("*.png")))
+    out = tmp_path / "emb.npy"
+
+    def disk_full(f, arr, allow_pickle=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic.np, "save", disk_full)
+        assert embed_main([str(model.onnx_path), img, "-o", str(out), "-q"]) == 1
+    assert _err_line(capsys) == f"isfe-embed: error: {out} cannot be written (No space left on device)\n"
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    def no_new_files(*a, dir=None, **k):  # as on /proc: the folder exists but refuses to create files
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.path.join(dir, ".emb.npy.x1y2.tmp"))
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", no_new_files)
+        assert embed_main([str(model.onnx_path), img, "-o", str(out), "-q"]) == 1
+    assert _err_line(capsys) == f"isfe-embed: error: {out} cannot be written (No such file or directory)\n"
+    # a gallery folder the same way: the message names -o's folder
+    gal = tmp_path / "gal"
+    with monkeypatch.context() as m:
+        m.setattr(atomic.np, "save", disk_full)
+        assert index_main([str(model.onnx_path), str(photos), "-o", str(gal), "-q"]) == 1
+    assert _err_line(capsys) == f"isfe-index: error: {gal} cannot be written (No space left on device)\n"
+    assert not gal.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
 def test_a_fifo_among_the_images_is_skipped_not_waited_for(model, photos, tmp_path, capsys):
     os.mkfifo(photos / "cat" / "stream.png")
