@@ -110,6 +110,12 @@ def test_hostile_archives_are_refused_by_name(tmp_path, monkeypatch):
     truncated.write_bytes(bomb.read_bytes()[:200])
     with pytest.raises(DataError, match="not a readable zip archive"):
         load_split(str(truncated), "train")
+    fake = tmp_path / "photos.tar.gz"  # tarfile's own error lists every compression it tried, a line each
+    fake.write_bytes(b"not an archive at all")
+    with pytest.raises(DataError, match=r"not a readable tar archive \(neither a tar file nor a gzip, bzip2 or xz "
+                                        r"compressed one\); pass an intact archive") as ei:
+        load_split(str(fake), "train")
+    assert "\n" not in str(ei.value)
     other = tmp_path / "photos.rar"
     other.write_bytes(b"Rar!\x1a\x07\x00")
     with pytest.raises(DataError, match=r"not a folder or a supported archive.*extract it"):

@@ -258,6 +258,14 @@ def _list_members(archive: Path, kind: str) -> tuple[zipfile.ZipFile | tarfile.T
     return handle, members
 
 
+def _archive_reason(e: BaseException) -> str:
+    """One line for why an archive could not be opened (tarfile lists every compression it tried, a line each)."""
+    text = str(e).strip()
+    if isinstance(e, tarfile.ReadError) and "\n" in text:  # "file could not be opened successfully:\n- method gz: ..."
+        return "neither a tar file nor a gzip, bzip2 or xz compressed one"
+    return " ".join(text.split()) or type(e).__name__
+
+
 @contextlib.contextmanager
 def _archive_members(archive: Path) -> Iterator[list[tuple[str, int, Callable[[], bytes]]]]:
     """The regular files of a tar or zip archive as (name, size, read); the archive stays open inside the ``with``.
@@ -272,8 +280,8 @@ def _archive_members(archive: Path) -> Iterator[list[tuple[str, int, Callable[[]
     except DataError:
         raise
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
-        raise DataError(f"{printable(archive)} is not a readable {kind} archive ({e}); pass an intact archive "
-                        f"({', '.join(ARCHIVE_SUFFIXES)}) or an extracted folder") from None
+        raise DataError(f"{printable(archive)} is not a readable {kind} archive ({_archive_reason(e)}); pass an "
+                        f"intact archive ({', '.join(ARCHIVE_SUFFIXES)}) or an extracted folder") from None
 
     def reader(name: str, size: int, m) -> Callable[[], bytes]:
         def read() -> bytes:
