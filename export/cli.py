@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from isfe_model.atomic import unwritable_error
 from isfe_model.metadata import ModelMetadata
 from isfe_model.preprocess import PreprocessSpec
 from training.model import CheckpointError, file_sha256, load_encoder
@@ -164,6 +165,10 @@ def gated(ctx: Context, *, kind: str, backend: str, final: Path, suffix: str, wh
             ctx.failures.append(f"{final}: {kind_label(kind)} parity gate failed (report: {report_path(final)}); "
                                 f"{what} was not written")
         return Artifact(kind, str(final), backend, rep.passed, _headline(rep), extra, rep)
+    except OSError as e:  # a write to the temporary file failed (full disk, ...): name the artifact
+        if e.errno is not None and (e.filename is None or str(e.filename).startswith(str(tmp))):
+            raise unwritable_error(e, final) from e
+        raise
     finally:
         remove_quietly(tmp)
 

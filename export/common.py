@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from isfe_model.atomic import default_mode, output_target
+from isfe_model.atomic import default_mode, output_target, unwritable_error
 from isfe_model.jsonsafe import write_json
 
 __all__ = ["ExportError", "default_dir_mode", "check_output_path", "publish", "remove_quietly", "temp_path_for",
@@ -48,7 +48,10 @@ def temp_path_for(final: str | os.PathLike, suffix: str = "") -> Path:
     """A fresh, unused temporary path next to ``final`` (same folder => atomic rename)."""
     final = Path(final)
     folder = final.parent if str(final.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=folder)
+    except OSError as e:  # e.g. a folder that takes no new files: name the artifact, not our temporary file
+        raise unwritable_error(e, final) from None
     os.close(fd)
     return Path(tmp)
 

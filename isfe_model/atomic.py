@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Sequence
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_save_npy", "default_mode", "exchange_paths", "open_together",
-           "output_target", "replace_directory"]
+           "output_target", "replace_directory", "unwritable_error"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -97,7 +97,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     except OSError as e:
-        raise _unwritable(e, path) from None
+        raise unwritable_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -108,7 +108,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         if e.errno is not None and e.filename in (None, tmp):
-            raise _unwritable(e, path) from e  # the file asked for, not our temporary one
+            raise unwritable_error(e, path) from e  # the file asked for, not our temporary one
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -117,8 +117,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     return path
 
 
-def _unwritable(e: OSError, path: Path) -> OSError:
-    """``e`` (errno kept) as an error about ``path``: ``cannot be written (<reason>)``."""
+def unwritable_error(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` (errno kept) as an error about ``path``: ``cannot be written (<reason>)``.
+
+    For a write that failed on a temporary file next to ``path``: the message names the file
+    the user asked for, not ours.
+    """
     reason = e.strerror or str(e)
     if not reason.startswith("cannot be written ("):  # a file inside a folder being written: said once
         reason = f"cannot be written ({reason})"
@@ -253,7 +257,7 @@ def replace_directory(
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
-        raise _unwritable(e, target) from None
+        raise unwritable_error(e, target) from None
     try:
         fill(tmp)
         os.chmod(tmp, default_mode(directory=True))
@@ -265,7 +269,7 @@ def replace_directory(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno is not None and (e.filename is None or str(e.filename).startswith(str(tmp))):
-            raise _unwritable(e, target) from e  # the folder asked for, not our temporary one
+            raise unwritable_error(e, target) from e  # the folder asked for, not our temporary one
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

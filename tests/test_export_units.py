@@ -388,3 +388,37 @@ def test_triton_repo_rejects_static_batch(tmp_path):
     with pytest.raises(ExportError, match="dynamic batch"):
         write_triton_repo(tmp_path / "repo", tmp_path / "frozen.onnx", "m")
     assert list((tmp_path / "repo").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- writing artifacts
+
+
+def test_an_artifact_that_cannot_be_written_is_named_not_its_temporary_file(tmp_path, monkeypatch):
+    """A folder that takes no new files (as /proc), or a write that fails: the error names the artifact."""
+    import errno
+    import tempfile
+    from types import SimpleNamespace
+
+    from export.cli import gated
+    from export.common import temp_path_for
+
+    final = tmp_path / "model.onnx"
+
+    def refuse(*a, dir=None, **k):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", f"{dir}/.model.onnx.x1.tmp.onnx")
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", refuse)
+        with pytest.raises(OSError) as ei:
+            temp_path_for(final, ".onnx")
+    assert (ei.value.filename, ei.value.strerror) == (str(final), "cannot be written (No such file or directory)")
+
+    def disk_full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError) as ei:
+        gated(SimpleNamespace(), kind="ONNX fp32", backend="onnxruntime", final=final, suffix=".onnx", what="x",
+              build=disk_full)
+    assert (ei.value.errno, ei.value.filename) == (errno.ENOSPC, str(final))
+    assert ei.value.strerror == "cannot be written (No space left on device)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the temporary file is gone
