@@ -74,6 +74,10 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoint.pt"]  # no temp files left
 
 
+class _Opaque:
+    """Any class: a checkpoint that pickles one cannot be read with weights_only=True."""
+
+
 def test_bad_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
@@ -86,6 +90,17 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "image.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # e.g. a mixed-up file name
+    with pytest.raises(CheckpointError, match=r"image\.pt is a PNG image; pass a checkpoint\.pt written by"):
+        load_checkpoint(tmp_path / "image.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n" * 10)
+    with pytest.raises(CheckpointError, match=r"not a PyTorch file \(neither the zip nor the pickle format"):
+        load_checkpoint(tmp_path / "text.pt")
+    # a pickled object: torch's weights-only load refuses it and suggests weights_only=False
+    torch.save({"model": _Opaque()}, tmp_path / "objects.pt")
+    with pytest.raises(CheckpointError, match="holds Python objects that a weights-only load refuses") as ei:
+        load_checkpoint(tmp_path / "objects.pt")
+    assert "weights_only" not in str(ei.value) and "\x1b" not in str(ei.value)  # never torch's unsafe advice
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an ISFE checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ from torch import Tensor, nn
 
 from isfe_model.atomic import atomic_write
 from isfe_model.packages import sha256_file as file_sha256  # the one file hash (export/ and tests use this name)
-from isfe_model.preprocess import PreprocessSpec
+from isfe_model.preprocess import PreprocessSpec, signature_format
 
 __all__ = [
     "ARCHS",
@@ -269,6 +270,28 @@ def save_checkpoint(
     return path
 
 
+#: First bytes of what torch.save writes: a zip archive (PyTorch >= 1.6), or a pickle (the legacy format).
+_TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _check_torch_file(path: Path) -> None:
+    """CheckpointError unless ``path`` starts like a file of ``torch.save`` (an image, text, ... is named)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_TORCH_FILE_MAGIC):
+        return
+    fmt = signature_format(head)
+    what = f"a {fmt} image" if fmt else "not a PyTorch file (neither the zip nor the pickle format of torch.save)"
+    raise CheckpointError(f"checkpoint {path} is {what}; pass a checkpoint.pt written by `python -m training`")
+
+
+def _corrupt(path: Path, e: Exception) -> CheckpointError:
+    first = " ".join(str(e).splitlines()[0].split()) if str(e).strip() else ""
+    first = first.split(". ")[0].rstrip(".")  # its first sentence (torch goes on with advice)
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first}); "
+                           f"retrain, or use an intact copy")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read and validate a checkpoint; raise :class:`CheckpointError` with the fix."""
     path = Path(path)
@@ -288,14 +311,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(
             f"checkpoint {path} is empty (0 bytes); the run that wrote it did not finish — retrain or resume it"
         )
+    _check_torch_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip/pickle errors come in many types
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise _corrupt(path, e) from None
+        # torch's own text suggests weights_only=False (running the file's code): never ours to advise
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"retrain, or use an intact copy"
+            f"{path} holds Python objects that a weights-only load refuses, so it was not written by "
+            f"`python -m training`; pass a checkpoint.pt written by `python -m training`"
         ) from None
+    except Exception as e:  # zip/pickle errors come in many types
+        raise _corrupt(path, e) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not an ISFE checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
