@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from isfe_model.argtypes import port, positive_float, positive_int
+from isfe_model.argtypes import bind_problem, port, positive_float, positive_int
 
 __all__ = ["build_parser", "main", "start"]
 
@@ -66,8 +66,11 @@ def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bo
     from isfe_model.preprocess import reuse_image_memory
 
     from .app import DemoState, build_ui, check_gallery, launch, pick_examples, resolve_image_root
-    from .paths import bind_warning, check_folder
+    from .paths import DemoError, bind_warning, check_folder
 
+    problem = bind_problem(args.host, args.port)  # before the model loads; Gradio's own text names its launch()
+    if problem is not None:
+        raise DemoError(problem)
     index_root = None
     if args.allow_indexing is not None:
         index_root = check_folder(

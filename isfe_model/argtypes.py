@@ -1,16 +1,20 @@
 """argparse ``type=`` converters shared by the command-line tools (isfe_model, serving, demo).
 
 Each raises ``argparse.ArgumentTypeError`` with a message that names the bad value,
-so argparse prints one clear line and exits with code 2.
+so argparse prints one clear line and exits with code 2.  :func:`bind_problem` checks
+a ``--host``/``--port`` pair the same way before a server loads anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import socket
 from collections.abc import Callable
 
-__all__ = ["nonneg_float", "nonneg_int", "port", "port_or_zero", "positive_float", "positive_int", "positive_seconds"]
+__all__ = ["bind_problem", "nonneg_float", "nonneg_int", "port", "port_or_zero", "positive_float", "positive_int",
+           "positive_seconds"]
 
 
 def _convert(text: str, kind: type, what: str):
@@ -77,3 +81,33 @@ def port(text: str) -> int:
 def port_or_zero(text: str) -> int:
     """A TCP port 0..65535 (0: the system picks a free one)."""
     return _port(text, 0)
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (port in use, not this machine's address, privileged), or None.
+
+    Tried with the options servers bind with (SO_REUSEADDR), then closed at once: the server and the
+    demo call it before the model and gallery load, so that a busy port costs no start-up and gets
+    one line naming the fix.  Port 0 (any free port) is not checked.
+    """
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"--host {host}: cannot resolve it ({e.strerror}); give an address of this machine, e.g. 127.0.0.1"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+            if e.errno == errno.EADDRINUSE:
+                return f"{where} is already in use (another server?); stop it or choose another --port"
+            if e.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host} is not an address of this machine; use one of its own, 127.0.0.1 or 0.0.0.0"
+            if e.errno == errno.EACCES:
+                return f"{where}: permission denied (ports below 1024 need privileges); choose a port of 1024 or more"
+            return f"cannot listen on {where} ({e.strerror or e})"
+    return None

@@ -23,15 +23,13 @@ from an ``ISFE_<FLAG>`` environment variable (:mod:`serving.envargs`).
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import ipaddress
 import logging
 import os
-import socket
 import sys
 
-from isfe_model.argtypes import nonneg_float, nonneg_int, port_or_zero, positive_int, positive_seconds
+from isfe_model.argtypes import bind_problem, nonneg_float, nonneg_int, port_or_zero, positive_int, positive_seconds
 
 from .app import ServeConfig, create_app, load_artifacts
 from .auth import KeyFileError, check_key, read_key_file
@@ -208,36 +206,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--max-queue ({args.max_queue}) must be at least --max-images ({args.max_images}), "
                      f"or requests with many images could never be queued")
     return args
-
-
-def bind_problem(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be listened on (port in use, not this machine's address, privileged), or None.
-
-    Tried with the options uvicorn binds with (SO_REUSEADDR), then closed at once, before the model
-    and gallery load, so that a busy port costs no start-up and gets one line naming the fix.  Port 0
-    (any free port) is not checked.
-    """
-    if port == 0:
-        return None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        return f"--host {host}: cannot resolve it ({e.strerror}); give an address of this machine, e.g. 127.0.0.1"
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-            if e.errno == errno.EADDRINUSE:
-                return f"{where} is already in use (another server?); stop it or choose another --port"
-            if e.errno == errno.EADDRNOTAVAIL:
-                return f"--host {host} is not an address of this machine; use one of its own, 127.0.0.1 or 0.0.0.0"
-            if e.errno == errno.EACCES:
-                return f"{where}: permission denied (ports below 1024 need privileges); choose a port of 1024 or more"
-            return f"cannot listen on {where} ({e.strerror or e})"
-    return None
 
 
 def _load(cfg: ServeConfig) -> tuple | None:

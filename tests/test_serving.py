@@ -998,7 +998,8 @@ def test_a_busy_port_is_one_line_before_anything_loads(tmp_path, capsys):
     model is never loaded (the paths here do not even exist)."""
     import socket
 
-    from serving.__main__ import bind_problem, main
+    from isfe_model.argtypes import bind_problem
+    from serving.__main__ import main
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
