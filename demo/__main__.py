@@ -68,14 +68,17 @@ def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bo
     from .app import DemoState, build_ui, check_gallery, launch, pick_examples, resolve_image_root
     from .paths import DemoError, bind_warning, check_folder
 
-    problem = bind_problem(args.host, args.port)  # before the model loads; Gradio's own text names its launch()
-    if problem is not None:
-        raise DemoError(problem)
     index_root = None
     if args.allow_indexing is not None:
         index_root = check_folder(
             args.allow_indexing, "--allow-indexing", "give the folder that holds the image folders"
         )
+    warning = bind_warning(args.host, index_root)
+    if warning:
+        logging.getLogger("demo").warning(warning)
+    problem = bind_problem(args.host, args.port)  # before the model loads; Gradio's own text names its launch()
+    if problem is not None:
+        raise DemoError(problem)
     reuse_image_memory()  # full-size decodes of uploaded photos reuse Pillow's freed blocks
     encoder = Encoder(args.model, threads=args.threads)
     gallery = Gallery.load(args.gallery, encoder=encoder)
@@ -86,9 +89,6 @@ def start(args: argparse.Namespace, prevent_thread_lock: bool = False, quiet: bo
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     examples = pick_examples(gallery, root, max(0, args.examples))
     blocks = build_ui(state, examples, default_k=args.default_k, temp_seconds=args.temp_minutes * 60)
-    warning = bind_warning(args.host, index_root)
-    if warning:
-        logging.getLogger("demo").warning(warning)
     gallery_dir = Path(args.gallery).resolve()
     # the ONNX file the encoder really runs (--model may be a package folder or an installed name)
     model_file = Path(encoder.model_path).resolve()
