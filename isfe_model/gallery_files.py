@@ -208,9 +208,14 @@ def _why_unopenable(d: Path, e: OSError) -> str:
         return f"gallery {d}: no such folder; build one with `isfe-index MODEL IMAGE_FOLDER -o {d}`"
     if not d.is_dir():
         return f"gallery {d} is a file; a gallery is the folder written by isfe-index"
-    missing = [f for f in (MANIFEST_FILE, EMBEDDINGS_FILE, ITEMS_FILE) if not (d / f).is_file()]
+    names = (MANIFEST_FILE, EMBEDDINGS_FILE, ITEMS_FILE)
+    missing = [f for f in names if not (d / f).exists()]  # a link to a device "exists" but is no file
     if missing:
         return f"gallery {d} lacks {', '.join(missing)}; it is not a gallery or is damaged — rebuild it with isfe-index"
+    odd = [f for f in names if not (d / f).is_file()]
+    if odd:
+        return (f"gallery {d}: {', '.join(odd)} {'is' if len(odd) == 1 else 'are'} not a regular file (a folder, "
+                f"device or pipe); the gallery is damaged — rebuild it with isfe-index")
     return (f"gallery {d}: cannot open {e.filename or d} ({e.strerror or e}); fix its permissions, or try again "
             f"if it was being replaced")
 

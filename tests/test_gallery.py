@@ -314,7 +314,15 @@ def test_load_refuses_another_model_and_damaged_folders(enc, model, photos, tmp_
                       "1 items for 7"),
         "bad_item": (lambda d: (d / "items.jsonl").write_text("nope\n" * 7), "line 1 is unreadable"),
         "dup_ids": (lambda d: (d / "items.jsonl").write_text('{"id": "a"}\n' * 7), "twice"),
+        "npy_folder": (lambda d: ((d / "embeddings.npy").unlink(), (d / "embeddings.npy").mkdir()),
+                       r"embeddings\.npy is not a regular file \(a folder, device or pipe\); the gallery is damaged"),
     }
+    if Path("/dev/zero").exists():  # a link to a device is there, but is no file: not "lacks embeddings.npy"
+        def to_device(d: Path) -> None:
+            (d / "embeddings.npy").unlink()
+            (d / "embeddings.npy").symlink_to("/dev/zero")
+
+        cases["npy_device"] = (to_device, r"embeddings\.npy is not a regular file")
     for name, (edit, msg) in cases.items():
         with pytest.raises(GalleryError, match=msg):
             Gallery.load(damaged(name, edit))
