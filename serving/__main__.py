@@ -34,13 +34,10 @@ from isfe_model.argtypes import bind_problem, nonneg_float, nonneg_int, port_or_
 from .app import ServeConfig, create_app, load_artifacts
 from .auth import KeyFileError, check_key, read_key_file
 from .envargs import EnvError, ReplaceAction, apply_env
-from .guard import LOOPBACK_HOSTS, host_of
+from .guard import LOOPBACK_HOSTS, MAX_HEADER_BYTES, host_of
 from .logs import configure_logging
 from .protocol import GuardedH11Protocol
 from .supervisor import run_single, run_workers
-
-#: Most bytes of request line + headers (h11's incomplete-event limit; over it: 400 and close).
-MAX_HEADER_BYTES = 16 * 1024
 
 
 def host_list(text: str) -> list[str]:

@@ -1,15 +1,19 @@
-"""The outermost ASGI layer: Host check, request-body limit and deadline, request metrics.
+"""The outermost ASGI layer: header size, Host check, API key, request-body limit and deadline, request metrics.
 
 For every HTTP request, in this order:
 
-1. **Host** (against DNS rebinding): with an allow-list, a missing or malformed
+1. **Header size**: a request line and headers over ``max_header_bytes``
+   (16 KiB in the server) are 400 ``headers_too_large``.  h11 refuses a head
+   that is still incomplete past that size, but parses a complete one of any
+   size that arrived in one read (up to 256 KiB on loopback); this catches those.
+2. **Host** (against DNS rebinding): with an allow-list, a missing or malformed
    ``Host`` header is 400 ``bad_host`` and a name not on the list is 421
    ``host_not_allowed``.  Entries are host names or IP literals (any port),
    ``*.example.com`` for a domain and its subdomains, or ``*`` for any.
-2. **Body size**: a ``Content-Length`` over ``max_body_bytes`` is 413 before a
+3. **Body size**: a ``Content-Length`` over ``max_body_bytes`` is 413 before a
    byte of the body is read; a chunked body is counted while it streams and
    refused with 413 the moment it passes the limit.
-3. **Body deadline**: the whole body must arrive within ``timeout_body``
+4. **Body deadline**: the whole body must arrive within ``timeout_body``
    seconds of the headers, or 408 ``body_timeout``.
 
 Each refusal carries ``Connection: close``; the protocol
@@ -49,7 +53,8 @@ from .auth import ApiKeys
 from .errors import ApiError
 from .metrics import ServingMetrics, method_label
 
-__all__ = ["REPLAY_CHUNK", "GuardedApp", "HostPolicy", "LOOPBACK_HOSTS", "host_of", "request_id"]
+__all__ = ["MAX_HEADER_BYTES", "REPLAY_CHUNK", "GuardedApp", "HostPolicy", "LOOPBACK_HOSTS", "head_bytes", "host_of",
+           "request_id"]
 
 access_log = logging.getLogger("serving.access")
 
@@ -59,6 +64,8 @@ REPLAY_CHUNK = 64 * 1024
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 #: Longest X-Request-ID kept from a client.
 MAX_REQUEST_ID = 128
+#: Most bytes of request line and headers (also h11's limit for a head still being received).
+MAX_HEADER_BYTES = 16 * 1024
 
 
 def request_id(headers: list[tuple[bytes, bytes]]) -> str:
@@ -69,6 +76,13 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
                 return v.decode("ascii")
             break
     return uuid.uuid4().hex
+
+
+def head_bytes(scope: dict) -> int:
+    """Size of a request's line and headers as sent (``METHOD target HTTP/1.1``, ``name: value`` lines)."""
+    target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 1
+    return (len(scope.get("method", "")) + target + 11
+            + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) + 2)
 
 
 def host_of(value: str) -> str | None:
@@ -145,8 +159,9 @@ class GuardedApp:
 
     def __init__(self, app: Any, metrics: ServingMetrics, endpoints: Sequence[str], max_body_bytes: int,
                  timeout_body: float = 60.0, allowed_hosts: Sequence[str] | None = None,
-                 api_keys: ApiKeys | None = None):
+                 api_keys: ApiKeys | None = None, max_header_bytes: int = MAX_HEADER_BYTES):
         self.app = app
+        self.max_header_bytes = int(max_header_bytes)
         self.metrics = metrics
         self.endpoints = frozenset(endpoints)
         self.max_body_bytes = int(max_body_bytes)
@@ -209,6 +224,12 @@ class GuardedApp:
 
     async def _serve(self, scope: dict, receive: Any, send: Any) -> None:
         headers = scope.get("headers", [])
+        size = head_bytes(scope)
+        if size > self.max_header_bytes:
+            await _error(400, "headers_too_large",
+                         f"request line and headers are {size:,} bytes, over the limit of {self.max_header_bytes:,}; "
+                         f"send fewer or shorter headers (large cookies?)", close=True)(scope, receive, send)
+            return
         try:
             self.hosts.check(headers)
             if self.keys.protects(scope.get("path", "")):

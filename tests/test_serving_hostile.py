@@ -211,6 +211,22 @@ def test_oversized_headers_are_refused(hostile_server):
     assert data.startswith(b"HTTP/1.1 400") and closed, data[:200]
 
 
+def test_complete_oversized_headers_are_refused_too(hostile_server):
+    """A complete head over 16 KiB that arrives in one read, which h11 parses whole: 400 headers_too_large, closed;
+    one just under the limit is served."""
+    for size, refused in ((40_000, True), (200_000, True), (15_000, False)):
+        with connect(hostile_server.port) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+            data, closed, _ = read_until_closed(s, 5)
+        if not refused:
+            assert data.startswith(b"HTTP/1.1 200"), (size, data[:200])
+            continue
+        assert data.startswith(b"HTTP/1.1 400") and closed, (size, data[:200])
+        if b"application/json" in data.partition(b"\r\n\r\n")[0]:  # not h11's own text refusal of a partial head
+            status, body = status_and_json(data)
+            assert body["error"] == "headers_too_large" and "over the limit of 16,384" in body["detail"], body
+
+
 def test_costly_json_is_parsed_off_the_event_loop(hostile_server):
     """A JSON body that takes json.loads longer than --decode-timeout: 422 decode_timeout; /healthz answers
     meanwhile."""
