@@ -26,7 +26,8 @@ loop's own wake-ups).
 
 The body deadline is enforced by :class:`serving.guard.GuardedApp` (the ASGI
 layer reads the body); header size is bounded by h11's
-``h11_max_incomplete_event_size`` (uvicorn answers 400 and closes).
+``h11_max_incomplete_event_size`` while a head is incomplete (uvicorn answers
+400 and closes) and by GuardedApp once it is complete.
 
 Use as ``uvicorn.Config(..., http=functools.partial(GuardedH11Protocol, timeout_headers=10))``.
 """
