@@ -270,3 +270,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def busy_port_argv(main: Callable[[list[str]], int], tmp_path: Path) -> tuple[int, int]:
+    """``main(--model, --gallery, --port P)`` while another socket listens on 127.0.0.1:P; returns (exit code, P).
+
+    The model and gallery paths do not exist: a server that checks its port first never gets to them.
+    """
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["--model", str(tmp_path / "no.onnx"), "--gallery", str(tmp_path / "nogal"), "--port", str(port)])
+    return code, port

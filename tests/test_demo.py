@@ -189,16 +189,11 @@ def test_resolve_image_root_variants(artifacts, tmp_path):
 
 
 def test_a_busy_port_is_one_line_before_the_model_loads(tmp_path, capsys):
-    import socket
-
     from demo.__main__ import main
+    from tests.helpers_models import busy_port_argv
 
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        argv = ["--model", str(tmp_path / "no.onnx"), "--gallery", str(tmp_path / "nogal"), "--port", str(port)]
-        assert main(argv) == 2
+    code, port = busy_port_argv(main, tmp_path)
+    assert code == 2
     err = capsys.readouterr().err
     assert err.endswith(f"demo: error: 127.0.0.1:{port} is already in use (another server?); stop it or choose "
                         f"another --port\n"), err

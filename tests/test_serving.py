@@ -997,19 +997,14 @@ def test_several_workers_serve_the_same_port(artifacts):
 def test_a_busy_port_is_one_line_before_anything_loads(tmp_path, capsys):
     """Port in use, an address of another machine, a name that does not resolve: exit 2 with the fix, and the
     model is never loaded (the paths here do not even exist)."""
-    import socket
-
     from isfe_model.argtypes import bind_problem
     from serving.__main__ import main
+    from tests.helpers_models import busy_port_argv
 
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        argv = ["--model", str(tmp_path / "no.onnx"), "--gallery", str(tmp_path / "nogal"), "--port", str(port)]
-        assert main(argv) == 2
-        assert capsys.readouterr().err == (f"serving: error: 127.0.0.1:{port} is already in use (another server?); "
-                                           f"stop it or choose another --port\n")
+    code, port = busy_port_argv(main, tmp_path)
+    assert code == 2
+    assert capsys.readouterr().err == (f"serving: error: 127.0.0.1:{port} is already in use (another server?); "
+                                       f"stop it or choose another --port\n")
     assert bind_problem("127.0.0.1", port) is None  # free again once the other listener is gone
     assert bind_problem("127.0.0.1", 0) is None
     assert "not an address of this machine" in bind_problem("192.0.2.1", port)  # TEST-NET-1: never local
