@@ -276,8 +276,11 @@ _TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 def _check_torch_file(path: Path) -> None:
     """CheckpointError unless ``path`` starts like a file of ``torch.save`` (an image, text, ... is named)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read it ({e.strerror or e}); check its permissions") from None
     if head.startswith(_TORCH_FILE_MAGIC):
         return
     fmt = signature_format(head)
@@ -319,7 +322,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise _corrupt(path, e) from None
         # torch's own text suggests weights_only=False (running the file's code): never ours to advise
         raise CheckpointError(
-            f"{path} holds Python objects that a weights-only load refuses, so it was not written by "
+            f"checkpoint {path} holds Python objects that a weights-only load refuses, so it was not written by "
             f"`python -m training`; pass a checkpoint.pt written by `python -m training`"
         ) from None
     except Exception as e:  # zip/pickle errors come in many types
