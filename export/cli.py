@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from isfe_model.atomic import unwritable_error
+from isfe_model.atomic import about_temporary, unwritable_error
 from isfe_model.metadata import ModelMetadata
 from isfe_model.preprocess import PreprocessSpec
 from training.model import CheckpointError, file_sha256, load_encoder
@@ -166,7 +166,7 @@ def gated(ctx: Context, *, kind: str, backend: str, final: Path, suffix: str, wh
                                 f"{what} was not written")
         return Artifact(kind, str(final), backend, rep.passed, _headline(rep), extra, rep)
     except OSError as e:  # a write to the temporary file failed (full disk, ...): name the artifact
-        if e.errno is not None and (e.filename is None or str(e.filename).startswith(str(tmp))):
+        if about_temporary(e, tmp):
             raise unwritable_error(e, final) from e
         raise
     finally:

@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Sequence
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_save_npy", "default_mode", "exchange_paths", "open_together",
-           "output_target", "replace_directory", "unwritable_error"]
+           "output_target", "replace_directory", "about_temporary", "unwritable_error"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -107,7 +107,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.errno is not None and e.filename in (None, tmp):
+        if about_temporary(e, tmp):
             raise unwritable_error(e, path) from e  # the file asked for, not our temporary one
         raise
     except BaseException:
@@ -115,6 +115,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         raise
     _fsync_dir(parent)
     return path
+
+
+def about_temporary(e: OSError, tmp: str | os.PathLike) -> bool:
+    """Whether ``e`` is a system error about the temporary file or folder ``tmp`` (or a file in it), or names no
+    file at all: then :func:`unwritable_error` should name the target instead."""
+    return e.errno is not None and (e.filename is None or str(e.filename).startswith(str(tmp)))
 
 
 def unwritable_error(e: OSError, path: str | os.PathLike) -> OSError:
@@ -268,7 +274,7 @@ def replace_directory(
         old = _swap_in(tmp, target, may_replace)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno is not None and (e.filename is None or str(e.filename).startswith(str(tmp))):
+        if about_temporary(e, tmp):
             raise unwritable_error(e, target) from e  # the folder asked for, not our temporary one
         raise
     except BaseException:

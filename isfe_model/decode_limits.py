@@ -28,6 +28,7 @@ __all__ = [
     "check_image_bytes",
     "pillow_bomb_pixels",
     "signature_format",
+    "truncated_header_reason",
 ]
 
 #: Default limit on decoded pixels (width x height) of one image: 50 megapixels.
@@ -113,6 +114,13 @@ def signature_format(data: bytes) -> str | None:
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "TIFF"
     return None
+
+
+def truncated_header_reason(data: bytes) -> str | None:
+    """For bytes Pillow could not open: "a PNG file whose header is truncated or corrupt (N bytes)" when they
+    start with a supported format's signature (:func:`signature_format`), else None (not an image)."""
+    fmt = signature_format(data)
+    return None if fmt is None else f"a {fmt} file whose header is truncated or corrupt ({len(data):,} bytes)"
 
 
 #: Pillow's DecompressionBombError text: "Image size (N pixels) exceeds limit of M pixels, could be ...".

@@ -57,6 +57,7 @@ from .decode_limits import (  # noqa: F401  (re-exported: these were defined her
     check_image_bytes,
     pillow_bomb_pixels,
     signature_format,
+    truncated_header_reason,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "check_image_bytes",
     "pillow_bomb_pixels",
     "signature_format",
+    "truncated_header_reason",
     "decode_bytes",
     "decode_square",
     "draft_scale",
@@ -403,10 +405,9 @@ def _open_encoded(data: bytes, max_pixels: int | None, name: str) -> Image.Image
             warnings.simplefilter("ignore")
             return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
-        fmt = signature_format(data)
-        if fmt is not None:  # starts like a supported format: damaged, not unsupported
-            raise ImageError(name, f"a {fmt} file whose header is truncated or corrupt ({len(data):,} bytes); "
-                                   f"copy or save it again", "corrupt") from None
+        damaged = truncated_header_reason(data)  # starts like a supported format: damaged, not unsupported
+        if damaged is not None:
+            raise ImageError(name, f"{damaged}; copy or save it again", "corrupt") from None
         raise ImageError(name, f"{non_image_reason(data)} (supported: {FORMAT_NAMES})",
                          "not_an_image") from None
     except Image.DecompressionBombError as e:

@@ -38,7 +38,7 @@ from isfe_model.preprocess import (
     non_image_reason,
     pillow_bomb_pixels,
     preprocess,
-    signature_format,
+    truncated_header_reason,
 )
 
 from .errors import ApiError
@@ -291,10 +291,9 @@ def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
                 (w, h), fmt = im.size, str(im.format)
                 progressive = bool(im.info.get("progressive") or im.info.get("progression"))
     except UnidentifiedImageError:
-        fmt = signature_format(data)
-        if fmt is not None:  # starts like a supported format: damaged, not unsupported
-            raise ApiError(422, "corrupt_image", f"{name}: a {fmt} file whose header is truncated or corrupt "
-                                                 f"({len(data):,} bytes); send the whole file") from None
+        damaged = truncated_header_reason(data)  # starts like a supported format: damaged, not unsupported
+        if damaged is not None:
+            raise ApiError(422, "corrupt_image", f"{name}: {damaged}; send the whole file") from None
         raise ApiError(415, "not_an_image",
                        f"{name}: {non_image_reason(data)} (supported: {FORMAT_NAMES})") from None
     except Image.DecompressionBombError as e:
