@@ -205,6 +205,44 @@ def preprocess_rate(files: list[Path], spec: Any, threads: int, block_reuse: boo
         Image.core.set_blocks_max(before)
 
 
+def decode_alone_ms(files: list[Path], resize_size: int, rounds: int = 3) -> dict[str, Any]:
+    """ms per photo on one thread of Pillow's JPEG decode alone (no resize): at the draft scale of
+    ``resize_size`` and at full size, best of ``rounds`` over ``files`` (bytes already in memory, block reuse on).
+
+    The draft figure is the floor of draft preprocessing: libjpeg still entropy-decodes every coefficient.
+    """
+    import io
+
+    from PIL import Image
+
+    from isfe_model.preprocess import REUSED_IMAGE_BLOCKS, draft_scale
+
+    datas = [f.read_bytes() for f in files]
+    before = Image.core.get_blocks_max()
+    Image.core.set_blocks_max(REUSED_IMAGE_BLOCKS)
+
+    def one(data: bytes, draft: bool) -> None:
+        im = Image.open(io.BytesIO(data))
+        if draft:
+            s = draft_scale(*im.size, resize_size)
+            im.draft("RGB", (im.size[0] // s, im.size[1] // s))
+        im.load()
+
+    out: dict[str, Any] = {"photos": len(datas), "rounds": rounds, "threads": 1}
+    try:
+        for key, draft in (("draft_ms", True), ("full_ms", False)):
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for d in datas:
+                    one(d, draft)
+                best = min(best, (time.perf_counter() - t0) / len(datas))
+            out[key] = round(best * 1000, 2)
+    finally:
+        Image.core.set_blocks_max(before)
+    return out
+
+
 def agreement(full_model: Path, draft_model: Path, files: list[Path]) -> dict[str, Any]:
     """Draft vs full: embedding cosine (mean, min) and the uint8 [R, R, 3] mean absolute difference (mean, max)."""
     from isfe_model import Encoder
@@ -353,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         spinning = _measure_spinning(policies, photos, work, threads, args) if args.spinning_ab else None
         rss = _measure_rss(models["draft"], photos, counts, work, threads, args)
         agree = agreement(models["full"], models["draft"], photos)
+        decode = decode_alone_ms(photos[:10], args.resize_size)
+        print(f"decode alone, one thread: draft {decode['draft_ms']:.1f} ms, full {decode['full_ms']:.1f} ms per photo",
+              flush=True)
         print(f"draft vs full: cosine mean {agree['cosine_mean']:.6f} min {agree['cosine_min']:.6f}; uint8 mean abs "
               f"diff {agree['uint8_mean_abs_diff_mean']:.3f} (max {agree['uint8_mean_abs_diff_max']:.3f})", flush=True)
         lo, hi = str(min(counts)), str(max(counts))
@@ -387,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_by_file_count": rss,
             "peak_rss_growth_mib": round(rss[hi]["max_rss_mib"] - rss[lo]["max_rss_mib"], 1),
             "agreement_draft_vs_full": agree,
+            "decode_alone_one_thread": decode,
             "note": ("cores shared with other engineers' work while measured: compare within this run (ratios), "
                      "not absolute numbers") if args.shared_cores else "",
         }
